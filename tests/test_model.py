@@ -1,0 +1,268 @@
+"""model.py: checkpoints round-trip, the cache equals no-cache forwards, RoPE is what the maths says."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import model
+from model import Config, Transformer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "sdar-8b-chat"
+
+
+def tiny(tie=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    c = Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, rope_theta=1e4, tie_word_embeddings=tie, **kw)
+    m = Transformer(c).eval()
+    with torch.no_grad():  # norms away from 1 so that a missing norm would show
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def logits(m, idx):
+    with torch.no_grad():
+        T = idx.shape[1]
+        return m(idx, torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril())
+
+
+def block_mask(pos, block):
+    """Reference block-causal mask, read off the definition: key block <= query block."""
+    return torch.tensor([[k // block <= q // block for k in pos] for q in pos])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip(tmp_path, tie):
+    """save -> load gives the same parameters and logits, tied or not."""
+    m = tiny(tie)
+    model.save(m, tmp_path)
+    header = json.loads((tmp_path / "config.json").read_text())
+    assert header["tie_word_embeddings"] is tie and header["hidden_size"] == 48
+    m2 = model.load(tmp_path)
+    idx = torch.randint(0, 97, (2, 11))
+    assert torch.equal(logits(m, idx), logits(m2, idx))
+    assert (m2.lm_head.weight is m2.model.embed_tokens.weight) is tie
+    assert not m2.training
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    """A checkpoint split by hand into two shards with an index loads as the single file does."""
+    m = tiny()
+    state = m.state_dict()
+    names = list(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for f, keys in shards.items():
+        model.write_safetensors({k: state[k] for k in keys}, tmp_path / f)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    model.save(m, tmp_path / "single")
+    (tmp_path / "config.json").write_text((tmp_path / "single" / "config.json").read_text())
+    idx = torch.randint(0, 97, (1, 9))
+    assert torch.equal(logits(model.load(tmp_path), idx), logits(m, idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_round_trip_and_cast(tmp_path, dtype):
+    """bf16/f16 tensors survive the writer and reader bit for bit; `dtype=` casts on load."""
+    m = tiny().to(dtype)
+    model.save(m, tmp_path)
+    m2 = model.load(tmp_path)
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        assert b.dtype == dtype and torch.equal(a, b), k
+    assert model.load(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("block,prefix", [(4, 8), (4, 0), (8, 16), (3, 9)])
+def test_cache_equals_one_no_cache_forward(block, prefix):
+    """Prefill + commit, then a block with the cache, equals one no-cache forward with the block mask."""
+    m = tiny()
+    T = prefix + block
+    idx = torch.randint(0, 97, (1, T))
+    pos = torch.arange(T)
+    with torch.no_grad():
+        full = m(idx, pos, block_mask(pos.tolist(), block))
+        cache = m.new_cache(64)
+        if prefix:
+            m(idx[:, :prefix], pos[:prefix], block_mask(pos[:prefix].tolist(), block), cache)
+            cache.commit(prefix)
+        part = m(idx[:, prefix:], pos[prefix:], torch.ones(block, block, dtype=torch.bool), cache)
+    torch.testing.assert_close(part, full[:, prefix:], rtol=1e-5, atol=1e-5)
+
+
+def test_scratch_tokens_are_invisible():
+    """Uncommitted tokens of one forward do not leak into the next one."""
+    m = tiny()
+    idx = torch.randint(0, 97, (1, 12))
+    ones = torch.ones(4, 4, dtype=torch.bool)
+    with torch.no_grad():
+        cache = m.new_cache(32)
+        m(idx[:, :8], torch.arange(8), block_mask(range(8), 4), cache)
+        cache.commit(8)
+        m(torch.randint(0, 97, (1, 4)), torch.arange(8, 12), ones, cache)  # scratch, never committed
+        m(torch.randint(0, 97, (1, 6)), torch.arange(8, 14), None, cache)
+        after = m(idx[:, 8:], torch.arange(8, 12), ones, cache)
+        clean = m(idx, torch.arange(12), block_mask(range(12), 4))[:, 8:]
+    torch.testing.assert_close(after, clean, rtol=1e-5, atol=1e-5)
+    assert cache.len == 8
+
+
+def test_cache_errors():
+    """Overflow, over-commit and a wrong batch size raise with a sentence that says what to do."""
+    m = tiny()
+    cache = m.new_cache(8)
+    with torch.no_grad():
+        m(torch.zeros(1, 6, dtype=torch.long), torch.arange(6), None, cache)
+        with pytest.raises(ValueError, match="cannot commit 7"):
+            cache.commit(7)
+        cache.commit(6)
+        with pytest.raises(ValueError, match="overflow.*new_cache"):
+            m(torch.zeros(1, 3, dtype=torch.long), torch.arange(3), None, cache)
+        with pytest.raises(ValueError, match="batch of 2"):
+            m(torch.zeros(2, 1, dtype=torch.long), torch.arange(1), None, cache)
+    cache.reset()
+    assert cache.len == 0
+
+
+def rotate_by_hand(x, pos, theta):
+    """Direct rotary maths: pair (x_j, x_{j+D/2}) turns by angle pos * theta^(-2j/D)."""
+    D = x.shape[-1]
+    out = x.clone()
+    for t, p in enumerate(pos):
+        for j in range(D // 2):
+            a = p * theta ** (-2 * j / D)
+            c, s = torch.cos(torch.tensor(a, dtype=torch.float64)), torch.sin(torch.tensor(a, dtype=torch.float64))
+            x1, x2 = x[t, j].double(), x[t, j + D // 2].double()
+            out[t, j], out[t, j + D // 2] = x1 * c - x2 * s, x2 * c + x1 * s
+    return out
+
+
+def test_rope_matches_direct_rotation_with_repeats_and_shifts():
+    """Repeated and shifted positions rotate exactly as the rotary formula says."""
+    x = torch.randn(6, 16)
+    for pos in ([0, 1, 2, 3, 4, 5], [5, 6, 6, 7, 7, 5], [1000, 1001, 1001, 1002, 1003, 1003]):
+        cos, sin = model.rope(torch.tensor(pos), 16, 1e4, torch.float32)
+        got = model.apply_rope(x, cos[0, 0], sin[0, 0])
+        torch.testing.assert_close(got, rotate_by_hand(x, pos, 1e4), rtol=1e-4, atol=1e-4)
+
+
+def test_positions_drive_attention():
+    """Equal (token, position) pairs give equal logits; a common shift keeps scores (relative RoPE)."""
+    m = tiny()
+    idx = torch.tensor([[5, 7, 5, 9]])
+    with torch.no_grad():
+        out = m(idx, torch.tensor([3, 4, 3, 5]))
+        torch.testing.assert_close(out[0, 0], out[0, 2])
+        shifted = m(idx, torch.tensor([103, 104, 103, 105]))
+        batched = m(idx.repeat(2, 1), torch.tensor([[3, 4, 3, 5], [103, 104, 103, 105]]))
+    torch.testing.assert_close(out, shifted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched[1], shifted[0])
+    assert not torch.allclose(out[0, 0], m(idx, torch.tensor([3, 4, 9, 5]))[0, 0])
+
+
+def test_config_reads_real_and_nested_keys():
+    """from_json ignores unknown keys, fills head_dim, reads rope_theta nested or not."""
+    d = {"vocab_size": 10, "hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "rope_parameters": {"rope_theta": 5e5}, "foo": 1}
+    c = Config.from_json(d)
+    assert c.head_dim == 8 and c.rope_theta == 5e5
+    with pytest.raises(ValueError, match="lacks.*hidden_size"):
+        Config.from_json({k: v for k, v in d.items() if k != "hidden_size"})
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/sdar-8b-chat is absent")
+def test_real_8b_config_on_meta_device():
+    """The 8B model built from the real config has the checkpoint's 399 tensors and 8,190,735,360 parameters."""
+    c = Config.from_json(SHARED / "config.json")
+    assert c == model.SDAR_8B
+    with torch.device("meta"):
+        m = Transformer(c)
+    state = m.state_dict()
+    assert len(state) == 399
+    assert sum(t.numel() for t in state.values()) == 8_190_735_360
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.35.self_attn.k_norm.weight", "model.layers.0.mlp.down_proj.weight"} <= set(state)
+    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (1024, 4096)
+
+
+# ----------------------------------------------------------------------------- loader errors
+
+@pytest.fixture
+def ckpt(tmp_path):
+    model.save(tiny(), tmp_path)
+    return tmp_path
+
+
+def test_folder_without_config(tmp_path):
+    """A folder without config.json names the folder and says what it needs."""
+    with pytest.raises(FileNotFoundError, match="no config.json.*checkpoint folder"):
+        model.load(tmp_path)
+
+
+def test_folder_without_weights(ckpt):
+    """config.json without weights says the weights are missing."""
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="weights are missing"):
+        model.load(ckpt)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("model.norm.weight"), r"missing \['model.norm.weight'\]"),
+    (lambda s: s.update(extra=torch.zeros(2)), r"unexpected \['extra'\]"),
+    (lambda s: s.update({"model.norm.weight": torch.zeros(5)}), r"mis-shaped \['model.norm.weight \(5,\) != \(48,\)'\]"),
+])
+def test_wrong_tensors_are_listed(ckpt, edit, message):
+    """Missing, unexpected and mis-shaped tensors are named in the error."""
+    state = model.read_safetensors(ckpt / "model.safetensors")
+    edit(state)
+    model.write_safetensors(state, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        model.load(ckpt)
+
+
+def raw_file(path, header, data=b""):
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + data)
+
+
+def test_unsupported_dtype(tmp_path):
+    """An unsupported dtype is named, with what to do."""
+    raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"ab")
+    with pytest.raises(ValueError, match="F8_E4M3.*not support"):
+        model.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_truncated_file(ckpt):
+    """A file cut short (data or header) is reported as truncated."""
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="outside the file.*truncated"):
+        model.load(ckpt)
+    f.write_bytes(data[:20])
+    with pytest.raises(ValueError, match="is truncated"):
+        model.load(ckpt)
+
+
+def test_header_not_json(tmp_path):
+    """A header that is not JSON says so."""
+    (tmp_path / "x.safetensors").write_bytes((5).to_bytes(8, "little") + b"{nope" + b"\0" * 8)
+    with pytest.raises(ValueError, match="header is not JSON"):
+        model.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_offsets_outside_the_file(tmp_path):
+    """Offsets past the end of the data are refused."""
+    raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+    with pytest.raises(ValueError, match=r"bytes \[0, 16\) of 8.*outside the file"):
+        model.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_missing_shard(ckpt):
+    """An index naming an absent shard says which file is missing."""
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-1.safetensors.*missing"):
+        model.load(ckpt)

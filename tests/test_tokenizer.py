@@ -1,0 +1,152 @@
+import json
+import random
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from model import bytes_to_unicode, load_tokenizer, write_byte_tokenizer
+
+SDAR = Path(__file__).resolve().parents[2] / "shared" / "sdar-8b-chat"
+needs_sdar = pytest.mark.skipif(not (SDAR / "vocab.json").is_file(), reason=f"{SDAR} not present")
+
+MULTILINGUAL = [
+    "Café naïve façade, Ångström, Œuvre, straße, İstanbul",
+    "深度学习模型的推测解码。你好，世界！",
+    "日本語のテキスト、カタカナとひらがな。",
+    "مرحبا بالعالم، هذا اختبار.",
+    "नमस्ते दुनिया, यह एक परीक्षण है।",
+    "Привет, мир! Ёжик в тумане.",
+    "Emoji: 😀👍🏽 👩‍👩‍👧‍👦 🏳️‍🌈 🇯🇵🇫🇷 ❤️",
+    "def f(x):\n\treturn x ** 2  # square\r\n\n\n    if x:\n\t\tpass\n",
+    "spaces   and\t\ttabs \u00a0nbsp\u3000ideographic   \n  \n",
+    "numbers 3.14159 1,000,000 -42 0x1F 2024-01-01 ½ ²",
+    "combining: e\u0301 a\u0308 n\u0303 o\u0302\u0323 Z\u0335\u0327",
+    "I'm, you're, he'll, they've, she'd, it's DON'T",
+]
+
+
+@pytest.fixture(scope="module")
+def sdar():
+    return load_tokenizer(SDAR)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    write_byte_tokenizer(tmp_path)
+    return load_tokenizer(tmp_path)
+
+
+@needs_sdar
+def test_known_encoding(sdar):
+    assert sdar.encode("Hello world!") == [9707, 1879, 0]
+
+
+@needs_sdar
+def test_chat_prompt(sdar):
+    ids = sdar.chat("hi")
+    assert ids[:3] == [151644, 872, 198]  # <|im_start|>user\n
+    assert ids[-3:] == [151644, 77091, 198]  # <|im_start|>assistant\n
+    assert sdar.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with_system = sdar.chat("hi", system="Be brief.")
+    assert with_system[:3] == sdar.encode("<|im_start|>system\n")
+    assert with_system[-len(ids):] == ids
+
+
+@needs_sdar
+def test_added_tokens_in_text_are_single_ids(sdar):
+    assert 151669 in sdar.encode("a<|MASK|>b")
+    assert sdar.encode("<think>") == [151667]
+    assert sdar.encode("x<|im_end|>y") == [sdar.encode("x")[0], 151645, sdar.encode("y")[0]]
+
+
+@needs_sdar
+def test_nfc(sdar):
+    assert sdar.encode("e\u0301") == sdar.encode("\u00e9")
+
+
+@needs_sdar
+@pytest.mark.parametrize("text", MULTILINGUAL)
+def test_round_trip(sdar, text):
+    assert sdar.decode(sdar.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+@needs_sdar
+def test_specials_stop_and_mask(sdar):
+    assert sdar.stop_ids == (151645, 151643)
+    assert sdar.mask_id == 151669
+    # added_tokens_decoder wins over added_tokens.json, which spells the mask <MASK>
+    assert "<MASK>" not in sdar.specials
+    assert sorted(sdar.specials.values()) == list(range(151643, 151670))
+    assert sdar.vocab_size == 151670
+    # the inverse byte table turns ids 0..255 into exactly the 256 single bytes
+    assert sorted(sdar.enc.decode_single_token_bytes(i) for i in range(256)) == [bytes([b]) for b in range(256)]
+    assert sdar.decode([151669]) == "<|MASK|>"
+    assert sdar.decode([151667, 151645]) == "<think><|im_end|>"
+
+
+@needs_sdar
+def test_pattern_splits(sdar):
+    pieces = lambda text: [sdar.decode([i]) for i in sdar.encode(text)]
+    assert pieces("12345") == ["1", "2", "3", "4", "5"]  # \p{N} is one digit
+    assert pieces("   x") == ["  ", " x"]  # \s+(?!\S) leaves the last space to the word
+    assert pieces("a\n\n\nb") == ["a", "\n\n\n", "b"]  # \s*[\r\n]+
+    assert pieces("DON'T") == ["DON", "'T"]  # contractions are case-insensitive
+
+
+@needs_sdar
+def test_invalid_utf8_decodes_to_replacement(sdar):
+    ids = sdar.encode("\U00013000")  # a hieroglyph: 4 UTF-8 bytes over 3 tokens
+    assert len(ids) == 3 and sdar.decode(ids) == "\U00013000"
+    assert sdar.decode(ids[:1]) == "\ufffd"
+
+
+def test_added_tokens_json_fallback(tmp_path):
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    vocab["ab"] = 256  # merge 0
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    added = {"<|endoftext|>": 257, "<|im_end|>": 258, "<MASK>": 259}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added), encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
+    assert tok.mask_id == 259
+    assert tok.stop_ids == (258, 257)  # no generation_config.json: <|im_end|>, <|endoftext|>
+    assert tok.encode("ab<MASK>a") == [256, 259, ord("a")]
+
+
+def test_byte_round_trip(toy):
+    rng = random.Random(0)
+    for _ in range(200):
+        # any code point but surrogates, which cannot be UTF-8 encoded
+        text = "".join(chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0xD800),
+                                       rng.randrange(0xE000, 0x110000)]))
+                       for _ in range(rng.randrange(1, 30)))
+        ids = toy.encode(text)
+        nfc = unicodedata.normalize("NFC", text)
+        assert ids == list(nfc.encode("utf-8"))  # each byte is one token, id = byte value
+        assert toy.decode(ids) == nfc
+
+
+def test_byte_specials(toy):
+    assert toy.encode("<|im_start|>hi<|im_end|>") == [257, ord("h"), ord("i"), 258]
+    assert toy.stop_ids == (258, 256)
+    assert toy.mask_id == 259
+    assert toy.vocab_size == 260
+    assert toy.decode([259, 256]) == "<|MASK|><|endoftext|>"
+    assert toy.decode([0xC3]) == "\ufffd"
+
+
+def test_missing_vocab_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_missing_mask_raises(tmp_path):
+    write_byte_tokenizer(tmp_path, specials=("<|endoftext|>", "<|im_end|>"))
+    with pytest.raises(ValueError, match="no mask token.*tokenizer_config.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_missing_stop_raises(tmp_path):
+    write_byte_tokenizer(tmp_path, specials=("<|MASK|>",), stop=())
+    with pytest.raises(ValueError, match="no stop token.*generation_config.json"):
+        load_tokenizer(tmp_path)
