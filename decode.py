@@ -137,7 +137,8 @@ def _generate(model, prompt_ids, max_new_tokens, cached, block=4, steps=None, st
             break
     t2 = sync(dev)
     out = out[:max_new_tokens]
-    return out, {"forwards": forwards, "tokens": len(out), "seconds": t2 - t1, "prefill_seconds": t1 - t0}
+    return out, {"forwards": forwards, "prefill_forwards": int(cached and aligned > 0), "tokens": len(out),
+                 "seconds": t2 - t1, "prefill_seconds": t1 - t0}
 
 
 @torch.inference_mode()
@@ -191,7 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--draft", help="draft checkpoint folder: decode speculatively (SimSD)")
     p.add_argument("--verify", choices=["simsd", "exact"], default="simsd",
                    help="verification layout: the paper's single copy, or one copy per draft step (lossless)")
-    p.add_argument("--draft-device", help="device of the draft model (default: --device)")
+    p.add_argument("--draft-device", choices=["cpu", "cuda"], help="device of the draft model (default: --device)")
     p.add_argument("--show", action="store_true", help="print every speculative iteration")
     p.add_argument("--prompt", default="Write a haiku about the sea.", help="user message (chat template applied)")
     p.add_argument("--system", help="system message")
@@ -206,27 +207,44 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--eos-min-prob", type=float, default=0.0,
+                   help="speculative: a stop token arriving only as the bonus needs this target probability")
+    p.add_argument("--vanilla", action="store_true", help="toy default only: run the toy target without the draft")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name):
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but this machine has no CUDA GPU (or torch was built without CUDA)")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, draft_device = pick_device(args.device), pick_device(args.draft_device or args.device)
+    dtype_of = lambda dev: getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
     if not args.prompt.strip():
         fail("the prompt is empty; give some text with --prompt")
     if args.model is None:
-        import train_tiny  # the toy default: the CLI may reach up; the library never does
+        import train_tiny  # the toy default: the command may reach up; the library never does
         train_tiny.ensure_trained()
         args.model = str(train_tiny.TARGET_DIR)
-        args.draft = args.draft and str(train_tiny.DRAFT_DIR)
+        args.draft = None if args.vanilla else args.draft or str(train_tiny.DRAFT_DIR)
         prompts = train_tiny.examples(5, "heldout")
     else:
         prompts = [(args.prompt, None)]
-    model, tok = load_checkpoint(args.model, device, dtype)
+    model, tok = load_checkpoint(args.model, device, dtype_of(device))
+    draft = None
+    if args.draft:
+        draft, draft_tok = load_checkpoint(args.draft, draft_device, dtype_of(draft_device), "--draft")
+        if (draft_tok.specials, draft_tok.vocab_size) != (tok.specials, tok.vocab_size) or \
+                draft.config.vocab_size != model.config.vocab_size:
+            fail(f"--draft {args.draft} and --model {args.model} do not share a tokenizer; speculation needs one")
+        if draft.config.block_size != model.config.block_size:
+            fail(f"the draft was trained with block {draft.config.block_size} and the target with block "
+                 f"{model.config.block_size}; they must match")
     trained = model.config.block_size
     if args.block is not None and trained is not None and args.block != trained:
         fail(f"block {args.block} requested but this checkpoint was trained with block {trained}")
@@ -236,32 +254,68 @@ def main(argv=None):
         if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
             fail(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
                  f"max_position_embeddings {model.config.max_position_embeddings}")
-        run_one(model, tok, ids, text, answer, block, args, device)
+        run_one(model, draft, tok, ids, text, answer, block, args, draft_device)
 
 
-def run_one(model, tok, ids, text, answer, block, args, device):
-    printed = []
+class Printer:
+    """Streams committed text, holding back a split UTF-8 character; draws --show iterations."""
 
-    def stream(tokens):  # print text as blocks complete; hold back a split UTF-8 character
-        printed.extend(tokens)
-        full = tok.decode(printed)
-        if not full.endswith("\ufffd"):
-            print(full[len(stream.shown):], end="", flush=True)
-            stream.shown = full
-    stream.shown = ""
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    def __init__(self, tok, color):
+        self.tok, self.tokens, self.shown, self.color = tok, [], "", color
+
+    def stream(self, tokens):
+        if any(t in self.tok.stop_ids for t in self.tokens):
+            return  # everything after a stop token is discarded
+        self.tokens += tokens
+        stop = next((i for i, t in enumerate(self.tokens) if t in self.tok.stop_ids), None)
+        text = self.tok.decode(self.tokens[:stop])
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def paint(self, tokens, code, marker):
+        text = "".join(repr(self.tok.decode([t]))[1:-1] for t in tokens)
+        return f"\033[{code}m{text}\033[0m" if self.color else f"{marker[0]}{text}{marker[1]}"
+
+    def show(self, it):
+        a, d = it["accepted"], it["drafted"]
+        steps = " ".join(f"{repr(self.tok.decode([t]))[1:-1]}@{s}" for t, s in zip(d, it["steps"]))
+        line = self.paint(it["known"], "2", "()") + self.paint(d[:a], "32", "[]") + self.paint(d[a:], "9;31", "{}")
+        bonus = f" + bonus {self.paint([it['bonus']], '1;33', '<>')}" if it["bonus"] is not None else ""
+        print(f"  draft {steps:<40} -> {line}{bonus}   ({a}/{len(d)} accepted)")
+
+
+def run_one(model, draft, tok, ids, text, answer, block, args, draft_device):
+    out = Printer(tok, sys.stdout.isatty())
+    gen = torch.Generator(device=draft_device if draft is not None else model.lm_head.weight.device)
+    gen.manual_seed(args.seed)
+    pick_args = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, strategy=args.strategy,
+                     threshold=args.threshold, stop_ids=tok.stop_ids, mask_id=tok.mask_id, generator=gen)
     print(f"\n>>> {text}\n", flush=True)
-    tokens, stats = generate(model, ids, args.max_new_tokens, block=block, steps=args.steps,
-                             strategy=args.strategy, threshold=args.threshold, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, stop_ids=tok.stop_ids, mask_id=tok.mask_id,
-                             generator=gen, callback=stream)
-    print(tok.decode(tokens)[len(stream.shown):])
+    if draft is None:
+        tokens, stats = generate(model, ids, args.max_new_tokens, block=block, steps=args.steps,
+                                 callback=out.stream, **pick_args)
+        forwards = stats["forwards"] - stats["prefill_forwards"]
+        extra = f"{forwards / max(stats['tokens'], 1):.2f} forwards per token"
+    else:
+        import speculative
+        if args.show:
+            print("  (known) [accepted] {rejected} <bonus>" if not out.color else "", flush=True)
+        tokens, stats = speculative.generate(
+            model, draft, ids, args.max_new_tokens, block=block, draft_steps=args.steps, verify=args.verify,
+            eos_min_prob=args.eos_min_prob, **pick_args,
+            on_iteration=out.show if args.show else lambda it: out.stream(it["drafted"][:it["accepted"]] + (
+                [it["bonus"]] if it["bonus"] is not None else [])))
+        forwards = stats["iterations"]
+        extra = (f"{stats['tokens'] / max(forwards, 1):.2f} tokens per target forward, acceptance "
+                 f"{stats['accepted'] / max(stats['drafted'], 1):.0%}, verify {args.verify}")
+    print(tok.decode(tokens)[len(out.shown):] if not args.show else "\n" + tok.decode(tokens))
     if answer is not None:
         import train_tiny
         print(f"[{'correct' if train_tiny.score(tok.decode(tokens), answer) else 'WRONG, expected ' + answer}]")
     n, sec = stats["tokens"], stats["seconds"]
-    print(f"[{n} tokens, {n / max(sec, 1e-9):.1f} tok/s, {stats['forwards'] / max(n, 1):.2f} forwards per token, "
-          f"block {block}, steps {args.steps or block}, {args.strategy}, {device}]")
+    print(f"[{n} tokens, {n / max(sec, 1e-9):.1f} tok/s, {extra}, block {block}, {args.strategy}, "
+          f"{model.lm_head.weight.device.type}]")
 
 
 if __name__ == "__main__":

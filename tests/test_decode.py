@@ -170,3 +170,17 @@ def test_cli_runs_a_checkpoint(toy_checkpoint):
     r = run_cli("--model", str(toy_checkpoint), "--prompt", "hi", "--max-new-tokens", "8", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "tok/s" in r.stdout and "forwards per token" in r.stdout
+
+
+def test_cli_speculative_show_and_mismatch(toy_checkpoint, tmp_path):
+    """--draft decodes speculatively and --show draws iterations; a draft with another block is refused."""
+    r = run_cli("--model", str(toy_checkpoint), "--draft", str(toy_checkpoint), "--prompt", "hi",
+                "--max-new-tokens", "8", "--device", "cpu", "--show", "--verify", "exact")
+    assert r.returncode == 0, r.stderr
+    assert "tokens per target forward" in r.stdout and "accepted)" in r.stdout
+    config = (toy_checkpoint / "config.json").read_text().replace('"block_size": 4', '"block_size": 8')
+    model.save(model.load(toy_checkpoint), tmp_path)
+    model.write_byte_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    r = run_cli("--model", str(toy_checkpoint), "--draft", str(tmp_path), "--device", "cpu")
+    assert r.returncode != 0 and "block 8" in r.stderr and "must match" in r.stderr
