@@ -43,11 +43,12 @@ def accept(d, p, q, temperature, generator=None, stop_ids=(), eos_min_prob=0.0):
         ok = uniform(m, generator, d.device) * p.gather(-1, d[:, None])[:, 0] < qd
     a = ok.long().cumprod(0).sum()  # length of the agreeing prefix, still on the device
     row = a.clamp(max=m - 1)  # when all are accepted the bonus below is computed and ignored
-    bonus_dist = q[row] if temperature == 0 else (q[row] - p[row]).clamp(min=0)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=d.device)
+    target = q[row]
     if len(stop_ids) and eos_min_prob > 0:  # gate stops that the target does not really want
-        weak = q[row, stops] < eos_min_prob
-        bonus_dist = bonus_dist.index_put((stops,), torch.where(weak, 0.0, bonus_dist[stops]))
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=d.device)
+        target = target.index_put((stops,), torch.where(target[stops] < eos_min_prob, 0.0, target[stops]))
+    bonus_dist = target if temperature == 0 else (target - p[row]).clamp(min=0)
+    bonus_dist = torch.where(bonus_dist.sum() > 0, bonus_dist, target)  # empty residual: use q itself
     if temperature == 0:
         bonus = bonus_dist.argmax()
     else:
