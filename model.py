@@ -270,6 +270,7 @@ def write_safetensors(tensors, path):
 def _atomic_write(path, chunks):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary readable file
     try:
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
