@@ -1,0 +1,271 @@
+"""Toy block-diffusion models, trained the SDAR way on a CPU in minutes.
+
+The task: sort 8-12 digits, in chat form, scored by exact match.
+    user: sort 31415926                 assistant: [1, 1, 2, 3, 4, 5, 6, 9]<|im_end|>
+Answers are 24-36 bytes, and bytes are tokens (the tokenizer is byte-level): 6-9 blocks of 4.
+
+Training is SDAR's (DESIGN.md section 7): the sequence [x_t ; x_0] with shared positions, the
+mask mask.training(n, block), each response token of x_t masked with probability p ~ U(1e-3, 1),
+and cross-entropy at the masked x_t positions weighted by 1/p, averaged over response tokens.
+Each batch draws its block length from (4, 8), so one checkpoint decodes with either.
+
+Two presets: a 6-layer target and a 1-layer draft (~5x fewer parameters). At these sizes a
+forward costs ~0.4 ms per layer plus ~0.3 ms, nearly whatever the width, so a draft forward is
+~1/4.5 of a target forward. One layer can learn to sort too, but slowly (~90% after 2000 steps);
+the draft gets about half of that, so it is right on most tokens and wrong on some answers.
+
+`python train_tiny.py` (about 2.5 minutes on 2 CPU cores) writes out/tiny-target and
+out/tiny-draft: config.json, model.safetensors and byte-level tokenizer files, which model.load
+and model.load_tokenizer read like an SDAR checkpoint.
+"""
+import argparse
+import math
+import multiprocessing
+import os
+import random
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mask as masks
+import model as sdar
+
+ROOT = Path(__file__).parent
+TARGET_DIR = ROOT / "out" / "tiny-target"
+DRAFT_DIR = ROOT / "out" / "tiny-draft"
+BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _draw(rng):
+    """One (prompt, answer): 8-12 random digits and their sorted list."""
+    xs = [rng.randrange(10) for _ in range(rng.randint(8, 12))]
+    return f"sort {''.join(map(str, xs))}", str(sorted(xs))
+
+
+def _is_heldout(prompt):
+    """A fixed eighth of all prompts, chosen by hash: the splits never share a prompt."""
+    return zlib.crc32(prompt.encode()) % 8 == 0
+
+
+def examples(n, split="heldout", seed=0):
+    """n (prompt, answer) pairs, the same for the same (split, seed). The splits draw from
+    different seed streams and are disjoint sets of prompts (_is_heldout)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    rng = random.Random(f"{split}:{seed}")  # a str seed is hashed with sha512: stable across runs
+    out = []
+    while len(out) < n:
+        prompt, answer = _draw(rng)
+        if _is_heldout(prompt) == (split == "heldout"):
+            out.append((prompt, answer))
+    return out
+
+
+def score(prediction, answer):
+    """Exact match after stripping surrounding whitespace: ' [1, 2]\\n' counts; '[1,2]' and
+    '[1, 2] done' do not (the spacing inside is part of the format the model learns)."""
+    return prediction.strip() == answer.strip()
+
+
+# ----------------------------------------------------------------------------- models
+
+# name: (shape, default steps, default learning rate). Heads 4 (kv 2), head_dim = width / 4.
+PRESETS = {
+    "target": (dict(num_hidden_layers=6, hidden_size=48, intermediate_size=144), 600, 5e-3),
+    "draft": (dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120), 1100, 1e-2),
+}
+
+
+def config(name, tok):
+    """The Config of a preset for a byte tokenizer. block_size stays None: trained on 4 and 8."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
+    return sdar.Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
+                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=tok.mask_id,
+                       block_size=None, **PRESETS[name][0])
+
+
+def init_model(config, seed=0):
+    """PyTorch's default init (Linear: uniform(+-1/sqrt(fan_in)); Embedding: N(0, 1)), with the
+    projections that write into the residual stream scaled by 1/sqrt(2 * layers) as in GPT-2.
+    Qwen's std 0.02 is meant for width 4096: at width 48 it starves the signal, and the deep
+    target sat on a plateau for hundreds of steps."""
+    torch.manual_seed(seed)
+    m = sdar.Transformer(config)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_((2 * config.num_hidden_layers) ** -0.5)
+    return m
+
+
+# ----------------------------------------------------------------------------- SDAR objective
+
+def batch(pairs, tok, device="cpu"):
+    """x0 (B, n) token ids and is_resp (B, n) bool. Row: chat prompt, answer bytes, <|im_end|>,
+    then <|endoftext|> up to the longest row. Pads count as response, as in SDAR (it pads with
+    EOS and trains on it): decoding fills the rest of the stop token's block the same way, so the
+    model learns what follows a stop instead of seeing never-trained context there."""
+    stop, pad = tok.id_of("<|im_end|>"), tok.id_of("<|endoftext|>")
+    rows = [(tok.chat(p), tok.encode(a) + [stop]) for p, a in pairs]
+    n = max(len(p) + len(r) for p, r in rows)
+    x0 = torch.tensor([p + r + [pad] * (n - len(p) - len(r)) for p, r in rows], device=device)
+    starts = torch.tensor([len(p) for p, _ in rows], device=device)
+    return x0, torch.arange(n, device=device)[None] >= starts[:, None]
+
+
+def noise(x0, is_resp, mask_id, generator=None):
+    """x_t: each response token masked with probability p ~ U(1e-3, 1), one p per row; a row
+    left with no masked token gets one uniformly chosen response token masked.
+    Returns x_t (B, n), masked (B, n) bool, p (B, 1)."""
+    B, n = x0.shape
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=x0.device)  # noqa: E731
+    p = 1e-3 + (1 - 1e-3) * rand(B, 1)
+    masked = (rand(B, n) < p) & is_resp
+    fallback = rand(B, n).masked_fill(~is_resp, -1.0).argmax(1)  # a random response position
+    masked[torch.arange(B, device=x0.device), fallback] |= ~masked.any(1)
+    return torch.where(masked, mask_id, x0), masked, p
+
+
+def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
+    """Sum over masked x_t positions of cross-entropy / p, divided by the number of response
+    tokens in the batch (pads included). No shift: the logits at i predict x0[i]."""
+    xt, masked, p = noise(x0, is_resp, mask_id, generator)
+    n = x0.shape[1]
+    # x_t blocks holding only prompt tokens (in every row) have no loss and no other x_t block
+    # sees them (x_t block b sees x_t block b and x_0 blocks < b): dropping them changes nothing
+    # but saves a quarter of the work.
+    cut = int(is_resp.float().argmax(1).min()) // block * block
+    pos = torch.cat([torch.arange(cut, n), torch.arange(n)]).to(x0.device)  # x_t, x_0 share positions
+    attn = masks.training(n, block, x0.device)[cut:, cut:]
+    logits = model(torch.cat([xt[:, cut:], x0], 1), pos, attn)[:, :n - cut]  # (B, n - cut, V)
+    sel = masked[:, cut:]
+    ce = F.cross_entropy(logits[sel].float(), x0[:, cut:][sel], reduction="none")  # (masked,)
+    return (ce / p.expand(-1, n)[:, cut:][sel]).sum() / is_resp.sum()
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(model, tok, *, steps, batch_size, lr, seed=0, device="cpu", log_every=5.0, name="model"):
+    """AdamW, 5% warmup then cosine decay to lr/10; one block length per batch. Prints a
+    progress line every log_every seconds (None: silent). Returns the model in eval mode."""
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    data = examples(steps * batch_size, "train", seed)
+    gen, rng = torch.Generator(device).manual_seed(seed), random.Random(seed)
+    t0 = last = time.perf_counter()
+    tokens, losses = 0, []
+    for step in range(steps):
+        warmup = min(1.0, (step + 1) / (0.05 * steps))
+        for g in opt.param_groups:
+            g["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        x0, is_resp = batch(data[step * batch_size:(step + 1) * batch_size], tok, device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            loss = sdar_loss(model, x0, is_resp, rng.choice(BLOCKS), tok.mask_id, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # 1/p weights make rare huge steps
+        opt.step()
+        tokens += 2 * x0.numel()
+        losses.append(loss.item())
+        now = time.perf_counter()
+        if log_every is not None and (now - last > log_every or step + 1 == steps):
+            el = now - t0
+            print(f"  {name} step {step + 1:4d}/{steps}  loss {sum(losses) / len(losses):.3f}  "
+                  f"{tokens / el:6.0f} tok/s  {el:4.0f}s elapsed  eta {el / (step + 1) * (steps - step - 1):3.0f}s",
+                  flush=True)
+            last, losses = now, []
+    return model.eval()
+
+
+def evaluate(model, tok, n=100, block=4, seed=0):
+    """Held-out exact match under vanilla block-diffusion decoding, argmax, one token per step."""
+    import decode  # decode imports model and mask only; importing it late keeps this file standalone
+    hits = 0
+    for prompt, answer in examples(n, "heldout", seed):
+        ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, stop_ids=tok.stop_ids,
+                                 mask_id=tok.mask_id)
+        hits += score(tok.decode(ids), answer)
+    return hits / n
+
+
+def write(model, folder):
+    """An SDAR-format folder: tokenizer files, then model.safetensors and config.json (each
+    written atomically), so a folder with config.json holds a finished model."""
+    sdar.write_byte_tokenizer(folder)
+    sdar.save(model, folder)
+
+
+def complete(folder):
+    return (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
+
+
+def ensure_trained(quiet=False):
+    """Train both toys with the defaults of `python train_tiny.py` unless both folders hold a
+    complete checkpoint. quiet: print only the one line saying that it trains."""
+    if complete(TARGET_DIR) and complete(DRAFT_DIR):
+        return
+    print(f"training the toy models into {TARGET_DIR.parent} (about 2.5 minutes on 2 CPU cores)...",
+          flush=True)
+    main(["--eval", "0", "--out", str(TARGET_DIR.parent)] + (["--quiet"] if quiet else []))
+
+
+def run_preset(name, args, threads):
+    """Train one preset, write its folder, score it; runs in a worker process."""
+    torch.set_num_threads(threads)
+    folder = args.out / f"tiny-{name}"
+    tok = sdar.load_tokenizer(sdar.write_byte_tokenizer(folder))
+    shape, steps, lr = PRESETS[name]
+    steps, lr = args.steps or steps, args.lr or lr
+    m = init_model(config(name, tok), args.seed)
+    if not args.quiet:
+        print(f"{name}: {shape['num_hidden_layers']} layer(s), width {shape['hidden_size']}, "
+              f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}k parameters, {steps} steps of "
+              f"{args.batch_size}", flush=True)
+    m = train(m, tok, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, device=args.device,
+              log_every=None if args.quiet else 5.0, name=name)
+    write(m.cpu(), folder)
+    return {block: evaluate(m.cpu(), tok, args.eval, block) for block in args.eval_blocks if args.eval}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train the toy SDAR target and draft on the sorting task "
+                                 "and write them as SDAR-format checkpoint folders.")
+    ap.add_argument("--preset", choices=["target", "draft", "both"], default="both")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: target 600, draft 1100)")
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: target 5e-3, draft 1e-2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, data and noise")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains under bf16 autocast")
+    ap.add_argument("--out", type=Path, default=ROOT / "out",
+                    help="writes OUT/tiny-target and OUT/tiny-draft (default: out/ next to this file)")
+    ap.add_argument("--eval", type=int, default=100, metavar="N",
+                    help="held-out prompts to score after training (default 100; 0: skip)")
+    ap.add_argument("--eval-blocks", type=int, nargs="+", default=[4], metavar="B",
+                    help="block lengths to score at (default: 4)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = ap.parse_args(argv)
+    names = ["target", "draft"] if args.preset == "both" else [args.preset]
+    # One process per model, each on its share of the cores: at these sizes two single-threaded
+    # trainings beat two threads on one (per-op overhead), and threads that wait on each other
+    # slow down manyfold when anything else runs on the machine.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(len(names), mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {name: pool.submit(run_preset, name, args, max(1, cores // len(names))) for name in names}
+        results = {name: job.result() for name, job in jobs.items()}
+    for name, accs in results.items():
+        for block, acc in accs.items():
+            print(f"{name}: held-out exact match {acc:.1%} of {args.eval} (block {block}, argmax)")
+    if not args.quiet:
+        print(f"wrote {', '.join(str(args.out / f'tiny-{n}') for n in names)} in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
