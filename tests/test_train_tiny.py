@@ -1,0 +1,178 @@
+"""train_tiny.py: the task and its scorer, the noising, the SDAR loss against a brute-force
+reference, a loss that drops, checkpoints that load back. Micro models only; nothing in out/."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mask
+import model as sdar
+import train_tiny as tt
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return sdar.load_tokenizer(sdar.write_byte_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def micro(tok, layers=2, seed=0):
+    c = sdar.Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, mask_token_id=tok.mask_id)
+    return tt.init_model(c, seed)
+
+
+# ----------------------------------------------------------------------------- task
+
+def test_examples_are_deterministic_disjoint_and_long_enough():
+    assert tt.examples(50, "train", 0) == tt.examples(50, "train", 0)
+    assert tt.examples(50, "heldout", 3) == tt.examples(50, "heldout", 3)
+    assert tt.examples(50, "train", 0) != tt.examples(50, "train", 1)
+    train, heldout = tt.examples(3000, "train"), tt.examples(300, "heldout")
+    assert not {p for p, _ in train} & {p for p, _ in heldout}  # no held-out prompt is trained on
+    assert all(tt._is_heldout(p) for p, _ in heldout) and not any(tt._is_heldout(p) for p, _ in train)
+    for prompt, answer in train[:200] + heldout:
+        digits = prompt.removeprefix("sort ")
+        assert prompt.startswith("sort ") and digits.isdigit() and 8 <= len(digits) <= 12
+        assert answer == str(sorted(int(d) for d in digits))
+    lengths = [len(a.encode()) for _, a in train]  # byte tokenizer: bytes are tokens
+    assert min(lengths) >= 24 and sum(lengths) / len(lengths) >= 29
+    with pytest.raises(ValueError, match="split"):
+        tt.examples(1, "test")
+
+
+def test_score_accepts_exact_answers_only():
+    answer = "[1, 2, 2, 9]"
+    for ok in ["[1, 2, 2, 9]", " [1, 2, 2, 9]\n", "\t[1, 2, 2, 9]  \n\n"]:
+        assert tt.score(ok, answer) and tt.score(answer, ok)
+    for bad in ["[1, 2, 9]", "[1, 2, 2, 8]", "[1, 2, 2, 9, 9]", "[1,2,2,9]", "[1, 2,  2, 9]", "1, 2, 2, 9",
+                "[1, 2, 2, 9]]", "[1, 2, 2, 9] done", "[1, 2, 2, 9]<|im_end|>", "[9, 2, 2, 1]", ""]:
+        assert not tt.score(bad, answer), bad
+
+
+# ----------------------------------------------------------------------------- batches and noise
+
+def test_batch_layout(tok):
+    pairs = [("sort 98765432", "[2, 3, 4, 5, 6, 7, 8, 9]"), ("sort 111122223333", str(sorted([1, 2, 3] * 4)))]
+    x0, is_resp = tt.batch(pairs, tok)
+    stop, pad = tok.id_of("<|im_end|>"), tok.id_of("<|endoftext|>")
+    for row, resp, (prompt, answer) in zip(x0.tolist(), is_resp.tolist(), pairs):
+        p = tok.chat(prompt)
+        r = tok.encode(answer) + [stop]
+        assert row == p + r + [pad] * (len(row) - len(p) - len(r))
+        assert resp == [False] * len(p) + [True] * (len(row) - len(p))  # pads count as response
+
+
+def test_noise_never_masks_the_prompt_and_always_masks_a_response_token(tok):
+    x0, is_resp = tt.batch(tt.examples(6, "train"), tok)
+    g = torch.Generator().manual_seed(0)
+    fractions, single = [], 0
+    for _ in range(1000):
+        xt, masked, p = tt.noise(x0, is_resp, tok.mask_id, g)
+        assert not (masked & ~is_resp).any()
+        assert masked.any(1).all()
+        assert torch.equal(xt, torch.where(masked, tok.mask_id, x0))
+        assert ((p >= 1e-3) & (p <= 1)).all()
+        fractions.append((masked.sum(1) / is_resp.sum(1)).mean().item())
+        single += int((masked.sum(1) == 1).sum())
+    assert single > 0  # the at-least-one fallback was exercised
+    assert abs(sum(fractions) / len(fractions) - 0.5) < 0.03  # E[masked fraction] = E[p] ~ 0.5
+
+
+# ----------------------------------------------------------------------------- loss
+
+def reference_mask(n, block):
+    """[x_t ; x_0] read off DESIGN.md section 7 one pair at a time: x_t block b sees x_t block b
+    and x_0 blocks < b; x_0 is block-causal and never sees x_t."""
+    m = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    for q in range(2 * n):
+        for k in range(2 * n):
+            qb, kb = (q % n) // block, (k % n) // block
+            if q < n:
+                m[q, k] = qb == kb if k < n else kb < qb
+            else:
+                m[q, k] = k >= n and kb <= qb
+    return m
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_loss_matches_a_per_token_reference(tok, block):
+    model = micro(tok).eval()
+    x0, is_resp = tt.batch(tt.examples(3, "train", 5), tok)  # rows of different lengths: pads
+    with torch.no_grad():
+        loss = tt.sdar_loss(model, x0, is_resp, block, tok.mask_id, torch.Generator().manual_seed(1))
+        xt, masked, p = tt.noise(x0, is_resp, tok.mask_id, torch.Generator().manual_seed(1))
+        n, total = x0.shape[1], 0.0
+        for b in range(x0.shape[0]):  # one row at a time, the whole [x_t ; x_0], no shortcuts
+            logits = model(torch.cat([xt[b], x0[b]])[None], torch.arange(n).repeat(2), reference_mask(n, block))[0]
+            for i in range(n):
+                if masked[b, i]:
+                    total += -F.log_softmax(logits[i], -1)[x0[b, i]].item() / p[b, 0].item()
+    assert torch.isclose(loss, torch.tensor(total / is_resp.sum().item()), rtol=1e-4)
+
+
+def test_training_loss_drops(tok):
+    model = micro(tok)
+    x0, is_resp = tt.batch(tt.examples(16, "heldout"), tok)
+
+    def held_out_loss():
+        with torch.no_grad():
+            return tt.sdar_loss(model.eval(), x0, is_resp, 4, tok.mask_id, torch.Generator().manual_seed(0)).item()
+
+    before = held_out_loss()
+    tt.train(model, tok, steps=40, batch_size=16, lr=1e-2, log_every=None)
+    after = held_out_loss()
+    assert after < 0.4 * before, (before, after)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_presets():
+    tok_ids = type("Tok", (), {"vocab_size": 260, "mask_id": 259})()
+    target, draft = (tt.init_model(tt.config(name, tok_ids)) for name in ("target", "draft"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(target) >= 4 * count(draft)
+    assert draft.config.num_hidden_layers == 1 < target.config.num_hidden_layers
+    assert target.config.block_size is None and draft.config.mask_token_id == 259
+
+
+def test_checkpoint_round_trip(tok, tmp_path):
+    m = micro(tok, seed=3).eval()
+    tt.write(m, tmp_path)
+    assert tt.complete(tmp_path)
+    loaded = sdar.load(tmp_path)
+    idx = torch.tensor([tok.chat("sort 31415926") + tok.encode("[1, 1, 2")])
+    pos, attn = torch.arange(idx.shape[1]), mask.block_causal(idx.shape[1], 4)
+    with torch.no_grad():
+        assert torch.equal(m(idx, pos, attn), loaded(idx, pos, attn))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["mask_token_id"] == tok.mask_id and "block_size" not in cfg
+
+    t = sdar.load_tokenizer(tmp_path)
+    assert (t.mask_id, t.stop_ids) == (tok.id_of("<|MASK|>"), (tok.id_of("<|im_end|>"), tok.id_of("<|endoftext|>")))
+    for prompt, answer in tt.examples(20):
+        for text in (prompt, answer):
+            assert t.encode(text) == list(text.encode()) and t.decode(t.encode(text)) == text
+        chat = t.chat(prompt)
+        assert chat == ([t.id_of("<|im_start|>")] + list(b"user\n") + list(prompt.encode()) + [t.id_of("<|im_end|>")]
+                        + list(b"\n") + [t.id_of("<|im_start|>")] + list(b"assistant\n"))
+        assert t.decode(chat) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_ensure_trained_trains_only_when_a_checkpoint_is_missing(tok, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tt, "TARGET_DIR", tmp_path / "tiny-target")
+    monkeypatch.setattr(tt, "DRAFT_DIR", tmp_path / "tiny-draft")
+    monkeypatch.setattr(tt, "main", lambda argv: calls.append(argv))
+    tt.write(micro(tok), tmp_path / "tiny-target")
+    tt.ensure_trained(quiet=True)
+    assert len(calls) == 1 and str(tmp_path) in calls[0]  # the draft is missing: trains, into tmp_path
+    tt.write(micro(tok), tmp_path / "tiny-draft")
+    tt.ensure_trained(quiet=True)
+    assert len(calls) == 1  # both complete: nothing to do
+
+
+def test_evaluate_runs_with_decode(tok):
+    pytest.importorskip("decode")
+    acc = tt.evaluate(micro(tok), tok, n=2, block=4)
+    assert 0.0 <= acc <= 1.0
