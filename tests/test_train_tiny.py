@@ -11,6 +11,16 @@ import model as sdar
 import train_tiny as tt
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro models run as fast on one thread, and a second one that waits on the first slows
+    everything down manyfold when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return sdar.load_tokenizer(sdar.write_byte_tokenizer(tmp_path_factory.mktemp("tok")))
