@@ -194,7 +194,7 @@ def table_main(args, device, dtype):
                   "latency protocol": f"{new} new tokens, stop tokens ignored, prefill and warm-up excluded, "
                   f"median of {reps} repeats per prompt, then median over prompts: tok/s, speedup, "
                   "tokens per target forward and acceptance (summed over prompts)",
-                  "quality protocol": f"greedy, stop at EOS or {new} tokens: accuracy"}
+                  "quality protocol": f"greedy, stop at EOS or {args.answer_cap} tokens: accuracy"}
     report(conditions, table_rows(records), notes(records))
 
 
