@@ -14,7 +14,7 @@ forward costs ~0.4 ms per layer plus ~0.3 ms, nearly whatever the width, so a dr
 ~1/4.5 of a target forward. One layer can learn to sort too, only slowly: we stop the draft while
 it is right on ~98% of tokens and ~75% of answers (the target: ~99.9% and ~98%).
 
-`python train_tiny.py` (about 2.5 minutes on 2 CPU cores) writes out/tiny-target and
+`python train_tiny.py` (about 3 minutes on 2 CPU cores) writes out/tiny-target and
 out/tiny-draft: config.json, model.safetensors and byte-level tokenizer files, which model.load
 and model.load_tokenizer read like an SDAR checkpoint.
 """
@@ -210,7 +210,7 @@ def ensure_trained(quiet=False):
     complete checkpoint. quiet: print only the one line saying that it trains."""
     if complete(TARGET_DIR) and complete(DRAFT_DIR):
         return
-    print(f"training the toy models into {TARGET_DIR.parent} (about 2.5 minutes on 2 CPU cores)...",
+    print(f"training the toy models into {TARGET_DIR.parent} (about 3 minutes on 2 CPU cores)...",
           flush=True)
     main(["--eval", "0", "--out", str(TARGET_DIR.parent)] + (["--quiet"] if quiet else []))
 

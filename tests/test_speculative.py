@@ -9,21 +9,7 @@ import mask as masks
 import model
 import speculative
 
-VOCAB, MASK = 61, 60
-
-
-def random_model(seed=0, layers=2):
-    torch.manual_seed(seed)
-    c = model.Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, mask_token_id=MASK)
-    m = model.Transformer(c).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8)  # sharper logits: fewer near-ties, clearer disagreements
-    return m
-
-
-def prompt(n, seed=0):
-    return torch.randint(0, MASK, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+from test_decode import MASK, prompt, random_model  # the same random models as the vanilla tests
 
 
 @pytest.mark.parametrize("block", [4, 8])
