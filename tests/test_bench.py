@@ -114,7 +114,8 @@ def test_real_checkpoints_with_and_without_answers(tmp_path, capsys):
     answered.write_text(json.dumps({"prompt": "one", "answer": tok.decode(out)}) + "\n"
                         + json.dumps({"prompt": "two", "answer": "not in any output"}) + "\n")
     bare.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
-    argv = ["--model", target, "--draft", target, "--new-tokens", "8", "--blocks", "4", "--device", "cpu", "--threads", "1"]
+    argv = ["--model", target, "--draft", target, "--new-tokens", "8", "--answer-cap", "8", "--blocks", "4",
+            "--device", "cpu", "--threads", "1"]
     bench.main(argv + ["--prompts", str(answered)])
     rows = {r["method"]: r for r in last_json(capsys)["rows"]}
     # draft == target: vanilla and exact verification decode the same tokens, so one of two is right
