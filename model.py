@@ -36,6 +36,7 @@ class Config:
     max_position_embeddings: int = 32768
     mask_token_id: int | None = None
     block_size: int | None = None
+    model_type: str = "sdar"  # "sdar" (block diffusion) or "qwen3" (autoregressive)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -332,7 +333,8 @@ def save(model: Transformer, path):
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    config = {"architectures": ["SDARForCausalLM"], "model_type": "sdar", "torch_dtype": dtype,
+    arch = {"sdar": "SDARForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model.config.model_type]
+    config = {"architectures": [arch], "torch_dtype": dtype,
               **{k: v for k, v in asdict(model.config).items() if v is not None}}
     write_safetensors(state, path / "model.safetensors")
     _write_json(path / "config.json", config)
