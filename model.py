@@ -45,14 +45,14 @@ class Config:
     @classmethod
     def from_json(cls, src):
         """Read a config.json path or dict, ignoring the keys we do not use."""
-        d = json.loads(Path(src).read_text()) if not isinstance(src, dict) else dict(src)
+        where = "the config" if isinstance(src, dict) else str(src)
+        d = dict(src) if isinstance(src, dict) else json.loads(Path(src).read_text())
         if "rope_theta" not in d and "rope_theta" in (d.get("rope_parameters") or {}):
             d["rope_theta"] = d["rope_parameters"]["rope_theta"]  # newer writers nest it
-        names = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
         if missing:
-            raise ValueError(f"config {src if not isinstance(src, dict) else ''} lacks {missing}; "
-                             "is this a Qwen3/SDAR config.json?")
+            raise ValueError(f"{where} lacks {missing}, which every Qwen3 or SDAR config.json has.")
+        names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -157,10 +157,11 @@ class KVCache:
 
     def start(self, batch_size, T):
         if batch_size != self.k.shape[1]:
-            raise ValueError(f"batch of {batch_size} given to a KV cache built for {self.k.shape[1]}")
+            raise ValueError(f"a batch of {batch_size} was given to a KV cache built for {self.k.shape[1]}; "
+                             "make one with model.new_cache(max_len, batch_size).")
         if self.len + T > self.max_len:
             raise ValueError(f"KV cache overflow: {self.len} committed + {T} new tokens > max_len "
-                             f"{self.max_len}; make a larger cache with model.new_cache(max_len)")
+                             f"{self.max_len}; make a larger cache with model.new_cache(max_len).")
         self.written = T
 
     def write(self, layer, k, v):
@@ -171,7 +172,7 @@ class KVCache:
 
     def commit(self, n):
         if not 0 <= n <= self.written:
-            raise ValueError(f"cannot commit {n} tokens: the last forward wrote {self.written}")
+            raise ValueError(f"cannot commit {n} tokens: the last forward wrote {self.written}.")
         self.len += n
         self.written -= n
 
@@ -228,25 +229,25 @@ def read_safetensors(path, device="cpu", dtype=None):
         n = int.from_bytes(head, "little") if len(head) == 8 else None
         if n is None or 8 + n > size:
             raise ValueError(f"{path} is truncated (its header does not fit in {size} bytes); "
-                             "download or write it again")
+                             "download or write it again.")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the header is not JSON ({e}); is this a safetensors file?") from None
+            raise ValueError(f"{path}: the header is not JSON ({e}); point at a .safetensors file.") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
     header.pop("__metadata__", None)
     out, data = {}, size - 8 - n
     for name, info in header.items():
         if info["dtype"] not in DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this loader does "
-                             f"not support ({', '.join(DTYPES)}); convert the checkpoint to bf16")
+                             f"not support ({', '.join(DTYPES)}); convert the checkpoint to bf16.")
         t_dtype, (b, e) = DTYPES[info["dtype"]], info["data_offsets"]
         numel = 1
         for s in info["shape"]:
             numel *= s
         if not 0 <= b <= e <= data or e - b != numel * t_dtype.itemsize:
             raise ValueError(f"{path}: tensor {name} claims bytes [{b}, {e}) of {data} data bytes for shape "
-                             f"{info['shape']}; the offsets fall outside the file (truncated or corrupt)")
+                             f"{info['shape']}; the offsets fall outside the file (truncated or corrupt).")
         t = torch.frombuffer(buf, dtype=t_dtype, count=numel, offset=8 + n + b) if numel else \
             torch.empty(0, dtype=t_dtype)
         out[name] = t.reshape(info["shape"]).to(device=device, dtype=dtype or t_dtype, copy=True)
@@ -290,7 +291,7 @@ def load(path, device="cpu", dtype=None) -> Transformer:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: point at an SDAR checkpoint folder "
-                                "(config.json + model.safetensors or model.safetensors.index.json)")
+                                "(config.json + model.safetensors or model.safetensors.index.json).")
     config = Config.from_json(path / "config.json")
     if (path / "model.safetensors.index.json").is_file():
         weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
@@ -299,10 +300,10 @@ def load(path, device="cpu", dtype=None) -> Transformer:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path} has config.json but no model.safetensors or "
-                                "model.safetensors.index.json; the weights are missing")
+                                "model.safetensors.index.json; the weights are missing.")
     for f in files:
         if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} is listed in model.safetensors.index.json but missing")
+            raise FileNotFoundError(f"{path / f} is listed in model.safetensors.index.json but missing.")
     with torch.device("meta"):
         model = Transformer(config)  # no memory: the checkpoint's tensors are assigned below
     state = {}
@@ -318,7 +319,7 @@ def load(path, device="cpu", dtype=None) -> Transformer:
                  if state[k].shape != expected[k])
     if missing or unexpected or bad:
         raise ValueError(f"checkpoint {path} does not match its config.json: missing {missing}, "
-                         f"unexpected {unexpected}, mis-shaped {bad}")
+                         f"unexpected {unexpected}, mis-shaped {bad}.")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -398,7 +399,7 @@ def load_tokenizer(path):
     path = Path(path)
     if not (path / "vocab.json").is_file():
         raise FileNotFoundError(f"{path / 'vocab.json'} not found; pass a model folder holding "
-                                "the HF tokenizer files (vocab.json, tokenizer_config.json)")
+                                "the HF tokenizer files (vocab.json, tokenizer_config.json).")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in _read_json(path / "vocab.json").items()}
 
@@ -414,7 +415,7 @@ def load_tokenizer(path):
     mask = [specials[n] for n in ("<|MASK|>", "<MASK>") if n in specials]
     if not mask:
         raise ValueError(f"{path} defines no mask token; add <|MASK|> to the added_tokens_decoder "
-                         "of its tokenizer_config.json (a diffusion LM cannot decode without one)")
+                         "of its tokenizer_config.json (a diffusion LM cannot decode without one).")
 
     gen = path / "generation_config.json"
     eos = _read_json(gen).get("eos_token_id") if gen.is_file() else None
@@ -422,7 +423,7 @@ def load_tokenizer(path):
         eos = [specials[n] for n in ("<|im_end|>", "<|endoftext|>") if n in specials]
     stop_ids = [eos] if isinstance(eos, int) else eos
     if not stop_ids:
-        raise ValueError(f"{path} defines no stop token; set eos_token_id in its generation_config.json")
+        raise ValueError(f"{path} defines no stop token; set eos_token_id in its generation_config.json.")
     enc = tiktoken.Encoding(path.name or "tokenizer", pat_str=QWEN2_PATTERN,
                             mergeable_ranks=ranks, special_tokens=specials)
     return Tokenizer(enc, specials, mask[0], stop_ids)

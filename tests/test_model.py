@@ -1,5 +1,7 @@
 """model.py: checkpoints round-trip, the cache equals no-cache forwards, RoPE is what the maths says."""
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,17 @@ def logits(m, idx):
     with torch.no_grad():
         T = idx.shape[1]
         return m(idx, torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril())
+
+
+@contextmanager
+def refuses(exc, match):
+    """pytest.raises that also holds the message to its form: whole sentences on one line,
+    ending with a period, as a CLI prints it after a prefix."""
+    with pytest.raises(exc, match=match) as e:
+        yield
+    msg = str(e.value)
+    assert msg.endswith(".") and msg == msg.strip() and "\n" not in msg, msg
+    assert "  " not in msg and not re.search(r"[.,;:!?]{2}", msg), msg
 
 
 def block_mask(pos, block):
@@ -116,12 +129,12 @@ def test_cache_errors():
     cache = m.new_cache(8)
     with torch.no_grad():
         m(torch.zeros(1, 6, dtype=torch.long), torch.arange(6), None, cache)
-        with pytest.raises(ValueError, match="cannot commit 7"):
+        with refuses(ValueError, match="cannot commit 7"):
             cache.commit(7)
         cache.commit(6)
-        with pytest.raises(ValueError, match="overflow.*new_cache"):
+        with refuses(ValueError, match="overflow.*new_cache"):
             m(torch.zeros(1, 3, dtype=torch.long), torch.arange(3), None, cache)
-        with pytest.raises(ValueError, match="batch of 2"):
+        with refuses(ValueError, match="batch of 2"):
             m(torch.zeros(2, 1, dtype=torch.long), torch.arange(1), None, cache)
     cache.reset()
     assert cache.len == 0
@@ -169,7 +182,8 @@ def test_config_reads_real_and_nested_keys():
          "num_attention_heads": 4, "num_key_value_heads": 2, "rope_parameters": {"rope_theta": 5e5}, "foo": 1}
     c = Config.from_json(d)
     assert c.head_dim == 8 and c.rope_theta == 5e5
-    with pytest.raises(ValueError, match="lacks.*hidden_size"):
+    message = r"^the config lacks \['hidden_size'\], which every Qwen3 or SDAR config.json has\.$"
+    with refuses(ValueError, match=message):
         Config.from_json({k: v for k, v in d.items() if k != "hidden_size"})
 
 
@@ -198,14 +212,14 @@ def ckpt(tmp_path):
 
 def test_folder_without_config(tmp_path):
     """A folder without config.json names the folder and says what it needs."""
-    with pytest.raises(FileNotFoundError, match="no config.json.*checkpoint folder"):
+    with refuses(FileNotFoundError, match="no config.json.*checkpoint folder"):
         model.load(tmp_path)
 
 
 def test_folder_without_weights(ckpt):
     """config.json without weights says the weights are missing."""
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="weights are missing"):
+    with refuses(FileNotFoundError, match="weights are missing"):
         model.load(ckpt)
 
 
@@ -219,7 +233,7 @@ def test_wrong_tensors_are_listed(ckpt, edit, message):
     state = model.read_safetensors(ckpt / "model.safetensors")
     edit(state)
     model.write_safetensors(state, ckpt / "model.safetensors")
-    with pytest.raises(ValueError, match=message):
+    with refuses(ValueError, match=message):
         model.load(ckpt)
 
 
@@ -231,7 +245,7 @@ def raw_file(path, header, data=b""):
 def test_unsupported_dtype(tmp_path):
     """An unsupported dtype is named, with what to do."""
     raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"ab")
-    with pytest.raises(ValueError, match="F8_E4M3.*not support"):
+    with refuses(ValueError, match="F8_E4M3.*not support"):
         model.read_safetensors(tmp_path / "x.safetensors")
 
 
@@ -240,29 +254,29 @@ def test_truncated_file(ckpt):
     f = ckpt / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="outside the file.*truncated"):
+    with refuses(ValueError, match="outside the file.*truncated"):
         model.load(ckpt)
     f.write_bytes(data[:20])
-    with pytest.raises(ValueError, match="is truncated"):
+    with refuses(ValueError, match="is truncated"):
         model.load(ckpt)
 
 
 def test_header_not_json(tmp_path):
     """A header that is not JSON says so."""
     (tmp_path / "x.safetensors").write_bytes((5).to_bytes(8, "little") + b"{nope" + b"\0" * 8)
-    with pytest.raises(ValueError, match="header is not JSON"):
+    with refuses(ValueError, match="header is not JSON"):
         model.read_safetensors(tmp_path / "x.safetensors")
 
 
 def test_offsets_outside_the_file(tmp_path):
     """Offsets past the end of the data are refused."""
     raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
-    with pytest.raises(ValueError, match=r"bytes \[0, 16\) of 8.*outside the file"):
+    with refuses(ValueError, match=r"bytes \[0, 16\) of 8.*outside the file"):
         model.read_safetensors(tmp_path / "x.safetensors")
 
 
 def test_missing_shard(ckpt):
     """An index naming an absent shard says which file is missing."""
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
-    with pytest.raises(FileNotFoundError, match="model-1.safetensors.*missing"):
+    with refuses(FileNotFoundError, match="model-1.safetensors.*missing"):
         model.load(ckpt)
