@@ -46,7 +46,7 @@ class Config:
     def from_json(cls, src):
         """Read a config.json path or dict, ignoring the keys we do not use."""
         where = "the config" if isinstance(src, dict) else str(src)
-        d = dict(src) if isinstance(src, dict) else json.loads(Path(src).read_text())
+        d = dict(src) if isinstance(src, dict) else _read_json(src)
         if "rope_theta" not in d and "rope_theta" in (d.get("rope_parameters") or {}):
             d["rope_theta"] = d["rope_parameters"]["rope_theta"]  # newer writers nest it
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
@@ -283,6 +283,17 @@ def _atomic_write(path, chunks):
         raise
 
 
+def _read_json(path):
+    """The JSON object in `path`, or an error that names the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or write it again.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds JSON that is not an object; download or write it again.")
+    return obj
+
+
 # ----------------------------------------------------------------------------- load / save
 
 def load(path, device="cpu", dtype=None) -> Transformer:
@@ -294,7 +305,7 @@ def load(path, device="cpu", dtype=None) -> Transformer:
                                 "(config.json + model.safetensors or model.safetensors.index.json).")
     config = Config.from_json(path / "config.json")
     if (path / "model.safetensors.index.json").is_file():
-        weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+        weight_map = _read_json(path / "model.safetensors.index.json")["weight_map"]
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -386,11 +397,6 @@ class Tokenizer:
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         return self.encode(text)
-
-
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def load_tokenizer(path):

@@ -280,3 +280,13 @@ def test_missing_shard(ckpt):
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with refuses(FileNotFoundError, match="model-1.safetensors.*missing"):
         model.load(ckpt)
+
+
+@pytest.mark.parametrize("name,raw", [("config.json", b"{nope"), ("config.json", b"\xff{"), ("config.json", b"[1, 2]"),
+                                      ("model.safetensors.index.json", b'{"weight_map": ')])
+def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw):
+    """A config.json or index that is not a JSON object (bad syntax, not UTF-8, a list) is named in a ValueError."""
+    (ckpt / name).write_bytes(raw)
+    what = "holds JSON that is not an object" if raw == b"[1, 2]" else "is not valid JSON"
+    with refuses(ValueError, match=re.escape(str(ckpt / name)) + " " + what):
+        model.load(ckpt)

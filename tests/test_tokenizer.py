@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import unicodedata
 from pathlib import Path
 
@@ -150,4 +151,12 @@ def test_missing_mask_raises(tmp_path):
 def test_missing_stop_raises(tmp_path):
     write_byte_tokenizer(tmp_path, specials=("<|MASK|>",), stop=())
     with refuses(ValueError, match="no stop token.*generation_config.json"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json", "generation_config.json"])
+def test_file_that_is_not_json_is_named(tmp_path, name):
+    write_byte_tokenizer(tmp_path)
+    (tmp_path / name).write_text('{"eos_token_id": ')
+    with refuses(ValueError, match=re.escape(str(tmp_path / name)) + " is not valid JSON"):
         load_tokenizer(tmp_path)
