@@ -368,7 +368,7 @@ def bytes_to_unicode():
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the SDAR facts around it: mask id, stop ids, chat prompt."""
+    """A tiktoken Encoding plus the SDAR facts around it: mask id (None for Qwen3's), stop ids, chat prompt."""
 
     def __init__(self, enc, specials, mask_id, stop_ids):
         self.enc = enc
@@ -417,11 +417,8 @@ def load_tokenizer(path):
         specials = _read_json(path / "added_tokens.json")
     else:
         specials = {}
-    # tokenizer_config.json spells the mask <|MASK|>, added_tokens.json spells it <MASK>
-    mask = [specials[n] for n in ("<|MASK|>", "<MASK>") if n in specials]
-    if not mask:
-        raise ValueError(f"{path} defines no mask token; add <|MASK|> to the added_tokens_decoder "
-                         "of its tokenizer_config.json (a diffusion LM cannot decode without one).")
+    # spelled <|MASK|> in tokenizer_config.json, <MASK> in added_tokens.json; Qwen3's has none
+    mask = next((specials[n] for n in ("<|MASK|>", "<MASK>") if n in specials), None)
 
     gen = path / "generation_config.json"
     eos = _read_json(gen).get("eos_token_id") if gen.is_file() else None
@@ -432,7 +429,7 @@ def load_tokenizer(path):
         raise ValueError(f"{path} defines no stop token; set eos_token_id in its generation_config.json.")
     enc = tiktoken.Encoding(path.name or "tokenizer", pat_str=QWEN2_PATTERN,
                             mergeable_ranks=ranks, special_tokens=specials)
-    return Tokenizer(enc, specials, mask[0], stop_ids)
+    return Tokenizer(enc, specials, mask, stop_ids)
 
 
 def _write_json(path, obj):

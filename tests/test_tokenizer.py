@@ -142,10 +142,12 @@ def test_missing_vocab_raises(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_missing_mask_raises(tmp_path):
+def test_tokenizer_without_mask_loads(tmp_path):
+    """An autoregressive tokenizer (Qwen3's kind) has no mask token: mask_id is None, the rest works."""
     write_byte_tokenizer(tmp_path, specials=("<|endoftext|>", "<|im_end|>"))
-    with refuses(ValueError, match="no mask token.*tokenizer_config.json"):
-        load_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.mask_id is None and tok.stop_ids == (257, 256)
+    assert tok.encode("a<|im_end|>") == [ord("a"), 257]
 
 
 def test_missing_stop_raises(tmp_path):
