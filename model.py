@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# model_type -> the architectures entry of config.json: one tensor layout, two ways to decode
+ARCHITECTURES = {"sdar": "SDARForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
 
 @dataclass
 class Config:
@@ -52,6 +55,10 @@ class Config:
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
         if missing:
             raise ValueError(f"{where} lacks {missing}, which every Qwen3 or SDAR config.json has.")
+        if d.get("model_type") not in ARCHITECTURES:
+            has = f"model_type {d['model_type']!r}" if "model_type" in d else "no model_type"
+            raise ValueError(f"{where} has {has}; only 'sdar' (block diffusion) and 'qwen3' (autoregressive) "
+                             "are accepted, and nothing guesses which kind a model is.")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -301,7 +308,7 @@ def load(path, device="cpu", dtype=None) -> Transformer:
     model.safetensors.index.json) straight onto `device`, in eval mode."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: point at an SDAR checkpoint folder "
+        raise FileNotFoundError(f"{path} has no config.json: point at an SDAR or Qwen3 checkpoint folder "
                                 "(config.json + model.safetensors or model.safetensors.index.json).")
     config = Config.from_json(path / "config.json")
     if (path / "model.safetensors.index.json").is_file():
@@ -345,8 +352,7 @@ def save(model: Transformer, path):
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    arch = {"sdar": "SDARForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model.config.model_type]
-    config = {"architectures": [arch], "torch_dtype": dtype,
+    config = {"architectures": [ARCHITECTURES[model.config.model_type]], "torch_dtype": dtype,
               **{k: v for k, v in asdict(model.config).items() if v is not None}}
     write_safetensors(state, path / "model.safetensors")
     _write_json(path / "config.json", config)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 from model import Config, Transformer
@@ -48,13 +49,16 @@ def block_mask(pos, block):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_save_load_round_trip(tmp_path, tie):
-    """save -> load gives the same parameters and logits, tied or not."""
-    m = tiny(tie)
+@pytest.mark.parametrize("kind,arch", [("sdar", "SDARForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_save_load_round_trip(tmp_path, tie, kind, arch):
+    """save -> load gives the same config, kind, parameters and logits, tied or not."""
+    m = tiny(tie, model_type=kind)
     model.save(m, tmp_path)
     header = json.loads((tmp_path / "config.json").read_text())
     assert header["tie_word_embeddings"] is tie and header["hidden_size"] == 48
+    assert header["model_type"] == kind and header["architectures"] == [arch]
     m2 = model.load(tmp_path)
+    assert m2.config == m.config and m2.config.model_type == kind
     idx = torch.randint(0, 97, (2, 11))
     assert torch.equal(logits(m, idx), logits(m2, idx))
     assert (m2.lm_head.weight is m2.model.embed_tokens.weight) is tie
@@ -178,7 +182,7 @@ def test_positions_drive_attention():
 
 def test_config_reads_real_and_nested_keys():
     """from_json ignores unknown keys, fills head_dim, reads rope_theta nested or not."""
-    d = {"vocab_size": 10, "hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1,
+    d = {"vocab_size": 10, "hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1, "model_type": "sdar",
          "num_attention_heads": 4, "num_key_value_heads": 2, "rope_parameters": {"rope_theta": 5e5}, "foo": 1}
     c = Config.from_json(d)
     assert c.head_dim == 8 and c.rope_theta == 5e5
@@ -200,6 +204,87 @@ def test_real_8b_config_on_meta_device():
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
             "model.layers.35.self_attn.k_norm.weight", "model.layers.0.mlp.down_proj.weight"} <= set(state)
     assert state["model.layers.0.self_attn.k_proj.weight"].shape == (1024, 4096)
+
+
+# ----------------------------------------------------------------------------- Qwen3 (autoregressive) checkpoints
+
+# Every key transformers writes into a Qwen3ForCausalLM config.json, at toy sizes (vocab: 256 bytes + 3 specials).
+QWEN3_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 256,
+    "eos_token_id": 258, "head_dim": 16, "hidden_act": "silu", "hidden_size": 48, "initializer_range": 0.02,
+    "intermediate_size": 80, "max_position_embeddings": 512, "max_window_layers": 3, "model_type": "qwen3",
+    "num_attention_heads": 4, "num_hidden_layers": 3, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+    "rope_scaling": None, "rope_theta": 5e5, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "float32", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 259,
+}
+
+
+def qwen3_tensors(c, seed=0):
+    """Random weights under the Hugging Face Qwen3 names and shapes; a tied head is left out, as HF does."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+    E, I, D, V = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["vocab_size"]
+    H, Hkv = c["num_attention_heads"] * D, c["num_key_value_heads"] * D
+    t = {"model.embed_tokens.weight": r(V, E), "model.norm.weight": 1 + r(E)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + r(E), p + "post_attention_layernorm.weight": 1 + r(E),
+                  p + "self_attn.q_proj.weight": r(H, E), p + "self_attn.k_proj.weight": r(Hkv, E),
+                  p + "self_attn.v_proj.weight": r(Hkv, E), p + "self_attn.o_proj.weight": r(E, H),
+                  p + "self_attn.q_norm.weight": 1 + r(D), p + "self_attn.k_norm.weight": 1 + r(D),
+                  p + "mlp.gate_proj.weight": r(I, E), p + "mlp.up_proj.weight": r(I, E),
+                  p + "mlp.down_proj.weight": r(E, I)})
+    if not c["tie_word_embeddings"]:
+        t["lm_head.weight"] = r(V, E)
+    return t
+
+
+def qwen3_causal_logits(t, c, idx):
+    """Qwen3's causal forward written out from its definition, in float64, for one sequence."""
+    w = {k: v.double() for k, v in t.items()}
+    norm = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * g
+    T, D = len(idx), c["head_dim"]
+    angle = torch.arange(T).double()[:, None] * c["rope_theta"] ** (-torch.arange(0, D, 2).double() / D)
+    cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)  # (T, D): pairs (j, j + D/2)
+    rotate = lambda x: x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    x = w["model.embed_tokens.weight"][idx]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q, k, v = ((h @ w[p + f"self_attn.{n}_proj.weight"].T).view(T, -1, D).transpose(0, 1) for n in "qkv")
+        q, k = rotate(norm(q, w[p + "self_attn.q_norm.weight"])), rotate(norm(k, w[p + "self_attn.k_norm.weight"]))
+        group = q.shape[0] // k.shape[0]  # query heads per key/value head
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        att = (q @ k.transpose(1, 2) / D ** 0.5).masked_fill(future, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(0, 1).reshape(T, -1) @ w[p + "self_attn.o_proj.weight"].T
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) \
+            @ w[p + "mlp.down_proj.weight"].T
+    return norm(x, w["model.norm.weight"]) @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen3_folder_loads_as_autoregressive(tmp_path, tie):
+    """A Qwen3 folder as the HF tools lay it out loads as AR, its tokenizer without a mask,
+    and its causal logits are Qwen3's forward written out by hand."""
+    c = {**QWEN3_CONFIG, "tie_word_embeddings": tie}
+    (tmp_path / "config.json").write_text(json.dumps(c, indent=2))
+    t = qwen3_tensors(c)
+    model.write_safetensors(t, tmp_path / "model.safetensors")
+    model.write_byte_tokenizer(tmp_path, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    m = model.load(tmp_path)
+    assert m.config == Config(vocab_size=259, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5e5,
+                              rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=512,
+                              mask_token_id=None, block_size=None, model_type="qwen3")
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) is tie
+    tok = model.load_tokenizer(tmp_path)
+    assert tok.mask_id is None and tok.stop_ids == (258, 256)
+    idx = torch.tensor(tok.chat("hi"))
+    reference = qwen3_causal_logits(t, c, idx)
+    torch.testing.assert_close(logits(m, idx[None])[0].double(), reference, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- loader errors
@@ -280,6 +365,21 @@ def test_missing_shard(ckpt):
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with refuses(FileNotFoundError, match="model-1.safetensors.*missing"):
         model.load(ckpt)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop("model_type"), "has no model_type; only 'sdar' .* and 'qwen3' .* are accepted"),
+    (lambda d: d.update(model_type="llama"), "has model_type 'llama'; only 'sdar' .* and 'qwen3' .* are accepted"),
+])
+def test_config_without_a_known_model_type_is_refused(ckpt, edit, message):
+    """Nothing guesses the kind: a config.json without model_type, or with another one, is refused by name."""
+    d = json.loads((ckpt / "config.json").read_text())
+    edit(d)
+    (ckpt / "config.json").write_text(json.dumps(d))
+    with refuses(ValueError, match=re.escape(str(ckpt / "config.json")) + " " + message):
+        model.load(ckpt)
+    with refuses(ValueError, match="^the config " + message):
+        Config.from_json(d)
 
 
 @pytest.mark.parametrize("name,raw", [("config.json", b"{nope"), ("config.json", b"\xff{"), ("config.json", b"[1, 2]"),
