@@ -376,11 +376,12 @@ def bytes_to_unicode():
 class Tokenizer:
     """A tiktoken Encoding plus the SDAR facts around it: mask id (None for Qwen3's), stop ids, chat prompt."""
 
-    def __init__(self, enc, specials, mask_id, stop_ids):
+    def __init__(self, enc, specials, mask_id, stop_ids, ranks):
         self.enc = enc
         self.specials = dict(specials)  # name -> id for every added token
         self.mask_id = mask_id
         self.stop_ids = tuple(stop_ids)
+        self.ranks = ranks  # byte string -> id of the base vocabulary, the Encoding's own dict
 
     @property
     def vocab_size(self):
@@ -403,6 +404,11 @@ class Tokenizer:
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         return self.encode(text)
+
+    def covers(self, other):
+        """True when each token of `other` has the same id here; extra specials here (SDAR's <|MASK|>) are fine."""
+        same_specials = all(self.specials.get(name) == i for name, i in other.specials.items())
+        return self.ranks == other.ranks and same_specials
 
 
 def load_tokenizer(path):
@@ -435,7 +441,7 @@ def load_tokenizer(path):
         raise ValueError(f"{path} defines no stop token; set eos_token_id in its generation_config.json.")
     enc = tiktoken.Encoding(path.name or "tokenizer", pat_str=QWEN2_PATTERN,
                             mergeable_ranks=ranks, special_tokens=specials)
-    return Tokenizer(enc, specials, mask, stop_ids)
+    return Tokenizer(enc, specials, mask, stop_ids, ranks)
 
 
 def _write_json(path, obj):

@@ -162,3 +162,67 @@ def test_file_that_is_not_json_is_named(tmp_path, name):
     (tmp_path / name).write_text('{"eos_token_id": ')
     with refuses(ValueError, match=re.escape(str(tmp_path / name)) + " is not valid JSON"):
         load_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------- vocabulary cover
+
+def test_byte_tokenizers_cover(tmp_path):
+    """A mask on top of the same bytes and specials still covers; a vocabulary with two bytes traded does not."""
+    draft = load_tokenizer(write_byte_tokenizer(tmp_path / "draft"))  # <|MASK|> after the three below
+    target = load_tokenizer(write_byte_tokenizer(tmp_path / "target", ("<|endoftext|>", "<|im_start|>",
+                                                                      "<|im_end|>")))
+    assert draft.covers(target) and draft.covers(draft) and not target.covers(draft)
+    write_byte_tokenizer(tmp_path / "traded")
+    vocab = json.loads((tmp_path / "traded" / "vocab.json").read_text(encoding="utf-8"))
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (tmp_path / "traded" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    traded = load_tokenizer(tmp_path / "traded")
+    assert traded.specials == draft.specials
+    assert not draft.covers(traded) and not traded.covers(draft)
+
+
+def sdar_folder_with(path, edit):
+    """The SDAR tokenizer folder with its tokenizer_config.json edited (the large files linked, not copied)."""
+    path.mkdir()
+    config = json.loads((SDAR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    edit(config)
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    for name in ("vocab.json", "generation_config.json"):
+        (path / name).symlink_to(SDAR / name)
+    return path
+
+
+def drop_mask(config):
+    """Qwen3's tokenizer_config.json is SDAR's without <|MASK|>."""
+    del config["added_tokens_decoder"]["151669"]
+    del config["mask_token"]
+    config["additional_special_tokens"].remove("<|MASK|>")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return load_tokenizer(sdar_folder_with(tmp_path_factory.mktemp("q") / "qwen3", drop_mask))
+
+
+@needs_sdar
+def test_sdar_covers_qwen3_not_the_reverse(sdar, qwen3):
+    """SDAR's tokens are Qwen3's (specials 151643..151668) plus <|MASK|> = 151669."""
+    assert qwen3.mask_id is None and sorted(qwen3.specials.values()) == list(range(151643, 151669))
+    assert sdar.covers(qwen3) and sdar.covers(sdar) and qwen3.covers(qwen3)
+    assert not qwen3.covers(sdar)  # <|MASK|> is not a Qwen3 token
+
+
+@needs_sdar
+def test_a_moved_special_breaks_cover(sdar, qwen3, tmp_path):
+    """One special at another id is enough to refuse, whichever side has it."""
+    def move_think(config):
+        drop_mask(config)
+        config["added_tokens_decoder"]["151670"] = config["added_tokens_decoder"].pop("151667")
+    moved = load_tokenizer(sdar_folder_with(tmp_path / "moved", move_think))
+    assert moved.id_of("<think>") == 151670
+    assert not sdar.covers(moved) and not moved.covers(qwen3) and not qwen3.covers(moved)
+
+
+@needs_sdar
+def test_byte_tokenizer_and_sdar_do_not_cover(sdar, toy):
+    assert not sdar.covers(toy) and not toy.covers(sdar)
