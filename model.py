@@ -399,11 +399,11 @@ class Tokenizer:
         # A token may hold half a UTF-8 character; a lone half decodes to U+FFFD.
         return self.enc.decode(list(ids), errors="replace")
 
-    def chat(self, user, system=None):
-        """Qwen3 chat template with add_generation_prompt=True; it has no BOS."""
+    def chat(self, user, system=None, enable_thinking=True):
+        """Qwen3/SDAR chat template, add_generation_prompt=True (no BOS); thinking off = empty think block."""
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        return self.encode(text)
+        return self.encode(text if enable_thinking else text + "<think>\n\n</think>\n\n")
 
     def covers(self, other):
         """True when each token of `other` has the same id here; extra specials here (SDAR's <|MASK|>) are fine."""

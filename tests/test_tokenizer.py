@@ -1,3 +1,4 @@
+import ast
 import json
 import random
 import re
@@ -226,3 +227,45 @@ def test_a_moved_special_breaks_cover(sdar, qwen3, tmp_path):
 @needs_sdar
 def test_byte_tokenizer_and_sdar_do_not_cover(sdar, toy):
     assert not sdar.covers(toy) and not toy.covers(sdar)
+
+
+# ----------------------------------------------------------------------------- chat template
+
+# The pieces chat() emits, as the SDAR/Qwen3 chat template spells them (jinja expressions).
+SYSTEM = r"'<|im_start|>system\n' + messages[0].content + '<|im_end|>\n'"
+TURN = r"'<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n'"
+PROMPT = r"'<|im_start|>assistant\n'"
+NO_THINK = r"'<think>\n\n</think>\n\n'"
+
+
+def render(expr, names):
+    """Evaluate a template expression of quoted literals and names joined by ' + '."""
+    return "".join(names[p] if p in names else ast.literal_eval(p) for p in expr.split(" + "))
+
+
+@pytest.fixture(scope="module")
+def template():
+    return json.loads((SDAR / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+
+
+@needs_sdar
+def test_template_has_the_pieces(template):
+    """The template writes these pieces as given, and the empty think block right after the prompt."""
+    assert "{{- " + SYSTEM + " }}" in template and "{{- " + TURN + " }}" in template
+    generation = ["{%- if add_generation_prompt %}", "{{- " + PROMPT + " }}",
+                  "{%- if enable_thinking is defined and enable_thinking is false %}", "{{- " + NO_THINK + " }}"]
+    assert re.search(r"\s*".join(map(re.escape, generation)), template)
+
+
+@needs_sdar
+@pytest.mark.parametrize("system", [None, "Be brief."])
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_follows_the_template(sdar, system, thinking):
+    """chat() is the template's text for one user turn, with or without a system message and thinking."""
+    text = render(SYSTEM, {"messages[0].content": system}) if system is not None else ""
+    text += render(TURN, {"message.role": "user", "message.content": "hi"}) + render(PROMPT, {})
+    text += "" if thinking else render(NO_THINK, {})
+    ids = sdar.chat("hi", system=system, enable_thinking=thinking)
+    assert ids == sdar.encode(text) and sdar.decode(ids) == text
+    tail = [151644, 77091, 198] + ([] if thinking else [151667, 271, 151668, 271])  # <think> \n\n </think> \n\n
+    assert ids[-len(tail):] == tail
