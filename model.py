@@ -68,7 +68,7 @@ SDAR_8B = Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, n
                  mask_token_id=151669, block_size=4)
 SDAR_4B = Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                 tie_word_embeddings=True, mask_token_id=151669, block_size=4)
+                 mask_token_id=151669, block_size=4)  # untied: SDAR-4B-Chat stores lm_head
 SDAR_1_7B = Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                    num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                    mask_token_id=151669, block_size=4)

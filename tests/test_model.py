@@ -191,6 +191,14 @@ def test_config_reads_real_and_nested_keys():
         Config.from_json({k: v for k, v in d.items() if k != "hidden_size"})
 
 
+def test_presets():
+    """Presets hold the released configs' facts: SDAR-4B-Chat stores its own lm_head (untied)."""
+    assert model.PRESETS["sdar-4b"] is model.SDAR_4B and model.SDAR_4B.tie_word_embeddings is False
+    assert (model.SDAR_4B.hidden_size, model.SDAR_4B.intermediate_size) == (2560, 9728)
+    for c in model.PRESETS.values():
+        assert (c.model_type, c.mask_token_id, c.block_size) == ("sdar", 151669, 4)
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/sdar-8b-chat is absent")
 def test_real_8b_config_on_meta_device():
     """The 8B model built from the real config has the checkpoint's 399 tensors and 8,190,735,360 parameters."""
