@@ -249,9 +249,7 @@ def read_safetensors(path, device="cpu", dtype=None):
             raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this loader does "
                              f"not support ({', '.join(DTYPES)}); convert the checkpoint to bf16.")
         t_dtype, (b, e) = DTYPES[info["dtype"]], info["data_offsets"]
-        numel = 1
-        for s in info["shape"]:
-            numel *= s
+        numel = torch.Size(info["shape"]).numel()
         if not 0 <= b <= e <= data or e - b != numel * t_dtype.itemsize:
             raise ValueError(f"{path}: tensor {name} claims bytes [{b}, {e}) of {data} data bytes for shape "
                              f"{info['shape']}; the offsets fall outside the file (truncated or corrupt).")
@@ -423,12 +421,9 @@ def load_tokenizer(path):
 
     # added_tokens_decoder is the authoritative list; added_tokens.json is the older spelling.
     config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    if config.get("added_tokens_decoder"):
-        specials = {t["content"]: int(i) for i, t in config["added_tokens_decoder"].items()}
-    elif (path / "added_tokens.json").is_file():
+    specials = {t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()}
+    if not specials and (path / "added_tokens.json").is_file():
         specials = _read_json(path / "added_tokens.json")
-    else:
-        specials = {}
     # spelled <|MASK|> in tokenizer_config.json, <MASK> in added_tokens.json; Qwen3's has none
     mask = next((specials[n] for n in ("<|MASK|>", "<MASK>") if n in specials), None)
 
