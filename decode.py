@@ -6,6 +6,7 @@ ones are revealed. A finished block is stored in the cache by folding it into th
 forward of the next block, so a block costs `steps` forwards, not `steps + 1`.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,17 +17,50 @@ import mask as masks
 import model as sdar
 
 
-def schedule(m, steps):
-    """How many of m masked positions each step reveals: as even as possible, earlier
-    steps taking the remainder, empty steps skipped."""
-    base, extra = divmod(m, steps)
-    return [base + (s < extra) for s in range(steps) if base + (s < extra) > 0]
+# Each option's allowed range, as one sentence that names its flag. The command line and the
+# library functions raise the same sentences.
+RANGES = {
+    "max_new_tokens": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "block": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = argmax)"),
+    "top_k": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "eos_min_prob": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+}
 
 
-def distribution(logits, temperature=0.0, top_k=0, top_p=1.0):
-    """(..., V) logits -> the probabilities a token is drawn from: temperature (1 for
-    argmax decoding), then top-k, then top-p (the smallest set whose mass reaches top_p)."""
+def check(block=None, steps=None, **options):
+    """Raise ValueError naming the first option outside its range (RANGES); steps must lie
+    in 1..block. None means "not given"."""
+    for name, v in dict(options, block=block).items():
+        if v is not None and not RANGES[name][0](v):  # a NaN fails every comparison too
+            raise ValueError(f"--{name.replace('_', '-')} must be {RANGES[name][1]}; got {v!r}")
+    if steps is not None and not (isinstance(steps, int) and 1 <= steps <= (block or steps)):
+        raise ValueError(f"--steps must be an integer from 1 to the block length ({block}); got {steps!r}")
+
+
+def schedule(m, block, steps):
+    """How many of a block's m masked positions each step reveals, as SDAR's decoder does: the
+    quota spreads the whole block over the steps (block // steps each, the first block % steps
+    steps one more), and a step reveals min(quota, masks left). A block that starts with known
+    tokens therefore finishes early: block 4, steps 2, two masks -> one step of two."""
+    base, extra = divmod(block, steps)
+    out = []
+    for s in range(steps):
+        k = min(base + (s < extra), m - sum(out))
+        if k > 0:
+            out.append(k)
+    return out
+
+
+def distribution(logits, temperature=0.0, top_k=0, top_p=1.0, suppress=None):
+    """(..., V) logits -> the probabilities a token is drawn from: `suppress` (a diffusion model's
+    mask id, which it must never output) gets zero, then temperature (1 for argmax decoding),
+    top-k, and top-p (the smallest set whose mass reaches top_p)."""
     logits = logits.float() / (temperature or 1.0)
+    if suppress is not None:
+        logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), float("-inf"))
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,12 +79,13 @@ def pick(probs, temperature, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def denoise(model, block, start, steps, *, cache=None, context=None, strategy="static", threshold=0.9,
-            temperature=0.0, top_k=0, top_p=1.0, mask_id, generator=None):
-    """Fill the masked positions of one block: the one place that forwards, picks, reveals
+def denoise(model, block, start, steps, *, known=None, cache=None, context=None, strategy="static",
+            threshold=0.9, temperature=0.0, top_k=0, top_p=1.0, mask_id, generator=None):
+    """Fill the unknown positions of one block: the one place that forwards, picks, reveals
     and records the step map.
 
-    block (B,): known tokens, mask_id at the positions to fill, at positions start..start+B-1.
+    block (B,): tokens at positions start..start+B-1; known (B,) bool says which are known
+    (default: those that are not mask_id); the others are filled, in any pattern.
     context: tokens just before the block. With a cache it is the just-completed block (or
     empty), stored by folding it into the first forward; without a cache (the oracle) it is
     the whole sequence so far, recomputed at every step.
@@ -58,12 +93,14 @@ def denoise(model, block, start, steps, *, cache=None, context=None, strategy="s
     (the distribution each position was drawn from; zeros at known positions), forwards.
     """
     if strategy not in ("static", "dynamic"):
-        raise ValueError(f"unknown strategy {strategy!r}: use 'static' or 'dynamic'")
+        raise ValueError(f"--strategy must be 'static' or 'dynamic'; got {strategy!r}")
+    check(block=len(block), steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, threshold=threshold)
     context = block[:0] if context is None else context
-    todo = block == mask_id  # (B,) still masked
+    todo = block == mask_id if known is None else ~known  # (B,) still to fill
+    block = block.masked_fill(todo, mask_id)  # unknown positions are fed as mask tokens
     step = torch.zeros_like(block)
     probs_out, forwards = None, 0
-    for s, k in enumerate(schedule(int(todo.sum()), steps), start=1):
+    for s, k in enumerate(schedule(int(todo.sum()), len(block), steps), start=1):
         if strategy == "dynamic" and s > 1 and not todo.any():
             break  # dynamic revealed more than scheduled: the block is done early
         n = len(context)
@@ -74,7 +111,7 @@ def denoise(model, block, start, steps, *, cache=None, context=None, strategy="s
         if cache is not None and n:
             cache.commit(n)  # the folded store is now in the cache
             context = context[:0]
-        probs = distribution(logits, temperature, top_k, top_p)  # (B, V)
+        probs = distribution(logits, temperature, top_k, top_p, suppress=mask_id)  # (B, V)
         tokens = pick(probs, temperature, generator)
         conf = probs.gather(-1, tokens[:, None])[:, 0].masked_fill(~todo, -1.0)
         rank = torch.argsort(torch.argsort(conf, descending=True, stable=True))  # 0 = most confident
@@ -94,16 +131,28 @@ def sync(device):
 
 def resolve_mask_id(model, mask_id):
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
-    if mask_id is None:
-        raise ValueError("no mask token: pass mask_id or set mask_token_id in config.json")
+    if model.config.model_type != "sdar" or mask_id is None:
+        raise ValueError(f"a {model.config.model_type} model without a mask token cannot decode diffusion-style; "
+                         "use an SDAR checkpoint (mask_token_id in its config.json) or decode it autoregressively")
     return mask_id
+
+
+def device_of(model):
+    return model.model.embed_tokens.weight.device
+
+
+def as_prompt(prompt_ids, device):
+    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device)
+    if not len(prompt):
+        raise ValueError("the prompt is empty; decoding starts from at least one token")
+    return prompt
 
 
 def _generate(model, prompt_ids, max_new_tokens, cached, block=4, steps=None, stop_ids=(), mask_id=None,
               callback=None, **pick_args):
-    mask_id = resolve_mask_id(model, mask_id)
-    dev = model.model.embed_tokens.weight.device
-    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)
+    check(max_new_tokens=max_new_tokens, block=block, steps=steps)
+    mask_id, dev = resolve_mask_id(model, mask_id), device_of(model)
+    prompt = as_prompt(prompt_ids, dev)
     P = len(prompt)
     aligned = P - P % block  # blocks sit at absolute positions [kB, (k+1)B)
     cache = model.new_cache(aligned + max_new_tokens + 3 * block) if cached else None
@@ -130,15 +179,14 @@ def _generate(model, prompt_ids, max_new_tokens, cached, block=4, steps=None, st
         new = x[len(known):].tolist()  # one host sync per block
         seq, known = torch.cat([seq, x]), known[:0]
         stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
-        out += new[:stop]
+        new = new[:stop][:max_new_tokens - len(out)]
+        out += new
         if callback:
-            callback(new[:stop])
+            callback(new)
         if stop is not None:
             break
-    t2 = sync(dev)
-    out = out[:max_new_tokens]
     return out, {"forwards": forwards, "prefill_forwards": int(cached and aligned > 0), "tokens": len(out),
-                 "seconds": t2 - t1, "prefill_seconds": t1 - t0}
+                 "seconds": sync(dev) - t1, "prefill_seconds": t1 - t0}
 
 
 @torch.inference_mode()
@@ -146,7 +194,8 @@ def generate(model, prompt_ids, max_new_tokens, block=4, steps=None, strategy="s
              temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), mask_id=None, generator=None, callback=None):
     """Vanilla block-diffusion decoding with a KV cache. Returns (new tokens, stats): at most
     max_new_tokens, trimmed before the first stop token; stats has forwards, tokens,
-    seconds (decode, prefill excluded) and prefill_seconds. callback(tokens) sees each block."""
+    seconds (decode, prefill excluded) and prefill_seconds. callback(tokens) sees each block's
+    new tokens, exactly those returned."""
     return _generate(model, prompt_ids, max_new_tokens, True, block, steps, stop_ids, mask_id, callback,
                      strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
                      generator=generator)
@@ -162,10 +211,53 @@ def generate_naive(model, prompt_ids, max_new_tokens, block=4, steps=None, strat
                      generator=generator)
 
 
+@torch.inference_mode()
+def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
+                generator=None, callback=None, cached=True):
+    """Plain autoregressive decoding, the baseline of an AR (Qwen3) target: a causal prefill of
+    the prompt but its last token, then one forward per token, each on the newest token. The
+    AR shift: the logits at position i predict the token at i + 1. cached=False is the
+    oracle, recomputing the whole sequence causally for every token. Returns (tokens, stats)
+    as generate does; callback(tokens) sees each new token."""
+    check(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    dev = device_of(model)
+    seq = as_prompt(prompt_ids, dev)
+    P = len(seq)
+    cache = model.new_cache(P + max_new_tokens) if cached else None
+    t0 = sync(dev)
+    if cached and P > 1:
+        model(seq[None, :-1], torch.arange(P - 1, device=dev), masks.block_causal(P - 1, 1, device=dev), cache)
+        cache.commit(P - 1)
+    t1, out, forwards = sync(dev), [], int(cached and P > 1)
+    while len(out) < max_new_tokens:
+        n = len(seq) - 1 if cached else 0  # first position fed: the newest token, or everything
+        logits = model(seq[None, n:], torch.arange(n, len(seq), device=dev),
+                       masks.block_causal(len(seq) - n, 1, n, dev), cache)[0, -1]
+        forwards += 1
+        if cached:
+            cache.commit(1)
+        token = pick(distribution(logits, temperature, top_k, top_p), temperature, generator)
+        out.append(token.item())  # one host sync per token
+        if out[-1] in stop_ids:
+            out.pop()
+            break
+        seq = torch.cat([seq, token[None]])
+        if callback:
+            callback(out[-1:])
+    return out, {"forwards": forwards, "prefill_forwards": int(cached and P > 1), "tokens": len(out),
+                 "seconds": sync(dev) - t1, "prefill_seconds": t1 - t0}
+
+
 # ----------------------------------------------------------------------------- the command
 
-WEIGHTS_HELP = ("SDAR weights are downloaded with the Hugging Face CLI, e.g. "
-                "`huggingface-cli download JetLM/SDAR-8B-Chat --local-dir SDAR-8B-Chat`, then --model SDAR-8B-Chat")
+WEIGHTS_HELP = ("download weights with the Hugging Face CLI, e.g. `huggingface-cli download JetLM/SDAR-8B-Chat "
+                "--local-dir SDAR-8B-Chat`, then pass --model SDAR-8B-Chat")
+# Flags that a mode cannot act on are refused, not ignored: {mode: (flags, why)}.
+REFUSED = {"vanilla": ({"verify", "accept", "eos_min_prob", "draft_device", "show"}, "decoding without --draft"),
+           "ar": ({"block", "steps", "strategy", "threshold", "verify", "accept", "eos_min_prob", "draft_device",
+                   "show"}, "an autoregressive --model decoding alone (one token per forward)"),
+           "specdiff": ({"verify", "accept"}, "an autoregressive target, which verifies causally in position order"),
+           "simsd": (set(), "")}
 
 
 def fail(message):
@@ -173,150 +265,212 @@ def fail(message):
     sys.exit(2)
 
 
-def load_checkpoint(path, device, dtype, what="--model"):
-    """Model + tokenizer from a checkpoint folder; a clear sentence instead of a traceback."""
+def load_checkpoint(path, device, dtype, flag):
+    """Model + tokenizer from a checkpoint folder; a sentence instead of a traceback."""
     path = Path(path)
     if not path.is_dir():
-        fail(f"{what} {path} is not a folder. {WEIGHTS_HELP}")
+        fail(f"{flag} {path} is not a folder; {WEIGHTS_HELP}.")
     try:
         return sdar.load(path, device, dtype), sdar.load_tokenizer(path)
     except (OSError, ValueError) as e:
-        fail(f"{what} {path} is not a complete SDAR checkpoint: {e}. {WEIGHTS_HELP}")
+        fail(f"{flag} {path} cannot be loaded: {e}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Block-diffusion decoding with an SDAR model (vanilla), or SimSD "
-                                "speculative decoding with --draft. Without --model it runs the toy models "
-                                "trained by train_tiny.py (training them first if missing).")
-    p.add_argument("--model", help="SDAR checkpoint folder (config.json, safetensors, tokenizer files)")
-    p.add_argument("--draft", help="draft checkpoint folder: decode speculatively (SimSD)")
-    p.add_argument("--verify", choices=["simsd", "exact"], default="simsd",
-                   help="verification layout: the paper's single copy, or one copy per draft step (lossless)")
-    p.add_argument("--draft-device", choices=["cpu", "cuda"], help="device of the draft model (default: --device)")
-    p.add_argument("--show", action="store_true", help="print every speculative iteration")
-    p.add_argument("--prompt", default="Write a haiku about the sea.", help="user message (chat template applied)")
-    p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--block", type=int, help="block length (default: the checkpoint's block_size, else 4)")
-    p.add_argument("--steps", type=int, help="denoising steps per block (default: the block length)")
-    p.add_argument("--strategy", choices=["static", "dynamic"], default="static",
-                   help="static: reveal the scheduled top-k; dynamic: every position above --threshold")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of --strategy dynamic")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--eos-min-prob", type=float, default=0.0,
-                   help="speculative: a stop token arriving only as the bonus needs this target probability")
-    p.add_argument("--vanilla", action="store_true", help="toy default only: run the toy target without the draft")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description="Decode with an SDAR (block diffusion) or Qwen3 (autoregressive) "
+                                "checkpoint, alone or speculatively with an SDAR --draft: SimSD for an SDAR target, "
+                                "SpecDiff for a Qwen3 target. Without --model it runs the toy models of train_tiny.py "
+                                "(training them first if they are missing).")
+    add = p.add_argument
+    add("--model", help="checkpoint folder (config.json, safetensors, tokenizer files); default: the toy target")
+    add("--draft", help="SDAR draft folder: decode speculatively (default with the toys: the toy draft)")
+    add("--vanilla", action="store_true", help="decode with the target alone (the toys otherwise add their draft)")
+    add("--verify", choices=["simsd", "exact"], help="SimSD verification layout (default simsd: one copy of the "
+        "block; exact: one copy per draft step, lossless)")
+    add("--accept", choices=["step", "position"], help="SimSD acceptance order (default step: in draft-step order, "
+        "temporally valid; position: the paper's longest agreeing prefix)")
+    add("--show", action="store_true", help="draw every speculative iteration's block")
+    add("--prompt", help="user message, chat template applied (default: held-out prompts for the toys, "
+        "else 'Write a haiku about the sea.')")
+    add("--system", help="system message")
+    add("--no-think", action="store_true", help="append the chat template's empty think block "
+        "(enable_thinking=False): answer directly")
+    add("--max-new-tokens", type=int, default=256, help="default 256")
+    add("--block", type=int, help="block length (default: the checkpoint's block_size, else 4)")
+    add("--steps", type=int, help="denoising steps per block, 1..block (default: the block length)")
+    add("--strategy", choices=["static", "dynamic"], help="static (default): reveal the scheduled number; "
+        "dynamic: also every position above --threshold")
+    add("--threshold", type=float, help="confidence threshold of --strategy dynamic, in [0, 1] (default 0.9)")
+    add("--temperature", type=float, default=0.0, help="default 0 = argmax")
+    add("--top-k", type=int, default=0, help="default 0 = off")
+    add("--top-p", type=float, default=1.0, help="in (0, 1], default 1 = off")
+    add("--eos-min-prob", type=float, help="speculative: a stop token chosen by the target needs this target "
+        "probability, in [0, 1] (default 0 = off)")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add("--draft-device", choices=["cpu", "cuda"], help="device of the draft (default: --device)")
+    add("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
+    add("--seed", type=int, default=0, help="seed of sampling (default 0)")
     return p.parse_args(argv)
 
 
-def pick_device(name):
+def pick_device(name, flag):
     device = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but this machine has no CUDA GPU (or torch was built without CUDA)")
+        fail(f"{flag} cuda was asked for but this machine has no CUDA GPU (or torch was built without CUDA)")
     return device
+
+
+def load_models(args, device, draft_device):
+    """Target, draft (or None), tokenizer and mode; every pair is checked before decoding."""
+    dtype_of = lambda dev: getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))  # noqa: E731
+    model, tok = load_checkpoint(args.model, device, dtype_of(device), "--model")
+    ar = model.config.model_type == "qwen3"
+    if not ar and tok.mask_id is None:
+        fail(f"--model {args.model} is an SDAR model but its tokenizer defines no mask token (<|MASK|>); "
+             "a diffusion model cannot decode without one")
+    if args.draft is None:
+        return model, None, tok, "ar" if ar else "vanilla"
+    draft, dtok = load_checkpoint(args.draft, draft_device, dtype_of(draft_device), "--draft")
+    if draft.config.model_type != "sdar" or dtok.mask_id is None:
+        fail(f"--draft {args.draft} is not an SDAR model with a mask token; this project drafts with diffusion models")
+    if not dtok.covers(tok) or draft.config.vocab_size != model.config.vocab_size:
+        fail(f"--draft {args.draft} does not give every token of --model {args.model} the same id; "
+             "speculation needs one vocabulary")
+    if not ar and draft.config.block_size != model.config.block_size:
+        fail(f"the draft was trained with block {draft.config.block_size} and the target with block "
+             f"{model.config.block_size}; they must match")
+    return model, draft, dtok if ar else tok, "specdiff" if ar else "simsd"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device, draft_device = pick_device(args.device), pick_device(args.draft_device or args.device)
-    dtype_of = lambda dev: getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
-    if not args.prompt.strip():
+    try:
+        check(max_new_tokens=args.max_new_tokens, block=args.block, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, threshold=args.threshold, eos_min_prob=args.eos_min_prob)
+    except ValueError as e:
+        fail(e)
+    if args.prompt is not None and not args.prompt.strip():
         fail("the prompt is empty; give some text with --prompt")
-    if args.model is None:
+    if args.vanilla and args.draft:
+        fail("--vanilla decodes without a draft; drop --draft or --vanilla")
+    device = pick_device(args.device, "--device")
+    draft_device = pick_device(args.draft_device or args.device, "--draft-device" if args.draft_device else "--device")
+    toy = args.model is None
+    if toy:
         import train_tiny  # the toy default: the command may reach up; the library never does
         train_tiny.ensure_trained()
         args.model = str(train_tiny.TARGET_DIR)
-        args.draft = None if args.vanilla else args.draft or str(train_tiny.DRAFT_DIR)
-        prompts = train_tiny.examples(5, "heldout")
-    else:
-        prompts = [(args.prompt, None)]
-    model, tok = load_checkpoint(args.model, device, dtype_of(device))
-    draft = None
-    if args.draft:
-        draft, draft_tok = load_checkpoint(args.draft, draft_device, dtype_of(draft_device), "--draft")
-        if (draft_tok.specials, draft_tok.vocab_size) != (tok.specials, tok.vocab_size) or \
-                draft.config.vocab_size != model.config.vocab_size:
-            fail(f"--draft {args.draft} and --model {args.model} do not share a tokenizer; speculation needs one")
-        if draft.config.block_size != model.config.block_size:
-            fail(f"the draft was trained with block {draft.config.block_size} and the target with block "
-                 f"{model.config.block_size}; they must match")
-    trained = model.config.block_size
+        args.draft = None if args.vanilla else str(train_tiny.DRAFT_DIR)
+    model, draft, tok, mode = load_models(args, device, draft_device)
+    flags, why = REFUSED[mode]
+    given = sorted(f for f in flags if getattr(args, f) not in (None, False))
+    if given:
+        fail(f"--{given[0].replace('_', '-')} does not apply to {why}")
+    if args.strategy != "dynamic" and args.threshold is not None:
+        fail("--threshold applies to --strategy dynamic only")
+    trained = (draft or model).config.block_size
     if args.block is not None and trained is not None and args.block != trained:
-        fail(f"block {args.block} requested but this checkpoint was trained with block {trained}")
+        fail(f"block {args.block} requested but this checkpoint was trained with block {trained}; "
+             "block 8 needs the -b8 checkpoints (e.g. SDAR-8B-Chat-b8)")
     block = args.block or trained or 4
+    try:
+        check(block=block, steps=args.steps)
+    except ValueError as e:
+        fail(e)
+    if toy and args.prompt is None:
+        prompts = [p for task in train_tiny.TASKS for p in train_tiny.examples(3, "heldout", task=task)]
+    else:
+        prompts = [(args.prompt or "Write a haiku about the sea.", None)]
     for text, answer in prompts:
-        ids = tok.chat(text, args.system)
+        ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
         if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
-            fail(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            fail(f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} exceed the model's "
                  f"max_position_embeddings {model.config.max_position_embeddings}")
-        run_one(model, draft, tok, ids, text, answer, block, args, draft_device)
+        run_one(model, draft, tok, ids, text, answer, block, mode, args)
 
 
 class Printer:
-    """Streams committed text, holding back a split UTF-8 character; draws --show iterations."""
+    """Streams decoded text, holding back a split UTF-8 character; draws --show iterations."""
+    STYLE = {"known": ("2", "(", ")"), "accepted": ("32", "[", "]"), "replaced": ("31", "{", ""),
+             "target": ("1;33", ">", "}"), "dropped": ("9;90", "~", "~"), "bonus": ("1;33", "<", ">")}
 
     def __init__(self, tok, color):
         self.tok, self.tokens, self.shown, self.color = tok, [], "", color
 
     def stream(self, tokens):
-        if any(t in self.tok.stop_ids for t in self.tokens):
-            return  # everything after a stop token is discarded
         self.tokens += tokens
-        stop = next((i for i, t in enumerate(self.tokens) if t in self.tok.stop_ids), None)
-        text = self.tok.decode(self.tokens[:stop])
+        text = self.tok.decode(self.tokens)
         if not text.endswith("\ufffd"):
             print(text[len(self.shown):], end="", flush=True)
             self.shown = text
 
-    def paint(self, tokens, code, marker):
-        text = "".join(repr(self.tok.decode([t]))[1:-1] for t in tokens)
-        return f"\033[{code}m{text}\033[0m" if self.color else f"{marker[0]}{text}{marker[1]}"
+    def paint(self, kind, text):
+        code, left, right = self.STYLE[kind]
+        if kind == "target":
+            return f"\033[{code}m{left}{text}\033[0m" if self.color else f"{left}{text}{right}"
+        return f"\033[{code}m{text}\033[0m" if self.color else f"{left}{text}{right}"
+
+    def legend(self):
+        word = lambda t: repr(self.tok.decode([t]))[1:-1]  # noqa: E731
+        self.word = word
+        print("  each iteration: the block after verification; t@s = a token the draft revealed at its step s\n  "
+              + "  ".join([self.paint("known", "known"), self.paint("accepted", "accepted@s"),
+                           self.paint("replaced", "rejected@s") + self.paint("target", "target's token"),
+                           self.paint("dropped", "dropped@s"), self.paint("bonus", "bonus (AR target)")]), flush=True)
 
     def show(self, it):
-        a, d = it["accepted"], it["drafted"]
-        steps = " ".join(f"{repr(self.tok.decode([t]))[1:-1]}@{s}" for t, s in zip(d, it["steps"]))
-        line = self.paint(it["known"], "2", "()") + self.paint(d[:a], "32", "[]") + self.paint(d[a:], "9;31", "{}")
-        bonus = f" + bonus {self.paint([it['bonus']], '1;33', '<>')}" if it["bonus"] is not None else ""
-        print(f"  draft {steps:<40} -> {line}{bonus}   ({a}/{len(d)} accepted)")
+        cells = []
+        for tok, st, s, d in zip(it["block"], it["status"], it["steps"], it["drafted"]):
+            if st == "known":
+                cells.append(self.paint("known", self.word(tok)))
+            else:
+                cells.append(self.paint(st, f"{self.word(d)}@{s}")
+                             + (self.paint("target", self.word(tok)) if st == "replaced" else ""))
+        bonus = " " + self.paint("bonus", self.word(it["bonus"])) if it["bonus"] is not None else ""
+        counts = {k: it["status"].count(k) for k in ("accepted", "replaced", "dropped")}
+        print(f"  @{it['start']:<4} {' '.join(cells)}{bonus}   ({counts['accepted']} accepted, "
+              f"{counts['replaced']} replaced, {counts['dropped']} dropped)", flush=True)
 
 
-def run_one(model, draft, tok, ids, text, answer, block, args, draft_device):
+def run_one(model, draft, tok, ids, text, answer, block, mode, args):
     out = Printer(tok, sys.stdout.isatty())
-    gen = torch.Generator(device=draft_device if draft is not None else model.lm_head.weight.device)
-    gen.manual_seed(args.seed)
-    pick_args = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, strategy=args.strategy,
-                     threshold=args.threshold, stop_ids=tok.stop_ids, mask_id=tok.mask_id, generator=gen)
+    gen = torch.Generator(device=device_of(draft if draft is not None else model)).manual_seed(args.seed)
+    sample = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=tok.stop_ids,
+                  generator=gen)
+    diffusion = dict(strategy=args.strategy or "static", threshold=0.9 if args.threshold is None else args.threshold,
+                     mask_id=tok.mask_id, block=block, **sample)
     print(f"\n>>> {text}\n", flush=True)
-    if draft is None:
-        tokens, stats = generate(model, ids, args.max_new_tokens, block=block, steps=args.steps,
-                                 callback=out.stream, **pick_args)
-        forwards = stats["forwards"] - stats["prefill_forwards"]
-        extra = f"{forwards / max(stats['tokens'], 1):.2f} forwards per token"
+    if mode == "ar":
+        tokens, stats = generate_ar(model, ids, args.max_new_tokens, callback=out.stream, **sample)
+    elif mode == "vanilla":
+        tokens, stats = generate(model, ids, args.max_new_tokens, steps=args.steps, callback=out.stream, **diffusion)
     else:
         import speculative
         if args.show:
-            print("  (known) [accepted] {rejected} <bonus>" if not out.color else "", flush=True)
+            out.legend()
         tokens, stats = speculative.generate(
-            model, draft, ids, args.max_new_tokens, block=block, draft_steps=args.steps, verify=args.verify,
-            eos_min_prob=args.eos_min_prob, **pick_args,
-            on_iteration=out.show if args.show else lambda it: out.stream(it["drafted"][:it["accepted"]] + (
-                [it["bonus"]] if it["bonus"] is not None else [])))
-        forwards = stats["iterations"]
-        extra = (f"{stats['tokens'] / max(forwards, 1):.2f} tokens per target forward, acceptance "
-                 f"{stats['accepted'] / max(stats['drafted'], 1):.0%}, verify {args.verify}")
+            model, draft, ids, args.max_new_tokens, draft_steps=args.steps, verify=args.verify, accept=args.accept,
+            eos_min_prob=args.eos_min_prob or 0.0, on_iteration=out.show if args.show else
+            lambda it: out.stream(it["new"]), **diffusion)
     print(tok.decode(tokens)[len(out.shown):] if not args.show else "\n" + tok.decode(tokens))
     if answer is not None:
         import train_tiny
-        print(f"[{'correct' if train_tiny.score(tok.decode(tokens), answer) else 'WRONG, expected ' + answer}]")
-    n, sec = stats["tokens"], stats["seconds"]
-    print(f"[{n} tokens, {n / max(sec, 1e-9):.1f} tok/s, {extra}, block {block}, {args.strategy}, "
-          f"{model.lm_head.weight.device.type}]")
+        verdict = "correct" if train_tiny.score(text, tok.decode(tokens), answer) else \
+            f"truncated at --max-new-tokens {args.max_new_tokens}" if len(tokens) == args.max_new_tokens else \
+            f"wrong; one right answer: {answer}"
+        print(f"[{verdict}]")
+    forwards = stats["iterations"] if "iterations" in stats else stats["forwards"] - stats["prefill_forwards"]
+    what = "target forward" if "iterations" in stats else "forward"
+    extra = f", acceptance {stats['accepted'] / max(stats['drafted'], 1):.0%}" if "iterations" in stats else ""
+    print(f"[{stats['tokens']} tokens, {stats['tokens'] / max(forwards, 1):.2f} tokens per {what}{extra}, {mode}"
+          + (f", block {block}" if mode != "ar" else "") + f", {device_of(model).type}; "
+          f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tok/s, a rough figure (first prompt includes "
+          "warm-up): python bench.py measures speed]")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (e.g. | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

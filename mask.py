@@ -2,9 +2,10 @@
 
 A mask is a (T, T) torch.bool tensor, row = query, column = key, True = may
 attend. It only governs the T new tokens of a forward among themselves: every
-token also sees the committed KV cache (DESIGN.md section 4).
+token also sees everything committed in the KV cache (model.KVCache).
 
-Layouts (n known tokens of the current block, m drafted positions in it):
+Layouts (n known tokens of the current block, m drafted positions in it; the known
+and drafted positions may interleave in any pattern, since positions are separate):
   prefill       prompt tokens; block k sees blocks <= k              block_causal
   training      [x_t ; x_0], both halves at positions 0..n-1         training
   verify        [known (n) | reference d_1..d_m (m) | mask (m)]      verify
@@ -45,6 +46,8 @@ def verify(step, n_known):
     so mask token i sees the block as the draft saw it just before step t_i,
     and every drafted row sees exactly one version (token or mask) of each
     position. Known tokens see each other only; every drafted row sees them.
+    Nothing here depends on where the known and drafted tokens sit in the block
+    (their positions go to verify_positions), so known tokens may be anywhere.
     """
     n, m = n_known, step.shape[0]
     ti, tj = step[:, None], step[None, :]                  # query step, key step
@@ -84,17 +87,16 @@ def with_store(mask, n_store):
     return out
 
 
-def verify_positions(step, n_known, start):
-    """(n+2m,) positions for verify: known at start.., then reference i and
-    mask i both at start+n+i (RoPE copy: two versions of one position)."""
-    block = torch.arange(start, start + n_known + step.shape[0], device=step.device)
-    return torch.cat([block, block[n_known:]])
+def verify_positions(known_pos, drafted_pos):
+    """(n+2m,) positions for verify: known tokens at their own positions, then
+    reference i and mask i both at drafted position i's (the RoPE copy: two
+    versions of one position)."""
+    return torch.cat([known_pos, drafted_pos, drafted_pos])
 
 
-def verify_exact_positions(step, n_known, start):
-    """(S*(n+m),) positions for verify_exact: the block's positions per copy."""
-    block = torch.arange(start, start + n_known + step.shape[0], device=step.device)
-    return block.repeat(torch.unique(step).shape[0])
+def verify_exact_positions(step, known_pos, drafted_pos):
+    """(S*(n+m),) positions for verify_exact: [known | drafted] once per distinct step."""
+    return torch.cat([known_pos, drafted_pos]).repeat(torch.unique(step).shape[0])
 
 
 def render(mask, labels=None):

@@ -1,4 +1,4 @@
-"""mask.py against brute-force loops that read DESIGN.md's rules literally."""
+"""mask.py against brute-force loops that read the verification rules (mask.verify's docstring) literally."""
 import random
 import subprocess
 import sys
@@ -178,15 +178,20 @@ def test_with_store_matches_loop():
 
 
 def test_positions():
-    """RoPE copy: reference i and mask i share a position; known tokens keep their own."""
-    for _, n, step in LAYOUTS:
+    """RoPE copy: reference i and mask i share drafted position i's position; known tokens keep
+    their own, wherever they sit in the block (a random subset of the block is known)."""
+    rng = random.Random(0)
+    for block, n, step in LAYOUTS:
         m, start = len(step), 37
-        pos = mask.verify_positions(T(step), n, start).tolist()
-        assert pos == list(range(start, start + n + m)) + list(range(start + n, start + n + m))
+        where = sorted(rng.sample(range(block), n))  # known slots anywhere in the block
+        kpos = [start + i for i in where]
+        dpos = [start + i for i in range(block) if i not in where]
+        pos = mask.verify_positions(T(kpos), T(dpos)).tolist()
+        assert pos[:n] == kpos
         for i in range(m):
-            assert pos[n + i] == pos[n + m + i] == start + n + i
-        ex = mask.verify_exact_positions(T(step), n, start).tolist()
-        assert ex == list(range(start, start + n + m)) * len(set(step))
+            assert pos[n + i] == pos[n + m + i] == dpos[i]
+        ex = mask.verify_exact_positions(T(step), T(kpos), T(dpos)).tolist()
+        assert ex == (kpos + dpos) * len(set(step))
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -201,8 +206,9 @@ def test_device_and_dtype(device):
              mask.verify(step, 2), mask.verify_exact(step, 2)[0], mask.with_store(mask.verify(step, 2), 4)]
     for M in masks:
         assert M.dtype == torch.bool and M.device.type == dev.type
-    for x in [mask.verify_exact(step, 2)[1], mask.verify_positions(step, 2, 8),
-              mask.verify_exact_positions(step, 2, 8)]:
+    kpos, dpos = torch.tensor([8, 10], device=device), torch.tensor([9, 11, 12, 13], device=device)
+    for x in [mask.verify_exact(step, 2)[1], mask.verify_positions(kpos, dpos),
+              mask.verify_exact_positions(step, kpos, dpos)]:
         assert x.dtype == torch.long and x.device.type == dev.type
 
 
