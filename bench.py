@@ -1,15 +1,23 @@
-"""Vanilla SDAR decoding vs SimSD: a markdown table that ends with one JSON line.
+"""Decoding methods side by side: one markdown table per task, a headline per task, then one JSON line.
 
-    python bench.py                                             # the toy pair (trained first if missing)
-    python bench.py --model T --draft D --prompts p.jsonl       # real SDAR checkpoints
-    python bench.py --shapes sdar-8b:sdar-1.7b                  # random weights of real shapes
+    python bench.py                                             # the toy models (trained first if missing)
+    python bench.py --model T --draft D --prompts p.jsonl       # checkpoints: an SDAR or a Qwen3 target
+    python bench.py --shapes sdar-8b:sdar-1.7b                  # random weights of real shapes: forward timings
 
-Two protocols, never mixed (DESIGN.md section 8). Latency: a fixed number of new tokens with
-stop tokens ignored, prefill and warm-up excluded, medians; it gives tok/s, speedup, tokens per
-target forward and acceptance. Quality: one greedy run per prompt that stops at EOS; it gives
-accuracy. Toy answers are scored by train_tiny.score (exact match); a JSONL line
-{"prompt": ..., "answer": ...} counts as correct when the stripped answer appears in the decoded
-output, and lines without an answer are not scored (accuracy null when none has one).
+Rows. The target alone: `target` (static: the scheduled position per step) and `target-dyn0.9`,
+`target-dyn0.7` (dynamic: also every position above the threshold), the strongest things a block-
+diffusion target does alone; `draft` alone. SimSD: `simsd` (static drafting, draft-step-order
+acceptance), `simsd-position` (the paper's position-order acceptance), `simsd-dyn0.9` (dynamic drafting),
+`simsd-exact` (exact verification; asked for with --methods). An autoregressive target: `ar` alone and
+`specdiff` (the diffusion draft proposing to it). Greedy rows on every task; temperature-1 rows on the
+tasks scored by validity, where sampling can be right.
+
+Two protocols, never mixed. Latency: a fixed number of new tokens, stop tokens ignored, prefill and
+warm-up excluded, the median over --repeats per prompt, then the median over prompts: tok/s, speedup
+(against `target` at the same block and temperature; `specdiff` against `ar`), tokens per target forward,
+acceptance, the share of decode time spent drafting. Quality: stop at EOS or --answer-cap: accuracy.
+The headline is honest: the fastest target-alone row within 1 point of the static target's accuracy, and
+SimSD's best ratio against it among SimSD rows within that point too.
 """
 import argparse
 import contextlib
@@ -25,10 +33,21 @@ import mask as masks
 import model as sdar
 import speculative
 
-METHODS = ("target", "draft", "simsd", "simsd-exact")
+DYN = lambda threshold: dict(strategy="dynamic", threshold=threshold)  # noqa: E731
+METHODS = {"target": ("target", {}), "target-dyn0.9": ("target", DYN(0.9)), "target-dyn0.7": ("target", DYN(0.7)),
+           "draft": ("draft", {}), "simsd": ("simsd", {}), "simsd-position": ("simsd", dict(accept="position")),
+           "simsd-dyn0.9": ("simsd", DYN(0.9)), "simsd-exact": ("simsd", dict(verify="exact")),
+           "ar": ("ar", {}), "specdiff": ("specdiff", {})}
+DEFAULT_METHODS = [m for m in METHODS if m != "simsd-exact"]
+ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 TINY = sdar.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
 SHAPES = {**sdar.PRESETS, "tiny": TINY}
+
+
+def fail(message):
+    print(f"bench.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def log(message):
@@ -51,72 +70,104 @@ def median_time(run, repeats, warmup, device):
 
 # ----------------------------------------------------------------------------- the table
 
-def decode_once(method, target, draft, ids, block, new_tokens, stop_ids, mask_id):
-    """One greedy decode by `method`: generate's stats, plus the new tokens under "out"."""
-    if method in ("target", "draft"):
-        out, stats = decode.generate(target if method == "target" else draft, ids, new_tokens, block=block,
-                                     stop_ids=stop_ids, mask_id=mask_id)
+def decode_once(method, models, ids, block, new_tokens, temperature, stop_ids, mask_id, seed):
+    """One decode by `method`: its stats, plus the new tokens under "out"."""
+    kind, options = METHODS[method]
+    gen = torch.Generator(decode.device_of(models["draft"])).manual_seed(seed)
+    common = dict(temperature=temperature, stop_ids=stop_ids, generator=gen)
+    if kind == "ar":
+        out, stats = decode.generate_ar(models["ar"], ids, new_tokens, **common)
+    elif kind in ("target", "draft"):
+        out, stats = decode.generate(models[kind], ids, new_tokens, block=block, mask_id=mask_id, **options, **common)
     else:
-        out, stats = speculative.generate(target, draft, ids, new_tokens, block=block, stop_ids=stop_ids,
-                                          verify="exact" if method == "simsd-exact" else "simsd", mask_id=mask_id)
+        target = models["ar" if kind == "specdiff" else "target"]
+        out, stats = speculative.generate(target, models["draft"], ids, new_tokens, block=block, mask_id=mask_id,
+                                          **options, **common)
     return {**stats, "out": out}
 
 
-def measure(target, draft, tok, prompts, check, blocks, new_tokens, repeats, device, cap=256):
-    """Every method on every prompt, prompt by prompt, so drift hits all methods alike. One record per
-    (method, block), lists over prompts: tok_s and stats (latency protocol); quality (stats) and correct
-    (None: no answer) (quality protocol)."""
-    records = {(m, b): {"method": m, "block": b, "tok_s": [], "stats": [], "correct": [], "quality": []}
-               for b in blocks for m in METHODS}
-    for i, (text, answer) in enumerate(prompts):
-        ids = tok.chat(text)
-        for (method, block), rec in records.items():
-            sec, runs = median_time(lambda: decode_once(method, target, draft, ids, block, new_tokens, (),
-                                                        tok.mask_id), repeats, int(i == 0), device)
-            rec["tok_s"].append(runs[-1]["tokens"] / sec)
-            rec["stats"].append(runs[-1])
-            rec["quality"].append(decode_once(method, target, draft, ids, block, cap, tok.stop_ids, tok.mask_id))
-            rec["correct"].append(None if answer is None else check(tok.decode(rec["quality"][-1]["out"]), answer))
-        log(f"prompt {i + 1}/{len(prompts)}  tok/s so far: " + ", ".join(
-            f"{m}@{b} {statistics.median(r['tok_s']):.0f}" for (m, b), r in records.items()))
+def configs(tasks, methods, blocks, temperatures, sampled):
+    """(task, method, block, temperature) to run: `ar` has no block; sampling only on `sampled` tasks."""
+    return [(task, m, None if m == "ar" else b, t) for task in tasks for t in temperatures
+            if t == 0 or task in sampled for b in blocks for m in methods if m != "ar" or b == blocks[0]]
+
+
+def measure(models, tok, tasks, check, keys, new_tokens, repeats, device, cap):
+    """Every configuration on every prompt of its task, prompt by prompt, so drift hits all alike. One record
+    per configuration with lists over prompts: tok_s and stats (latency), quality and correct (None: no answer)."""
+    records = {k: {"task": k[0], "method": k[1], "block": k[2], "temperature": k[3], "tok_s": [], "stats": [],
+                   "quality": [], "correct": []} for k in keys}
+    for task, prompts in tasks.items():
+        mine = [k for k in keys if k[0] == task]
+        for i, (text, answer) in enumerate(prompts):
+            ids = tok.chat(text)
+            for key in mine:
+                rec, (_, method, block, temperature) = records[key], key
+                run = lambda: decode_once(method, models, ids, block, new_tokens, temperature, (), tok.mask_id, i)
+                sec, runs = median_time(run, repeats, int(not rec["tok_s"]), device)  # warm up once per row
+                rec["tok_s"].append(runs[-1]["tokens"] / sec)
+                rec["stats"].append(runs[-1])
+                rec["quality"].append(decode_once(method, models, ids, block, cap, temperature, tok.stop_ids,
+                                                  tok.mask_id, i))
+                rec["correct"].append(None if answer is None else check(text, tok.decode(rec["quality"][-1]["out"]),
+                                                                       answer))
+            log(f"{task} prompt {i + 1}/{len(prompts)}")
     return list(records.values())
 
 
 def table_rows(records):
-    """Rows from measured records: tok/s = median over prompts; speedup against `target` at the same
-    block; tokens per target forward over decode forwards only (vanilla target: tokens / (forwards -
-    prefill forwards), speculative: tokens / iterations, draft: none); acceptance = accepted / drafted;
-    accuracy = % correct among prompts with an answer."""
-    tok_s = {(r["method"], r["block"]): statistics.median(r["tok_s"]) for r in records}
+    """Rows from records: tok/s = median over prompts; speedup against `target` at the same task, block and
+    temperature (`specdiff` against `ar`); tokens per target forward over decode forwards only (vanilla:
+    tokens / (forwards - prefill forwards), speculative: tokens / iterations, draft: none); acceptance =
+    accepted / drafted; drafting = the share of speculative decode time spent drafting; accuracy = % correct
+    among prompts with an answer; and tokens per target forward and acceptance under the quality protocol."""
+    tok_s = {(r["task"], r["method"], r["block"], r["temperature"]): statistics.median(r["tok_s"]) for r in records}
     rows = []
     for r in records:
-        total = lambda key: sum(s[key] for s in r["stats"])
-        spec = "iterations" in r["stats"][0]
-        forwards = total("iterations") if spec else total("forwards") - total("prefill_forwards")
-        base, mine = tok_s.get(("target", r["block"])), tok_s[r["method"], r["block"]]
+        def ratios(stats):
+            total = lambda key: sum(s[key] for s in stats)  # noqa: E731
+            spec = "iterations" in stats[0]
+            forwards = total("iterations") if spec else total("forwards") - total("prefill_forwards")
+            return (total("tokens") / max(forwards, 1) if r["method"] != "draft" else None,
+                    total("accepted") / max(total("drafted"), 1) if spec else None,
+                    total("draft_seconds") / total("seconds") if spec else None)
+        base = ("ar", None) if r["method"] in ("ar", "specdiff") else ("target", r["block"])
+        base = tok_s.get((r["task"], *base, r["temperature"]))
+        mine = tok_s[r["task"], r["method"], r["block"], r["temperature"]]
         scored = [c for c in r["correct"] if c is not None]
-        rows.append({"method": r["method"], "block": r["block"], "tok_s": mine,
-                     "speedup": mine / base if base else None,
-                     "tokens_per_target_forward": total("tokens") / forwards if spec or r["method"] == "target"
-                     else None,
-                     "acceptance": total("accepted") / total("drafted") if spec else None,
-                     "accuracy": 100 * sum(scored) / len(scored) if scored else None})
+        (tpf, acc, share), (qtpf, qacc, _) = ratios(r["stats"]), ratios(r["quality"])
+        rows.append({"task": r["task"], "method": r["method"], "block": r["block"], "temperature": r["temperature"],
+                     "tok_s": mine, "speedup": mine / base if base else None, "tokens_per_target_forward": tpf,
+                     "acceptance": acc, "drafting": share, "accuracy": 100 * sum(scored) / len(scored) if scored
+                     else None, "quality_tokens_per_target_forward": qtpf, "quality_acceptance": qacc})
     return rows
 
 
-def notes(records):
-    """Per speculative row: where decode time goes (latency protocol), and tokens per target forward and
-    acceptance when stopping at EOS (quality protocol), since fixed-length runs go on past the answer."""
-    quality = table_rows([{**r, "stats": r["quality"]} for r in records])
-    out = []
-    for r, q in zip(records, quality):
-        if r["method"].startswith("simsd"):
-            share = lambda key: sum(s[key] for s in r["stats"]) / sum(s["seconds"] for s in r["stats"])
-            out.append(f"{r['method']} at block {r['block']}: {share('draft_seconds'):.0%} of decode time drafting, "
-                       f"{share('verify_seconds'):.0%} verifying; stopping at EOS instead (quality protocol): "
-                       f"{q['tokens_per_target_forward']:.2f} tokens per target forward, "
-                       f"{q['acceptance']:.0%} accepted")
-    return out
+def headlines(rows):
+    """Per task, block and temperature: the fastest target alone within 1 point of static accuracy, and
+    SimSD's best ratio against it among SimSD rows within that point; SpecDiff's ratio against `ar`."""
+    lines = []
+    for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"]) for r in rows):
+        group = {r["method"]: r for r in rows if (r["task"], r["block"], r["temperature"]) == (task, block, temp)}
+        where = f"{task}, block {block}, {'greedy' if temp == 0 else f'temperature {temp:g}'}"
+        if "specdiff" in group and group["specdiff"]["speedup"] is not None:
+            lines.append(f"{where}: specdiff {group['specdiff']['speedup']:.2f}x ar")
+        static = group.get("target")
+        if static is None or static["accuracy"] is None:
+            continue
+        near = lambda r: r["accuracy"] is not None and r["accuracy"] >= static["accuracy"] - 1  # noqa: E731
+        best = max((group[m] for m in ALONE if m in group and near(group[m])), key=lambda r: r["tok_s"])
+        line = (f"{where}: fastest target alone within 1 point of static accuracy ({static['accuracy']:.1f}%) is "
+                f"{best['method']} at {best['tok_s']:.0f} tok/s ({best['accuracy']:.1f}%)")
+        spec = [r for m, r in group.items() if m.startswith("simsd")]
+        good = [r for r in spec if near(r)]
+        if good:
+            top = max(good, key=lambda r: r["tok_s"])
+            line += f"; SimSD's best within that point: {top['method']} at {top['tok_s'] / best['tok_s']:.2f}x of it"
+        elif spec:
+            line += "; no SimSD row is within that point"
+        lines.append(line)
+    return lines
 
 
 def show(v, spec, unit=""):
@@ -128,39 +179,53 @@ def markdown(header, rows):
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def report(conditions, rows, notes=()):
-    """Conditions, the markdown table, notes, then the JSON line: always the last line of stdout."""
-    print("\n".join(f"- {k}: {v}" for k, v in conditions.items()) + "\n")
-    print(markdown(["method", "block", "tok/s", "speedup", "tokens / target forward", "acceptance", "accuracy"],
-                   [[r["method"], r["block"], show(r["tok_s"], ".1f"), show(r["speedup"], ".2f", "x"),
-                     show(r["tokens_per_target_forward"], ".2f"), show(r["acceptance"], ".0%"),
-                     show(r["accuracy"], ".1f", "%")] for r in rows]))
-    print("".join(f"\n{n}" for n in notes))
+def report(conditions, rows):
+    """Conditions, a table per task, the headlines, then the JSON line: always the last line of stdout."""
+    print("\n".join(f"- {k}: {v}" for k, v in conditions.items()))
+    header = ["method", "block", "temp", "tok/s", "speedup", "tokens / target forward", "acceptance", "drafting",
+              "accuracy"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        print(f"\n{task}:\n")
+        print(markdown(header, [[r["method"], show(r["block"], "d"), f"{r['temperature']:g}", show(r["tok_s"], ".1f"),
+                                 show(r["speedup"], ".2f", "x"), show(r["tokens_per_target_forward"], ".2f"),
+                                 show(r["acceptance"], ".0%"), show(r["drafting"], ".0%"),
+                                 show(r["accuracy"], ".1f", "%")] for r in rows if r["task"] == task]))
+    print("\n" + "\n".join(headlines(rows)))
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
     print(json.dumps({"device": conditions["device"], "dtype": conditions["dtype"], "rows": rounded}))
 
 
-def load_pair(target_dir, draft_dir, device, dtype):
-    """Target, draft and tokenizer; a sentence instead of a traceback when a folder is wrong."""
+def load_models(paths, device, dtype):
+    """{"target" or "ar": the --model, "draft": the --draft, "ar": an extra AR target} and the draft's
+    tokenizer, each pair checked; sentences, not tracebacks."""
     try:
-        target, draft = sdar.load(target_dir, device, dtype), sdar.load(draft_dir, device, dtype)
-        tok = sdar.load_tokenizer(target_dir)
+        models = {name: sdar.load(path, device, dtype) for name, path in paths.items()}
+        toks = {name: sdar.load_tokenizer(path) for name, path in paths.items()}
     except (OSError, ValueError) as e:
-        sys.exit(f"bench.py: error: cannot load the checkpoints: {e}")
-    if draft.config.vocab_size != target.config.vocab_size:
-        sys.exit(f"bench.py: error: --draft {draft_dir} and --model {target_dir} have different vocabularies")
-    return target, draft, tok
+        fail(f"cannot load the checkpoints: {e}")
+    target, draft, dtok = models["model"], models["draft"], toks["draft"]
+    if draft.config.model_type != "sdar" or dtok.mask_id is None:
+        fail(f"--draft {paths['draft']} is not an SDAR model with a mask token; this project drafts with "
+             "diffusion models")
+    for name, m in models.items():
+        if not dtok.covers(toks[name]) or draft.config.vocab_size != m.config.vocab_size:
+            fail(f"--draft {paths['draft']} does not give every token of {paths[name]} the same id")
+    models[{"sdar": "target", "qwen3": "ar"}[target.config.model_type]] = models.pop("model")
+    return models, dtok
 
 
 def read_prompts(path, n):
     """[(prompt, answer or None)] from the first n lines of a JSONL file."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"--prompts {path} cannot be read as JSONL ({e}); give one JSON object per line")
     if not lines or any(not isinstance(x, dict) or not isinstance(x.get("prompt"), str) for x in lines):
-        sys.exit(f"bench.py: error: {path} must hold one {{\"prompt\": ..., \"answer\": ...}} object per line")
+        fail(f'--prompts {path} must hold one {{"prompt": ..., "answer": ...}} object per line')
     return [(x["prompt"], None if x.get("answer") is None else str(x["answer"])) for x in lines][:n]
 
 
-def contains_answer(prediction, answer):
+def contains_answer(prompt, prediction, answer):
     return answer.strip() in prediction
 
 
@@ -169,33 +234,39 @@ def table_main(args, device, dtype):
         import train_tiny  # the toy default only; real checkpoints never need it
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the table, then the JSON line
             train_tiny.ensure_trained(quiet=True)
-        args.model, args.draft = train_tiny.TARGET_DIR, train_tiny.DRAFT_DIR
-        prompts, check, source = train_tiny.examples(args.num_prompts or 48, "heldout"), train_tiny.score, \
-            "train_tiny held-out, exact match"
+        paths = {"model": train_tiny.TARGET_DIR, "draft": train_tiny.DRAFT_DIR, "ar": train_tiny.AR_DIR}
+        tasks = {t: train_tiny.examples(args.num_prompts or 24, "heldout", task=t) for t in args.tasks or train_tiny.TASKS}
+        check, source = train_tiny.score, "train_tiny held-out prompts; exact match on sort, validity otherwise"
+        sampled = [t for t in tasks if t != "sort"]  # a sorted list has one right answer: greedy only
     else:
-        prompts, check, source = read_prompts(args.prompts, args.num_prompts), contains_answer, \
-            f"{args.prompts}, answer contained in the output"
-    target, draft, tok = load_pair(args.model, args.draft, device, dtype)
-    blocks = args.blocks or ([target.config.block_size] if target.config.block_size else [4, 8])
-    bad = [b for b in blocks if any(m.config.block_size not in (None, b) for m in (target, draft))]
-    if bad:
-        sys.exit(f"bench.py: error: block {bad[0]} requested but the checkpoints were trained with block "
-                 f"{target.config.block_size} (target) and {draft.config.block_size} (draft); pass --blocks")
-    # Toy answers are ~27 tokens: 32 fixed tokens time the answer itself, not post-EOS filler on which
-    # the models were never trained to agree (at 64, over half the tokens are filler: 57% accepted).
-    new, reps = args.new_tokens or (32 if source.startswith("train_tiny") else 128), args.repeats or 1
-    records = measure(target, draft, tok, prompts, check, blocks, new, reps, torch.device(device), args.answer_cap)
-    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M parameters"
-    answered = sum(a is not None for _, a in prompts)
+        paths = {"model": args.model, "draft": args.draft}
+        tasks = {"prompts": read_prompts(args.prompts, args.num_prompts)}
+        check, source, sampled = contains_answer, f"{args.prompts}, answer contained in the output", ["prompts"]
+    models, tok = load_models(paths, device, dtype)
+    have = {"target": "target" in models, "draft": True, "simsd": "target" in models, "ar": "ar" in models,
+            "specdiff": "ar" in models}
+    methods = [m for m in args.methods or DEFAULT_METHODS if have[METHODS[m][0]]]
+    trained = models["draft"].config.block_size
+    blocks = args.blocks or ([trained] if trained else [4, 8])
+    if trained and any(b != trained for b in blocks):
+        fail(f"block {next(b for b in blocks if b != trained)} requested but the draft was trained with block "
+             f"{trained}; block 8 needs the -b8 checkpoints")
+    # Toy answers are ~27 tokens: 32 fixed tokens time the answer itself, not post-EOS filler on which the
+    # models were never trained to agree.
+    new, reps = args.new_tokens or (32 if args.prompts is None else 128), args.repeats or 1
+    keys = configs(tasks, methods, blocks, args.temperatures or [0.0, 1.0], sampled)
+    records = measure(models, tok, tasks, check, keys, new, reps, torch.device(device), args.answer_cap)
+    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M parameters"  # noqa: E731
     conditions = {"device": device, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-                  "target": f"{args.model} ({params(target)})", "draft": f"{args.draft} ({params(draft)})",
-                  "batch": 1, "blocks": blocks, "steps": "one token per step (steps = block), static, greedy",
-                  "prompts": f"{len(prompts)} ({source}); {answered} with answers",
+                  "models": ", ".join(f"{k} {m.config.model_type} ({params(m)})" for k, m in models.items()),
+                  "folders": ", ".join(map(str, paths.values())),
+                  "batch": 1, "blocks": blocks, "steps": "one position per step (steps = block)",
+                  "prompts": f"{', '.join(f'{len(p)} {t}' for t, p in tasks.items())} ({source})",
                   "latency protocol": f"{new} new tokens, stop tokens ignored, prefill and warm-up excluded, "
-                  f"median of {reps} repeats per prompt, then median over prompts: tok/s, speedup, "
-                  "tokens per target forward and acceptance (summed over prompts)",
-                  "quality protocol": f"greedy, stop at EOS or {args.answer_cap} tokens: accuracy"}
-    report(conditions, table_rows(records), notes(records))
+                  f"median of {reps} repeats per prompt, then median over prompts",
+                  "quality protocol": f"stop at EOS or {args.answer_cap} tokens: accuracy",
+                  "sampling": "temperature 1, seeded per prompt; rows with temp 0 are greedy"}
+    report(conditions, table_rows(records))
 
 
 # ----------------------------------------------------------------------------- random weights, real shapes
@@ -215,31 +286,26 @@ def random_model(config, device, dtype, seed):
     return m
 
 
-def prefilled_cache(m, B, context, device, mask_id):
-    cache = m.new_cache(context + B * B + B)
-    if context:
-        m(torch.randint(0, mask_id, (1, context), device=device), torch.arange(context, device=device),
-          masks.block_causal(context, B, device=device), cache)
-        cache.commit(context)
-    return cache
-
-
 def time_block(target, draft, B, args, device, mask_id):
     """{forward name: (query tokens, seconds, weight bytes read)} at block B after args.context tokens."""
     ctx, dev = args.context, torch.device(device)
-    tcache, dcache = (prefilled_cache(m, B, ctx, device, mask_id) for m in (target, draft))
+    tcache, dcache = (m.new_cache(ctx + B * B + B) for m in (target, draft))
+    for m, cache in ((target, tcache), (draft, dcache)):
+        decode.prefill(m, torch.randint(0, mask_id, (ctx,), device=device), cache, B)
     blk, full = torch.full((B,), mask_id, device=device), masks.block_causal(B, B, ctx, device)
     pos, d = torch.arange(ctx, ctx + B, device=device), torch.randint(0, mask_id, (B,), device=device)
+    none = pos[:0]
 
     def verify(mode):
-        ids, p, att, _ = speculative.verify_layout(blk[:0], d, torch.arange(1, B + 1, device=device), ctx, mode,
+        ids, p, att, _ = speculative.verify_layout(none, none, d, pos, torch.arange(1, B + 1, device=device), mode,
                                                    mask_id)
         return lambda: target(ids[None], p, att, tcache)
 
     def iteration():  # B draft steps, one simsd verification, greedy acceptance (its host sync included)
         x, t, p, _ = decode.denoise(draft, blk, ctx, B, cache=dcache, mask_id=mask_id)
-        ids, pos2, att, rows = speculative.verify_layout(blk[:0], x, t, ctx, "simsd", mask_id)
-        speculative.accept(x, p, decode.distribution(target(ids[None], pos2, att, tcache)[0, rows]), 0.0)
+        q = speculative.verify_block(target, tcache, none, [mask_id] * B, [False] * B, x, t, ctx, "simsd", mask_id,
+                                     dict(temperature=0.0, top_k=0, top_p=1.0))
+        speculative.acceptance(x, p, q, t, 0.0)
 
     wt, wd = (sum(p.nbytes for p in m.parameters()) for m in (target, draft))
     runs = {"target denoise step": (B, lambda: target(blk[None], pos, full, tcache), wt),
@@ -258,7 +324,7 @@ def time_block(target, draft, B, args, device, mask_id):
 def shapes_main(args, device, dtype):
     names = args.shapes.split(":")
     if len(names) != 2 or any(n not in SHAPES for n in names):
-        sys.exit(f"bench.py: error: --shapes takes TARGET:DRAFT with names from {sorted(SHAPES)}")
+        fail(f"--shapes takes TARGET:DRAFT with names from {', '.join(sorted(SHAPES))}")
     target, draft = (random_model(SHAPES[n], device, dtype, seed) for seed, n in enumerate(names))
     mask_id, dev, new = target.config.mask_token_id, torch.device(device), args.new_tokens or 256
     args.repeats = args.repeats or 3
@@ -297,35 +363,61 @@ def shapes_main(args, device, dtype):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Vanilla SDAR decoding vs SimSD: a table that ends with one JSON line. "
-                                "Default: the toy pair of train_tiny.py.")
-    p.add_argument("--model", help="target SDAR checkpoint folder (with --draft and --prompts)")
-    p.add_argument("--draft", help="draft SDAR checkpoint folder")
-    p.add_argument("--prompts", help='JSONL file, one {"prompt": ..., "answer": ...} per line (answer optional)')
-    p.add_argument("--num-prompts", type=int, help="prompts to use (default: 48 toy prompts, or every line)")
-    p.add_argument("--new-tokens", type=int, help="latency protocol: fixed new tokens (toy 32, checkpoints 128, "
-                   "--shapes 256)")
-    p.add_argument("--answer-cap", type=int, default=256, help="quality protocol: most new tokens before EOS")
-    p.add_argument("--repeats", type=int, help="timed runs per prompt or forward after a warm-up (1; 3 --shapes)")
-    p.add_argument("--blocks", type=int, nargs="+", help="block lengths (default: the checkpoint's, else 4 8)")
-    p.add_argument("--shapes", help=f"TARGET:DRAFT random-weight models, names from {sorted(SHAPES)}")
-    p.add_argument("--context", type=int, default=512, help="--shapes: prefilled context tokens")
-    p.add_argument("--bandwidth", type=float, help="--shapes: memory GB/s for the floor (default: measured on CUDA)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, float32")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p = argparse.ArgumentParser(description="Decoding methods side by side: a table per task that ends with one JSON "
+                                "line. Default: the toy models of train_tiny.py.")
+    add = p.add_argument
+    add("--model", help="target checkpoint folder, SDAR or Qwen3 (with --draft and --prompts)")
+    add("--draft", help="draft SDAR checkpoint folder")
+    add("--prompts", help='JSONL file, one {"prompt": ..., "answer": ...} per line (answer optional)')
+    add("--num-prompts", type=int, help="prompts per task (default: 24 toy prompts per task, or every line)")
+    add("--tasks", nargs="+", help="toy tasks to run (default: all of train_tiny.TASKS)")
+    add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+        help=f"rows to run, from {', '.join(METHODS)} (default: all but simsd-exact)")
+    add("--temperatures", type=float, nargs="+", help="0 = greedy; sampling rows only on validity-scored tasks "
+        "(default: 0 1)")
+    add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, checkpoints 128, "
+        "--shapes 256)")
+    add("--answer-cap", type=int, default=256, help="quality protocol: most new tokens before EOS (default 256)")
+    add("--repeats", type=int, help="timed runs per prompt or forward after a warm-up (default 1; --shapes 3)")
+    add("--blocks", type=int, nargs="+", help="block lengths (default: the checkpoint's, else 4 8)")
+    add("--shapes", help=f"TARGET:DRAFT random-weight models, names from {', '.join(sorted(SHAPES))}")
+    add("--context", type=int, default=512, help="--shapes: prefilled context tokens (default 512)")
+    add("--bandwidth", type=float, help="--shapes: memory GB/s for the floor (default: measured on CUDA)")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
+    add("--threads", type=int, help="CPU threads (default: torch's)")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every numeric option in range, every combination meaningful: a sentence and exit 2 otherwise."""
+    for flag, values, low in (("--num-prompts", [args.num_prompts], 1), ("--new-tokens", [args.new_tokens], 1),
+                              ("--answer-cap", [args.answer_cap], 1), ("--repeats", [args.repeats], 1),
+                              ("--blocks", args.blocks or [], 1), ("--context", [args.context], 0),
+                              ("--threads", [args.threads], 1), ("--bandwidth", [args.bandwidth], 1e-9),
+                              ("--temperatures", args.temperatures or [], 0)):
+        for v in values:
+            if v is not None and not v >= low:
+                fail(f"{flag} must be {'an integer ' if isinstance(v, int) else ''}>= {low:g}; got {v}")
+    if args.shapes and (args.model or args.draft or args.prompts):
+        fail("--shapes uses random weights; it takes no --model, --draft or --prompts")
+    if not args.shapes and not (args.model is None) == (args.draft is None) == (args.prompts is None):
+        fail("checkpoints need all of --model, --draft and --prompts FILE.jsonl")
+    if args.tasks and (args.model or args.shapes):
+        fail("--tasks selects toy tasks; checkpoints take --prompts")
+    if args.tasks:
+        import train_tiny
+        unknown = [t for t in args.tasks if t not in train_tiny.TASKS]
+        if unknown:
+            fail(f"--tasks {unknown[0]} is not a toy task; choose from {', '.join(train_tiny.TASKS)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: error: --device cuda was asked for but this machine has no CUDA GPU")
-    if args.shapes and (args.model or args.draft or args.prompts):
-        sys.exit("bench.py: error: --shapes uses random weights; it takes no --model, --draft or --prompts")
-    if not args.shapes and not (args.model is None) == (args.draft is None) == (args.prompts is None):
-        sys.exit("bench.py: error: real checkpoints need all of --model, --draft and --prompts FILE.jsonl")
+        fail("--device cuda was asked for but this machine has no CUDA GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))

@@ -148,33 +148,41 @@ def as_prompt(prompt_ids, device):
     return prompt
 
 
-def _generate(model, prompt_ids, max_new_tokens, cached, block=4, steps=None, stop_ids=(), mask_id=None,
-              callback=None, **pick_args):
+def prefill(model, ids, cache, block):
+    """Commit ids (positions 0..) to the cache in one block-causal forward (block 1: causal)."""
+    if len(ids):
+        model(ids[None], torch.arange(len(ids), device=ids.device),
+              masks.block_causal(len(ids), block, device=ids.device), cache)
+        cache.commit(len(ids))
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens, block=4, steps=None, strategy="static", threshold=0.9,
+             temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), mask_id=None, generator=None, callback=None,
+             cached=True):
+    """Vanilla block-diffusion decoding with a KV cache. Returns (new tokens, stats): at most
+    max_new_tokens, trimmed before the first stop token; stats has forwards, tokens, seconds
+    (decode, prefill excluded) and prefill_seconds. callback(tokens) sees each block's new tokens,
+    exactly those returned. cached=False is the oracle: the same decisions, recomputing the whole
+    sequence block-causally at every step; the cached path must equal it token for token."""
     check(max_new_tokens=max_new_tokens, block=block, steps=steps)
     mask_id, dev = resolve_mask_id(model, mask_id), device_of(model)
     prompt = as_prompt(prompt_ids, dev)
-    P = len(prompt)
-    aligned = P - P % block  # blocks sit at absolute positions [kB, (k+1)B)
+    aligned = len(prompt) - len(prompt) % block  # blocks sit at absolute positions [kB, (k+1)B)
     cache = model.new_cache(aligned + max_new_tokens + 3 * block) if cached else None
-    t0, forwards = sync(dev), 0
-    if cached and aligned:  # prefill the aligned prompt prefix, block-causally
-        model(prompt[None, :aligned], torch.arange(aligned, device=dev), masks.block_causal(aligned, block,
-              device=dev), cache)
-        cache.commit(aligned)
-        forwards += 1
-    t1 = sync(dev)
+    t0 = sync(dev)
+    if cached:
+        prefill(model, prompt[:aligned], cache, block)
+    t1, forwards = sync(dev), int(cached and aligned > 0)
     seq, known, out = prompt[:aligned], prompt[aligned:], []
     while len(out) < max_new_tokens:
         start = len(seq)
         x = torch.cat([known, known.new_full((block - len(known),), mask_id)])
-        if not cached:
-            context = seq  # the oracle recomputes everything
-        elif start > aligned:
-            context = seq[start - block:]  # fold the block just completed into this forward
-        else:
-            context = seq[:0]
+        # the oracle recomputes everything; the cache folds in the block just completed, if any
+        context = seq if not cached else seq[start - block:] if start > aligned else seq[:0]
         x, _, _, f = denoise(model, x, start, steps or block, cache=cache, context=context, mask_id=mask_id,
-                             **pick_args)
+                             strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=generator)
         forwards += f
         new = x[len(known):].tolist()  # one host sync per block
         seq, known = torch.cat([seq, x]), known[:0]
@@ -187,28 +195,6 @@ def _generate(model, prompt_ids, max_new_tokens, cached, block=4, steps=None, st
             break
     return out, {"forwards": forwards, "prefill_forwards": int(cached and aligned > 0), "tokens": len(out),
                  "seconds": sync(dev) - t1, "prefill_seconds": t1 - t0}
-
-
-@torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, block=4, steps=None, strategy="static", threshold=0.9,
-             temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), mask_id=None, generator=None, callback=None):
-    """Vanilla block-diffusion decoding with a KV cache. Returns (new tokens, stats): at most
-    max_new_tokens, trimmed before the first stop token; stats has forwards, tokens,
-    seconds (decode, prefill excluded) and prefill_seconds. callback(tokens) sees each block's
-    new tokens, exactly those returned."""
-    return _generate(model, prompt_ids, max_new_tokens, True, block, steps, stop_ids, mask_id, callback,
-                     strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
-                     generator=generator)
-
-
-@torch.inference_mode()
-def generate_naive(model, prompt_ids, max_new_tokens, block=4, steps=None, strategy="static", threshold=0.9,
-                   temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), mask_id=None, generator=None):
-    """The oracle: the same decisions with no cache, recomputing the whole sequence with the
-    block-causal mask at every step. The cached path must equal it token for token."""
-    return _generate(model, prompt_ids, max_new_tokens, False, block, steps, stop_ids, mask_id, None,
-                     strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
-                     generator=generator)
 
 
 @torch.inference_mode()
@@ -225,9 +211,8 @@ def generate_ar(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top
     P = len(seq)
     cache = model.new_cache(P + max_new_tokens) if cached else None
     t0 = sync(dev)
-    if cached and P > 1:
-        model(seq[None, :-1], torch.arange(P - 1, device=dev), masks.block_causal(P - 1, 1, device=dev), cache)
-        cache.commit(P - 1)
+    if cached:
+        prefill(model, seq[:-1], cache, 1)
     t1, out, forwards = sync(dev), [], int(cached and P > 1)
     while len(out) < max_new_tokens:
         n = len(seq) - 1 if cached else 0  # first position fed: the newest token, or everything
@@ -391,8 +376,8 @@ def main(argv=None):
 
 class Printer:
     """Streams decoded text, holding back a split UTF-8 character; draws --show iterations."""
-    STYLE = {"known": ("2", "(", ")"), "accepted": ("32", "[", "]"), "replaced": ("31", "{", ""),
-             "target": ("1;33", ">", "}"), "dropped": ("9;90", "~", "~"), "bonus": ("1;33", "<", ">")}
+    STYLE = {"known": ("2", "({})"), "accepted": ("32", "[{}]"), "replaced": ("31", "{{{}"), "target": ("1;33", ">{}}}"),
+             "dropped": ("9;90", "~{}~"), "bonus": ("1;33", "<{}>")}  # colour code, marker without colour
 
     def __init__(self, tok, color):
         self.tok, self.tokens, self.shown, self.color = tok, [], "", color
@@ -405,31 +390,27 @@ class Printer:
             self.shown = text
 
     def paint(self, kind, text):
-        code, left, right = self.STYLE[kind]
-        if kind == "target":
-            return f"\033[{code}m{left}{text}\033[0m" if self.color else f"{left}{text}{right}"
-        return f"\033[{code}m{text}\033[0m" if self.color else f"{left}{text}{right}"
+        code, marker = self.STYLE[kind]
+        if not self.color:
+            return marker.format(text)
+        return f"\033[{code}m{'>' if kind == 'target' else ''}{text}\033[0m"
+
+    def word(self, token):
+        return repr(self.tok.decode([token]))[1:-1]
 
     def legend(self):
-        word = lambda t: repr(self.tok.decode([t]))[1:-1]  # noqa: E731
-        self.word = word
         print("  each iteration: the block after verification; t@s = a token the draft revealed at its step s\n  "
               + "  ".join([self.paint("known", "known"), self.paint("accepted", "accepted@s"),
                            self.paint("replaced", "rejected@s") + self.paint("target", "target's token"),
                            self.paint("dropped", "dropped@s"), self.paint("bonus", "bonus (AR target)")]), flush=True)
 
     def show(self, it):
-        cells = []
-        for tok, st, s, d in zip(it["block"], it["status"], it["steps"], it["drafted"]):
-            if st == "known":
-                cells.append(self.paint("known", self.word(tok)))
-            else:
-                cells.append(self.paint(st, f"{self.word(d)}@{s}")
-                             + (self.paint("target", self.word(tok)) if st == "replaced" else ""))
+        cells = [self.paint("known", self.word(tok)) if st == "known" else self.paint(st, f"{self.word(d)}@{s}")
+                 + (self.paint("target", self.word(tok)) if st == "replaced" else "")
+                 for tok, st, s, d in zip(it["block"], it["status"], it["steps"], it["drafted"])]
         bonus = " " + self.paint("bonus", self.word(it["bonus"])) if it["bonus"] is not None else ""
-        counts = {k: it["status"].count(k) for k in ("accepted", "replaced", "dropped")}
-        print(f"  @{it['start']:<4} {' '.join(cells)}{bonus}   ({counts['accepted']} accepted, "
-              f"{counts['replaced']} replaced, {counts['dropped']} dropped)", flush=True)
+        counts = ", ".join(f"{it['status'].count(k)} {k}" for k in ("accepted", "replaced", "dropped"))
+        print(f"  @{it['start']:<4} {' '.join(cells)}{bonus}   ({counts})", flush=True)
 
 
 def run_one(model, draft, tok, ids, text, answer, block, mode, args):

@@ -119,14 +119,6 @@ def verify_causal(target, cache, pending, d, first, pick):
     return decode.distribution(logits, **pick)
 
 
-def prefill(model, ids, cache, block):
-    """Commit ids (positions 0..) to the cache with one block-causal forward (block 1: causal)."""
-    if len(ids):
-        model(ids[None], torch.arange(len(ids), device=ids.device),
-              masks.block_causal(len(ids), block, device=ids.device), cache)
-        cache.commit(len(ids))
-
-
 def check_modes(ar, verify, accept):
     """The verification layout and acceptance order: options of a diffusion target only."""
     if ar and (verify or accept):
@@ -162,8 +154,8 @@ def generate(target, draft, prompt_ids, max_new_tokens, block=4, draft_steps=Non
     tcache, dcache = target.new_cache(room), draft.new_cache(room)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     t0 = decode.sync(tdev)
-    prefill(target, prompt[:P - 1] if ar else prompt[:aligned], tcache, 1 if ar else block)
-    prefill(draft, prompt[:aligned].to(ddev), dcache, block)
+    decode.prefill(target, prompt[:P - 1] if ar else prompt[:aligned], tcache, 1 if ar else block)
+    decode.prefill(draft, prompt[:aligned].to(ddev), dcache, block)
     t1 = decoding_start = decode.sync(tdev)
     stats = {"iterations": 0, "drafted": 0, "accepted": 0, "replaced": 0, "target_forwards": int(tcache.len > 0),
              "draft_forwards": int(aligned > 0), "committed_histogram": [0] * (block + 2), "draft_seconds": 0.0,

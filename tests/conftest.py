@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_scripts(script, argvs, cwd, timeout=120):
+    """subprocess results of `python script *argv` for each argv, four at a time: each process pays
+    for importing torch, so a few side by side keep two cores busy without thrashing them."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    run = lambda argv: subprocess.run([sys.executable, script, *argv], cwd=cwd, capture_output=True, text=True,  # noqa: E731
+                                      timeout=timeout)
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(run, argvs))

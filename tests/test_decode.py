@@ -8,6 +8,7 @@ import torch
 
 import decode
 import model
+from conftest import run_scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, MASK = 61, 60
@@ -31,15 +32,15 @@ def prompt(n, seed=0):
 @pytest.mark.parametrize("strategy", ["static", "dynamic"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_cache_equals_oracle(block, strategy, temperature):
-    """Cached generate == no-cache generate_naive token for token, every prompt alignment, steps <= block."""
+    """Cached generate == the no-cache oracle token for token, every prompt alignment, steps <= block."""
     m = random_model()
     for P in (1, block - 1, block, 2 * block + 1):
         for steps in (block, block // 2):
             kw = dict(block=block, steps=steps, strategy=strategy, threshold=0.3, temperature=temperature,
                       top_k=20 if temperature else 0, top_p=0.9 if temperature else 1.0)
             a, _ = decode.generate(m, prompt(P, P), 3 * block + 1, generator=torch.Generator().manual_seed(P), **kw)
-            b, _ = decode.generate_naive(m, prompt(P, P), 3 * block + 1, generator=torch.Generator().manual_seed(P),
-                                         **kw)
+            b, _ = decode.generate(m, prompt(P, P), 3 * block + 1, generator=torch.Generator().manual_seed(P),
+                                    cached=False, **kw)
             assert a == b, (P, steps)
             assert len(a) == 3 * block + 1
 
@@ -155,7 +156,7 @@ def test_the_mask_token_is_never_output():
         assert target(torch.tensor([[1, 2]]), torch.arange(2))[0].argmax(-1).eq(MASK).all()  # the rig works
     for temperature in (0.0, 1.0):
         kw = dict(temperature=temperature, generator=torch.Generator().manual_seed(0))
-        outs = [decode.generate(target, prompt(6), 12, **kw)[0], decode.generate_naive(target, prompt(6), 12, **kw)[0],
+        outs = [decode.generate(target, prompt(6), 12, **kw)[0], decode.generate(target, prompt(6), 12, cached=False, **kw)[0],
                 speculative.generate(target, draft, prompt(6), 12, **kw)[0],
                 speculative.generate(target, draft, prompt(6), 12, verify="exact", **kw)[0]]
         assert all(len(o) == 12 and MASK not in o for o in outs), outs
@@ -216,7 +217,7 @@ def test_library_options_are_checked(kw, message):
     import speculative
     m = random_model()
     spec_kw = {("draft_steps" if k == "steps" else k): v for k, v in kw.items()}
-    calls = [lambda: decode.generate(m, [1, 2], 4, **kw), lambda: decode.generate_naive(m, [1, 2], 4, **kw),
+    calls = [lambda: decode.generate(m, [1, 2], 4, **kw), lambda: decode.generate(m, [1, 2], 4, cached=False, **kw),
              lambda: speculative.generate(m, m, [1, 2], 4, **spec_kw)]
     if "block" not in kw:
         calls.append(lambda: decode.denoise(m, torch.full((4,), MASK), 0, kw.get("steps", 4), mask_id=MASK,
@@ -324,10 +325,8 @@ def test_cli_bad_input_is_one_sentence_and_exit_2(ckpt):
     """Every bad input: exit 2, the sentence on stderr, no traceback, no doubled punctuation, and the
     download hint only where the folder is missing. The processes run side by side to save time."""
     cases = bad_inputs(ckpt)
-    procs = [subprocess.Popen([sys.executable, "decode.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args, _ in cases]
-    for (args, sentence), proc in zip(cases, procs):
-        _, err = proc.communicate(timeout=120)
+    for (args, sentence), proc in zip(cases, run_scripts("decode.py", [args for args, _ in cases], ROOT)):
+        err = proc.stderr
         assert proc.returncode == 2 and sentence in err and "Traceback" not in err, (args, err)
         line = err.strip().splitlines()[-1]  # ours, after argparse's usage lines if any
         assert line.startswith("decode.py: error: ") and not any(p in line for p in ("..", ".;", ";.", "  ")), err
