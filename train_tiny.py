@@ -1,10 +1,16 @@
 """Toy block-diffusion models, trained the SDAR way on a CPU in minutes.
 
-The task: sort 8-12 digits, in chat form, scored by exact match.
-    user: sort 31415926                 assistant: [1, 1, 2, 3, 4, 5, 6, 9]<|im_end|>
-Answers are 24-36 bytes, and bytes are tokens (the tokenizer is byte-level): 6-9 blocks of 4.
+Two tasks in chat form; bytes are tokens (the tokenizer is byte-level).
+sort: one right answer, scored by exact match. Answers are 24-36 bytes: 6-9 blocks of 4.
+    user: sort 31415926                       assistant: [1, 1, 2, 3, 4, 5, 6, 9]<|im_end|>
+walk: many right answers, scored by validity: n steps of +-1 from a to b that never leave lo-hi,
+written as moves. Answers are 21-29 bytes (mean 25); training draws one uniformly among the valid.
+    user: walk 3 to 5 in 6 steps within 2-6   assistant: 3+4-3+4-3+4+5<|im_end|>
+A confident model writes a sort in parallel for free, so nothing can beat dynamic decoding there;
+a walk, like chat text, has many plausible continuations: each move is a free choice, and a sign
+and the digit after it are uncertain jointly but sharp given each other.
 
-Training is SDAR's (DESIGN.md section 7): the sequence [x_t ; x_0] with shared positions, the
+Training is SDAR's: the sequence [x_t ; x_0] (noisy half, clean half) with shared positions, the
 mask mask.training(n, block), each response token of x_t masked with probability p ~ U(1e-3, 1),
 and cross-entropy at the masked x_t positions weighted by 1/p, averaged over response tokens.
 Each batch draws its block length from (4, 8), so one checkpoint decodes with either.
@@ -19,9 +25,11 @@ out/tiny-draft: config.json, model.safetensors and byte-level tokenizer files, w
 and model.load_tokenizer read like an SDAR checkpoint.
 """
 import argparse
+import functools
 import math
 import multiprocessing
 import random
+import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -38,13 +46,42 @@ TARGET_DIR = ROOT / "out" / "tiny-target"
 DRAFT_DIR = ROOT / "out" / "tiny-draft"
 BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
 
-# ----------------------------------------------------------------------------- the task
+# ----------------------------------------------------------------------------- the tasks
+
+TASKS = ("sort", "walk")
 
 
-def _draw(rng):
+def _draw_sort(rng):
     """One (prompt, answer): 8-12 random digits and their sorted list."""
     xs = [rng.randrange(10) for _ in range(rng.randint(8, 12))]
     return f"sort {''.join(map(str, xs))}", str(sorted(xs))
+
+
+@functools.cache
+def _walks(x, k, b, lo, hi):
+    """How many walks of k steps of +-1 go from x to b without leaving lo..hi."""
+    if not lo <= x <= hi:
+        return 0
+    return int(x == b) if k == 0 else _walks(x - 1, k - 1, b, lo, hi) + _walks(x + 1, k - 1, b, lo, hi)
+
+
+def _draw_walk(rng):
+    """One (prompt, answer), the walk uniform among the valid ones (each step goes down with the
+    share of valid walks that do), so the model learns their spread rather than one favourite."""
+    while True:
+        lo, hi = sorted(rng.sample(range(10), 2))
+        a, b, n = rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(10, 14)
+        if _walks(a, n, b, lo, hi):  # parity can make (a, b, n) impossible
+            break
+    xs = [a]
+    for k in range(n, 0, -1):
+        down, up = _walks(xs[-1] - 1, k - 1, b, lo, hi), _walks(xs[-1] + 1, k - 1, b, lo, hi)
+        xs.append(xs[-1] - 1 if rng.random() * (down + up) < down else xs[-1] + 1)
+    moves = "".join(("+" if y > x else "-") + str(y) for x, y in zip(xs, xs[1:]))
+    return f"walk {a} to {b} in {n} steps within {lo}-{hi}", f"{a}{moves}"
+
+
+DRAW = {"sort": _draw_sort, "walk": _draw_walk}
 
 
 def _is_heldout(prompt):
@@ -52,24 +89,49 @@ def _is_heldout(prompt):
     return zlib.crc32(prompt.encode()) % 8 == 0
 
 
-def examples(n, split="heldout", seed=0):
-    """n (prompt, answer) pairs, the same for the same (split, seed). The splits draw from
-    different seed streams and are disjoint sets of prompts (_is_heldout)."""
+def examples(n, split="heldout", seed=0, task="sort"):
+    """n (prompt, answer) pairs, the same for the same (split, seed, task). The splits draw from
+    different seed streams and are disjoint sets of prompts (_is_heldout). Held-out prompts are
+    distinct (a repeat would count twice); training repeats walk prompts with fresh answers.
+    For walk, the answer is one valid answer of many: score with score(), not ==."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    rng = random.Random(f"{split}:{seed}")  # a str seed is hashed with sha512: stable across runs
-    out = []
-    while len(out) < n:
-        prompt, answer = _draw(rng)
-        if _is_heldout(prompt) == (split == "heldout"):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
+    # A str seed is hashed with sha512: stable across runs. sort keeps its original stream.
+    rng = random.Random(f"{split}:{seed}" if task == "sort" else f"{task}:{split}:{seed}")
+    out, seen = [], set()
+    for _ in range(100 * n + 10_000):  # bounded: there are only ~380 held-out walk prompts
+        if len(out) == n:
+            return out
+        prompt, answer = DRAW[task](rng)
+        if _is_heldout(prompt) == (split == "heldout") and not (split == "heldout" and prompt in seen):
+            seen.add(prompt)
             out.append((prompt, answer))
+    if len(out) < n:
+        raise ValueError(f"asked for {n} distinct held-out {task} prompts; found only {len(out)}")
     return out
 
 
-def score(prediction, answer):
-    """Exact match after stripping surrounding whitespace: ' [1, 2]\\n' counts; '[1,2]' and
-    '[1, 2] done' do not (the spacing inside is part of the format the model learns)."""
+def score(prompt, prediction, answer):
+    """sort: exact match after stripping surrounding whitespace (' [1, 2]\\n' counts; '[1,2]' and
+    '[1, 2] done' do not: the spacing inside is part of the format the model learns).
+    walk: validity, whatever the reference answer says (see _valid_walk)."""
+    if prompt.startswith("walk "):
+        return _valid_walk(prompt, prediction)
     return prediction.strip() == answer.strip()
+
+
+def _valid_walk(prompt, prediction):
+    """'3+4-3+4+5' answers 'walk 3 to 5 in 4 steps within 2-6': n moves from a ending on b,
+    each sign agreeing with its step of exactly 1, every digit within lo..hi."""
+    a, b, n, lo, hi = map(int, re.fullmatch(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)", prompt).groups())
+    s = prediction.strip()
+    if not re.fullmatch(r"\d([+-]\d)*", s):
+        return False
+    xs = [int(c) for c in s[::2]]
+    return (len(xs) == n + 1 and xs[0] == a and xs[-1] == b and all(lo <= x <= hi for x in xs)
+            and all(y - x == (1 if sign == "+" else -1) for sign, x, y in zip(s[1::2], xs, xs[1:])))
 
 
 # ----------------------------------------------------------------------------- models
@@ -151,12 +213,14 @@ def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
 
 # ----------------------------------------------------------------------------- training
 
-def train(model, tok, *, steps, batch_size, lr, seed=0, device="cpu", log_every=5.0, name="model"):
-    """AdamW, 5% warmup then cosine decay to lr/10; one block length per batch. Prints a
-    progress line every log_every seconds (None: silent). Returns the model in eval mode."""
+def train(model, tok, *, steps, batch_size, lr, seed=0, tasks=TASKS, device="cpu", log_every=5.0, name="model"):
+    """AdamW, 5% warmup then cosine decay to lr/10; every batch mixes the tasks evenly and draws
+    one block length. Prints a progress line every log_every seconds (None: silent). Returns the
+    model in eval mode."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    data = examples(steps * batch_size, "train", seed)
+    per_task = -(-steps * batch_size // len(tasks))
+    data = [ex for group in zip(*(examples(per_task, "train", seed, t) for t in tasks)) for ex in group]
     gen, rng = torch.Generator(device).manual_seed(seed), random.Random(seed)
     t0 = last = time.perf_counter()
     tokens, losses = 0, []
@@ -183,14 +247,14 @@ def train(model, tok, *, steps, batch_size, lr, seed=0, device="cpu", log_every=
     return model.eval()
 
 
-def evaluate(model, tok, n=100, block=4, seed=0):
-    """Held-out exact match under vanilla block-diffusion decoding, argmax, one token per step."""
+def evaluate(model, tok, n=100, block=4, seed=0, task="sort"):
+    """Held-out score under vanilla block-diffusion decoding, argmax, one token per step."""
     import decode  # decode imports model and mask only; importing it late keeps this file standalone
     hits = 0
-    for prompt, answer in examples(n, "heldout", seed):
+    for prompt, answer in examples(n, "heldout", seed, task):
         ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, stop_ids=tok.stop_ids,
                                  mask_id=tok.mask_id)
-        hits += score(tok.decode(ids), answer)
+        hits += score(prompt, tok.decode(ids), answer)
     return hits / n
 
 
@@ -227,16 +291,19 @@ def run_preset(name, args):
         print(f"{name}: {shape['num_hidden_layers']} layer(s), width {shape['hidden_size']}, "
               f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}k parameters, {steps} steps of "
               f"{args.batch_size}", flush=True)
-    m = train(m, tok, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, device=args.device,
-              log_every=None if args.quiet else 5.0, name=name)
+    m = train(m, tok, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, tasks=args.tasks,
+              device=args.device, log_every=None if args.quiet else 5.0, name=name)
     write(m.cpu(), folder)
-    return {block: evaluate(m.cpu(), tok, args.eval, block) for block in args.eval_blocks if args.eval}
+    return {(task, block): evaluate(m.cpu(), tok, args.eval, block, task=task)
+            for task in args.tasks for block in args.eval_blocks if args.eval}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train the toy SDAR target and draft on the sorting task "
                                  "and write them as SDAR-format checkpoint folders.")
     ap.add_argument("--preset", choices=["target", "draft", "both"], default="both")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=["sort"],
+                    help="tasks mixed evenly in every batch, and scored (default: sort)")
     ap.add_argument("--steps", type=int, help="optimizer steps (default: target 600, draft 1300)")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: target 5e-3, draft 1e-2)")
@@ -260,8 +327,8 @@ def main(argv=None):
         jobs = {name: pool.submit(run_preset, name, args) for name in names}
         results = {name: job.result() for name, job in jobs.items()}
     for name, accs in results.items():
-        for block, acc in accs.items():
-            print(f"{name}: held-out exact match {acc:.1%} of {args.eval} (block {block}, argmax)")
+        for (task, block), acc in accs.items():
+            print(f"{name}: held-out {task} {acc:.1%} of {args.eval} (block {block}, argmax)")
     if not args.quiet:
         print(f"wrote {', '.join(str(args.out / f'tiny-{n}') for n in names)} in {time.perf_counter() - t0:.0f}s")
 

@@ -1,4 +1,4 @@
-"""train_tiny.py: the task and its scorer, the noising, the SDAR loss against a brute-force
+"""train_tiny.py: the tasks and their scorers, the noising, the SDAR loss against a brute-force
 reference, a loss that drops, checkpoints that load back. Micro models only; nothing in out/."""
 import json
 
@@ -45,19 +45,64 @@ def test_examples_are_deterministic_disjoint_and_long_enough():
         digits = prompt.removeprefix("sort ")
         assert prompt.startswith("sort ") and digits.isdigit() and 8 <= len(digits) <= 12
         assert answer == str(sorted(int(d) for d in digits))
+        assert tt.score(prompt, answer, answer)
     lengths = [len(a.encode()) for _, a in train]  # byte tokenizer: bytes are tokens
     assert min(lengths) >= 24 and sum(lengths) / len(lengths) >= 29
     with pytest.raises(ValueError, match="split"):
         tt.examples(1, "test")
+    with pytest.raises(ValueError, match="task"):
+        tt.examples(1, task="reverse")
 
 
-def test_score_accepts_exact_answers_only():
-    answer = "[1, 2, 2, 9]"
+def test_score_accepts_exact_sorted_answers_only():
+    prompt, answer = "sort 2921", "[1, 2, 2, 9]"
     for ok in ["[1, 2, 2, 9]", " [1, 2, 2, 9]\n", "\t[1, 2, 2, 9]  \n\n"]:
-        assert tt.score(ok, answer) and tt.score(answer, ok)
+        assert tt.score(prompt, ok, answer) and tt.score(prompt, answer, ok)
     for bad in ["[1, 2, 9]", "[1, 2, 2, 8]", "[1, 2, 2, 9, 9]", "[1,2,2,9]", "[1, 2,  2, 9]", "1, 2, 2, 9",
                 "[1, 2, 2, 9]]", "[1, 2, 2, 9] done", "[1, 2, 2, 9]<|im_end|>", "[9, 2, 2, 1]", ""]:
-        assert not tt.score(bad, answer), bad
+        assert not tt.score(prompt, bad, answer), bad
+
+
+def test_walk_examples_are_deterministic_disjoint_valid_and_several_blocks_long():
+    assert tt.examples(50, "train", 0, "walk") == tt.examples(50, "train", 0, "walk")
+    assert tt.examples(50, "heldout", 2, "walk") == tt.examples(50, "heldout", 2, "walk")
+    assert tt.examples(50, "train", 0, "walk") != tt.examples(50, "train", 1, "walk")
+    train, heldout = tt.examples(4000, "train", 0, "walk"), tt.examples(300, "heldout", 0, "walk")
+    assert not {p for p, _ in train} & {p for p, _ in heldout}
+    assert len({p for p, _ in heldout}) == 300  # held-out prompts are distinct
+    assert all(tt.score(p, a, None) for p, a in train + heldout)  # every reference answer is valid
+    lengths = [len(a.encode()) for _, a in train]
+    assert min(lengths) >= 21 and sum(lengths) / len(lengths) >= 24  # >= 6 blocks of 4 on average
+    # the spread of valid answers is learned: one prompt gets several different answers in training
+    by_prompt = {}
+    for p, a in train:
+        by_prompt.setdefault(p, set()).add(a)
+    assert max(len(answers) for answers in by_prompt.values()) >= 4
+
+
+WALK = "walk 3 to 5 in 6 steps within 2-6"
+
+
+@pytest.mark.parametrize("answer", ["3+4+5+6-5-4+5", "3-2+3+4+5+6-5", "3+4-3+4-3+4+5", " 3+4+5-4+5-4+5\n"])
+def test_walk_score_accepts_any_valid_walk(answer):
+    reference = "3+4+5+6-5-4+5"
+    assert tt.score(WALK, answer, reference)  # exact match would reject all but the first
+    assert tt.score(WALK, answer, None)  # validity never reads the reference
+
+
+@pytest.mark.parametrize("answer", [
+    "3+4+5+6-5-4+5-4+5",  # 8 steps, not 6
+    "3+4+5+6-5+4+5",  # a sign that disagrees with its step
+    "3+4+5+6+7-6-5",  # leaves 2-6
+    "3-2-1+2+3+4+5",  # leaves 2-6 below
+    "3+4+5+6-5-4-3",  # ends on 3
+    "4+5+6-5-4-3+4",  # starts on 4
+    "3+5+6-5-4+5-4",  # a step of 2
+    "3+4+5+6-5-4+5+",  # a trailing sign
+    "3 +4 +5 +6 -5 -4 +5",  # spaces inside
+    "3,4,5,6,5,4,5", "[3, 4, 5, 6, 5, 4, 5]", "3+4+5+6-5-4+5<|im_end|>", "3+4+5+6-5-4+5 done", ""])
+def test_walk_score_rejects_invalid_walks(answer):
+    assert not tt.score(WALK, answer, "3+4+5+6-5-4+5"), answer
 
 
 # ----------------------------------------------------------------------------- batches and noise
@@ -92,8 +137,8 @@ def test_noise_never_masks_the_prompt_and_always_masks_a_response_token(tok):
 # ----------------------------------------------------------------------------- loss
 
 def reference_mask(n, block):
-    """[x_t ; x_0] read off DESIGN.md section 7 one pair at a time: x_t block b sees x_t block b
-    and x_0 blocks < b; x_0 is block-causal and never sees x_t."""
+    """[x_t ; x_0] built one pair at a time from SDAR's rule: x_t block b sees x_t block b and
+    x_0 blocks < b; x_0 is block-causal and never sees x_t."""
     m = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
     for q in range(2 * n):
         for k in range(2 * n):
@@ -130,7 +175,7 @@ def test_training_loss_drops(tok):
             return tt.sdar_loss(model.eval(), x0, is_resp, 4, tok.mask_id, torch.Generator().manual_seed(0)).item()
 
     before = held_out_loss()
-    tt.train(model, tok, steps=40, batch_size=16, lr=1e-2, log_every=None)
+    tt.train(model, tok, steps=40, batch_size=16, lr=1e-2, tasks=("sort",), log_every=None)
     after = held_out_loss()
     assert after < 0.4 * before, (before, after)
 
@@ -182,7 +227,8 @@ def test_ensure_trained_trains_only_when_a_checkpoint_is_missing(tok, tmp_path, 
     assert len(calls) == 1  # both complete: nothing to do
 
 
-def test_evaluate_runs_with_decode(tok):
+@pytest.mark.parametrize("task", tt.TASKS)
+def test_evaluate_runs_with_decode(tok, task):
     pytest.importorskip("decode")
-    acc = tt.evaluate(micro(tok), tok, n=2, block=4)
+    acc = tt.evaluate(micro(tok), tok, n=2, block=4, task=task)
     assert 0.0 <= acc <= 1.0
