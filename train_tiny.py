@@ -1,4 +1,5 @@
-"""Toy block-diffusion models, trained the SDAR way on a CPU in minutes.
+"""Toy models trained on a CPU in minutes: an SDAR (block-diffusion) target and draft and a Qwen3
+(autoregressive) target of the SDAR target's shape.
 
 Two tasks in chat form; bytes are tokens (the tokenizer is byte-level).
 sort: one right answer, scored by exact match. Answers are 24-36 bytes: 6-9 blocks of 4.
@@ -13,16 +14,18 @@ and the digit after it are uncertain jointly but sharp given each other.
 Training is SDAR's: the sequence [x_t ; x_0] (noisy half, clean half) with shared positions, the
 mask mask.training(n, block), each response token of x_t masked with probability p ~ U(1e-3, 1),
 and cross-entropy at the masked x_t positions weighted by 1/p, averaged over response tokens.
-Each batch draws its block length from (4, 8), so one checkpoint decodes with either.
+Each batch draws its block length from (4, 8), so one checkpoint decodes with either. AR
+training: next-token cross-entropy under a causal mask on the answer and its stop token.
 
-Two presets: a 6-layer target and a 1-layer draft (~5x fewer parameters). At these sizes a
+Three presets: a 6-layer target and a 1-layer draft (~5x fewer parameters). At these sizes a
 forward costs ~0.45 ms per layer plus ~0.2 ms, nearly whatever the width, so a draft forward is
 ~1/4.5 of a target forward. One layer can learn to sort too, only slowly: the draft stops while
-it is right on ~99% of answer tokens but only ~78% of answers (the target: 99.9% and 98%).
+it is right on ~99% of answer tokens but only ~78% of answers (the target: 99.9% and 98%). The
+AR model ("ar") learns both tasks: 98% of held-out sorts and walks right (200 prompts, greedy).
 
-`python train_tiny.py` (about 3 minutes on 2 CPU cores) writes out/tiny-target and
-out/tiny-draft: config.json, model.safetensors and byte-level tokenizer files, which model.load
-and model.load_tokenizer read like an SDAR checkpoint.
+`python train_tiny.py` (about 2 minutes on 2 CPU cores) writes out/tiny-{target, draft, ar}:
+config.json, model.safetensors and byte-level tokenizer files, read by model.load and
+model.load_tokenizer; tiny-ar is a Qwen3 folder, without a mask token.
 """
 import argparse
 import functools
@@ -30,6 +33,7 @@ import math
 import multiprocessing
 import random
 import re
+import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +48,7 @@ import model as sdar
 ROOT = Path(__file__).parent
 TARGET_DIR = ROOT / "out" / "tiny-target"
 DRAFT_DIR = ROOT / "out" / "tiny-draft"
+AR_DIR = ROOT / "out" / "tiny-ar"
 BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
 
 # ----------------------------------------------------------------------------- the tasks
@@ -136,19 +141,26 @@ def _valid_walk(prompt, prediction):
 
 # ----------------------------------------------------------------------------- models
 
-# name: (shape, default steps, default learning rate). Heads 4 (kv 2), head_dim = width / 4.
+# name: (shape, default steps, default learning rate, tasks). Heads 4 (kv 2), head_dim = width / 4.
+# "ar" is the target's shape trained as a Qwen3 (next-token, causal), the other kind of target.
+TARGET = dict(num_hidden_layers=6, hidden_size=48, intermediate_size=144)
 PRESETS = {
-    "target": (dict(num_hidden_layers=6, hidden_size=48, intermediate_size=144), 600, 5e-3),
-    "draft": (dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120), 1300, 1e-2),
+    "target": (TARGET, 600, 5e-3, ("sort",)),  # the 6-layer models first: see main
+    "ar": ({**TARGET, "model_type": "qwen3"}, 600, 5e-3, TASKS),
+    "draft": (dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120), 1300, 1e-2, ("sort",)),
 }
+AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokenizer has no <|MASK|>
 
 
 def config(name, tok):
-    """The Config of a preset for a byte tokenizer. block_size stays None: trained on 4 and 8."""
+    """The Config of a preset for the byte tokenizer. block_size stays None: trained on 4 and 8.
+    The AR model keeps all 260 embedding rows (its tokenizer knows 259 ids), as Qwen3 pads its
+    embedding past the tokenizer, so every toy shares one id space."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
+    ar = PRESETS[name][0].get("model_type") == "qwen3"
     return sdar.Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
-                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=tok.mask_id,
+                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=None if ar else tok.mask_id,
                        block_size=None, **PRESETS[name][0])
 
 
@@ -166,7 +178,7 @@ def init_model(config, seed=0):
     return m
 
 
-# ----------------------------------------------------------------------------- SDAR objective
+# ----------------------------------------------------------------------------- objectives
 
 def batch(pairs, tok, device="cpu"):
     """x0 (B, n) token ids and is_resp (B, n) bool. Row: chat prompt, answer bytes, <|im_end|>,
@@ -211,17 +223,29 @@ def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
     return (ce / p.expand(-1, n)[:, cut:][sel]).sum() / is_resp.sum()
 
 
+def ar_loss(model, x0, is_resp, pad_id):
+    """Next-token cross-entropy, averaged over the answer tokens and the stop token: the logits
+    at i predict x0[i + 1] under a causal mask. Pads after the stop are left out: AR decoding
+    ends at the stop token, so nothing is ever generated after it."""
+    n = x0.shape[1]
+    logits = model(x0[:, :-1], torch.arange(n - 1, device=x0.device),
+                   masks.block_causal(n - 1, 1, device=x0.device))  # (B, n - 1, V)
+    sel = (is_resp & (x0 != pad_id))[:, 1:]
+    return F.cross_entropy(logits[sel].float(), x0[:, 1:][sel])
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(model, tok, *, steps, batch_size, lr, seed=0, tasks=TASKS, device="cpu", log_every=5.0, name="model"):
-    """AdamW, 5% warmup then cosine decay to lr/10; every batch mixes the tasks evenly and draws
-    one block length. Prints a progress line every log_every seconds (None: silent). Returns the
-    model in eval mode."""
+    """AdamW, 5% warmup then cosine decay to lr/10. Every batch mixes the tasks evenly; an SDAR
+    model draws one block length per batch. The objective follows config.model_type. Prints a
+    progress line every log_every seconds (None: silent). Returns the model in eval mode."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     per_task = -(-steps * batch_size // len(tasks))
     data = [ex for group in zip(*(examples(per_task, "train", seed, t) for t in tasks)) for ex in group]
     gen, rng = torch.Generator(device).manual_seed(seed), random.Random(seed)
+    ar, pad = model.config.model_type == "qwen3", tok.id_of("<|endoftext|>")
     t0 = last = time.perf_counter()
     tokens, losses = 0, []
     for step in range(steps):
@@ -230,12 +254,13 @@ def train(model, tok, *, steps, batch_size, lr, seed=0, tasks=TASKS, device="cpu
             g["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         x0, is_resp = batch(data[step * batch_size:(step + 1) * batch_size], tok, device)
         with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            loss = sdar_loss(model, x0, is_resp, rng.choice(BLOCKS), tok.mask_id, gen)
+            loss = ar_loss(model, x0, is_resp, pad) if ar else \
+                sdar_loss(model, x0, is_resp, rng.choice(BLOCKS), tok.mask_id, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # 1/p weights make rare huge steps
         opt.step()
-        tokens += 2 * x0.numel()  # the [x_t ; x_0] layout, trimmed prompt blocks included
+        tokens += x0.numel() * (1 if ar else 2)  # SDAR's [x_t ; x_0], trimmed prompt blocks included
         losses.append(loss.item())
         now = time.perf_counter()
         if log_every is not None and (now - last > log_every or step + 1 == steps):
@@ -248,20 +273,33 @@ def train(model, tok, *, steps, batch_size, lr, seed=0, tasks=TASKS, device="cpu
 
 
 def evaluate(model, tok, n=100, block=4, seed=0, task="sort"):
-    """Held-out score under vanilla block-diffusion decoding, argmax, one token per step."""
+    """Held-out score of greedy decoding: vanilla block diffusion with one token per step for an
+    SDAR model, next-token decoding for an AR one (block unused)."""
     import decode  # decode imports model and mask only; importing it late keeps this file standalone
     hits = 0
     for prompt, answer in examples(n, "heldout", seed, task):
-        ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, stop_ids=tok.stop_ids,
-                                 mask_id=tok.mask_id)
+        if model.config.model_type == "qwen3":
+            ids, _ = decode.generate_ar(model, tok.chat(prompt), 48, stop_ids=tok.stop_ids)
+        else:
+            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, stop_ids=tok.stop_ids,
+                                     mask_id=tok.mask_id)
         hits += score(prompt, tok.decode(ids), answer)
     return hits / n
 
 
+def byte_tokenizer():
+    """The toys' tokenizer: ids 0-255 are bytes, then <|endoftext|> <|im_start|> <|im_end|>
+    <|MASK|> (256-259). Every preset trains with it; the AR folder is written without the mask."""
+    with tempfile.TemporaryDirectory() as folder:
+        return sdar.load_tokenizer(sdar.write_byte_tokenizer(folder))
+
+
 def write(model, folder):
-    """An SDAR-format folder: tokenizer files, then model.safetensors and config.json (each
-    written atomically), so a folder with config.json holds a finished model."""
-    sdar.write_byte_tokenizer(folder)
+    """A checkpoint folder: tokenizer files, then model.safetensors, then config.json (each
+    written atomically), so a folder with config.json holds a finished model. An AR model gets
+    a tokenizer without <|MASK|>, like a real Qwen3."""
+    ar = model.config.model_type == "qwen3"
+    sdar.write_byte_tokenizer(folder, **({"specials": AR_SPECIALS} if ar else {}))
     sdar.save(model, folder)
 
 
@@ -270,65 +308,73 @@ def complete(folder):
 
 
 def ensure_trained(quiet=False):
-    """Train both toys with the defaults of `python train_tiny.py` unless both folders hold a
+    """Train the toys with the defaults of `python train_tiny.py` unless every folder holds a
     complete checkpoint. quiet: print only the one line saying that it trains."""
-    if complete(TARGET_DIR) and complete(DRAFT_DIR):
+    if complete(TARGET_DIR) and complete(DRAFT_DIR) and complete(AR_DIR):
         return
-    print(f"training the toy models into {TARGET_DIR.parent} (about 3 minutes on 2 CPU cores)...",
+    print(f"training the toy models into {TARGET_DIR.parent} (about 2 minutes on 2 CPU cores)...",
           flush=True)
     main(["--eval", "0", "--out", str(TARGET_DIR.parent)] + (["--quiet"] if quiet else []))
 
 
 def run_preset(name, args):
-    """Train one preset, write its folder, score it; runs in a worker process."""
+    """Train one preset, write its folder, score it; runs in a worker process.
+    Returns (training seconds, {(task, block or None): held-out score})."""
     torch.set_num_threads(1)
-    folder = args.out / f"tiny-{name}"
-    tok = sdar.load_tokenizer(sdar.write_byte_tokenizer(folder))
-    shape, steps, lr = PRESETS[name]
-    steps, lr = args.steps or steps, args.lr or lr
+    tok = byte_tokenizer()
+    shape, steps, lr, tasks = PRESETS[name]
+    steps, lr, tasks = args.steps or steps, args.lr or lr, args.tasks or tasks
     m = init_model(config(name, tok), args.seed)
     if not args.quiet:
         print(f"{name}: {shape['num_hidden_layers']} layer(s), width {shape['hidden_size']}, "
               f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}k parameters, {steps} steps of "
-              f"{args.batch_size}", flush=True)
-    m = train(m, tok, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, tasks=args.tasks,
+              f"{args.batch_size} on {'+'.join(tasks)}", flush=True)
+    t0 = time.perf_counter()
+    m = train(m, tok, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, tasks=tasks,
               device=args.device, log_every=None if args.quiet else 5.0, name=name)
-    write(m.cpu(), folder)
-    return {(task, block): evaluate(m.cpu(), tok, args.eval, block, task=task)
-            for task in args.tasks for block in args.eval_blocks if args.eval}
+    seconds = time.perf_counter() - t0
+    write(m.cpu(), args.out / f"tiny-{name}")
+    blocks = [None] if m.config.model_type == "qwen3" else args.eval_blocks
+    return seconds, {(task, block): evaluate(m.cpu(), tok, args.eval, block, task=task)
+                     for task in tasks for block in blocks if args.eval}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train the toy SDAR target and draft on the sorting task "
-                                 "and write them as SDAR-format checkpoint folders.")
-    ap.add_argument("--preset", choices=["target", "draft", "both"], default="both")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=["sort"],
-                    help="tasks mixed evenly in every batch, and scored (default: sort)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: target 600, draft 1300)")
+    ap = argparse.ArgumentParser(description="Train the toy SDAR target and draft and the toy AR (Qwen3) "
+                                 "target, and write them as checkpoint folders.")
+    ap.add_argument("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
+                    help=f"models to train (default: all, i.e. {' '.join(PRESETS)})")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, help="train every chosen preset on these tasks, "
+                    "mixed evenly in each batch (default: each preset's own)")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: " +
+                    ", ".join(f"{k} {v[1]}" for k, v in PRESETS.items()) + ")")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    ap.add_argument("--lr", type=float, help="peak learning rate (default: target 5e-3, draft 1e-2)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, data and noise")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: " +
+                    ", ".join(f"{k} {v[2]:g}" for k, v in PRESETS.items()) + ")")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, data and noise (default 0)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains under bf16 autocast")
-    ap.add_argument("--out", type=Path, default=ROOT / "out",
-                    help="writes OUT/tiny-target and OUT/tiny-draft (default: out/ next to this file)")
+    ap.add_argument("--out", type=Path, default=ROOT / "out", help="writes OUT/tiny-<preset> (default: ./out)")
+    ap.add_argument("--workers", type=int, default=2, help="models trained at once, one process each (default 2)")
     ap.add_argument("--eval", type=int, default=100, metavar="N",
-                    help="held-out prompts to score after training (default 100; 0: skip)")
+                    help="held-out prompts per task to score after training (default 100; 0: skip)")
     ap.add_argument("--eval-blocks", type=int, nargs="+", default=[4], metavar="B",
-                    help="block lengths to score at (default: 4)")
+                    help="block lengths to score the SDAR models at (default: 4)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
-    names = ["target", "draft"] if args.preset == "both" else [args.preset]
-    # One single-threaded process per model, side by side: at these sizes a second thread buys
-    # ~10% (per-op overhead dominates), and threads that wait on each other slow down manyfold
-    # when anything else runs on the machine. spawn, not fork: fork after torch's threads start
-    # can hang.
+    names = [n for n in PRESETS if "all" in args.preset or n in args.preset]
+    # One single-threaded process per model: at these sizes a second thread buys ~10% (per-op
+    # overhead dominates), and threads that wait on each other slow down manyfold when anything
+    # else runs on the machine. PRESETS lists the 6-layer models first (an SDAR step costs ~2x
+    # an AR step: twice the tokens), so the short draft jobs fill in at the end.
+    # spawn, not fork: fork after torch's threads start can hang.
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(len(names), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(args.workers, len(names)), mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = {name: pool.submit(run_preset, name, args) for name in names}
         results = {name: job.result() for name, job in jobs.items()}
-    for name, accs in results.items():
-        for (task, block), acc in accs.items():
-            print(f"{name}: held-out {task} {acc:.1%} of {args.eval} (block {block}, argmax)")
+    for name, (seconds, scores) in results.items():
+        print(f"{name}: trained in {seconds:.0f}s" + "".join(
+            f"; held-out {task} {acc:.1%} of {args.eval} " + ("(AR" if block is None else f"(block {block}") + ", greedy)"
+            for (task, block), acc in scores.items()))
     if not args.quiet:
         print(f"wrote {', '.join(str(args.out / f'tiny-{n}') for n in names)} in {time.perf_counter() - t0:.0f}s")
 

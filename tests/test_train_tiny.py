@@ -1,5 +1,6 @@
-"""train_tiny.py: the tasks and their scorers, the noising, the SDAR loss against a brute-force
-reference, a loss that drops, checkpoints that load back. Micro models only; nothing in out/."""
+"""train_tiny.py: the tasks and their scorers, the noising, the SDAR and AR losses against
+brute-force references, losses that drop, checkpoints that load back. Micro models only;
+nothing in out/."""
 import json
 
 import pytest
@@ -166,6 +167,33 @@ def test_loss_matches_a_per_token_reference(tok, block):
     assert torch.isclose(loss, torch.tensor(total / is_resp.sum().item()), rtol=1e-4)
 
 
+def micro_ar(tok, seed=0):
+    c = sdar.Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, model_type="qwen3")
+    return tt.init_model(c, seed)
+
+
+def test_ar_loss_matches_a_per_token_reference(tok):
+    """One forward per predicted token on the prefix before it, with a causal mask built by a
+    loop (every layer's earlier rows must not see later ones either), over the answer and its
+    stop token only: the pads after it are not trained."""
+    model = micro_ar(tok).eval()
+    pairs = tt.examples(2, "train", 5) + tt.examples(2, "train", 5, "walk")  # rows of different lengths
+    x0, is_resp = tt.batch(pairs, tok)
+    stop = tok.id_of("<|im_end|>")
+    with torch.no_grad():
+        loss = tt.ar_loss(model, x0, is_resp, tok.id_of("<|endoftext|>"))
+        terms = []
+        for (prompt, answer), row in zip(pairs, x0):
+            start = len(tok.chat(prompt))
+            for i in range(start, start + len(tok.encode(answer)) + 1):  # the answer, then the stop
+                causal = torch.tensor([[k <= q for k in range(i)] for q in range(i)])
+                logits = model(row[None, :i], torch.arange(i), causal)[0, -1]
+                terms.append(-F.log_softmax(logits, -1)[row[i]].item())
+            assert row[i] == stop
+    assert torch.isclose(loss, torch.tensor(sum(terms) / len(terms)), rtol=1e-4)
+
+
 def test_training_loss_drops(tok):
     model = micro(tok)
     x0, is_resp = tt.batch(tt.examples(16, "heldout"), tok)
@@ -180,15 +208,32 @@ def test_training_loss_drops(tok):
     assert after < 0.4 * before, (before, after)
 
 
+def test_ar_training_loss_drops_on_the_mixture(tok):
+    model, pad = micro_ar(tok), tok.id_of("<|endoftext|>")
+    x0, is_resp = tt.batch(tt.examples(8, "heldout") + tt.examples(8, "heldout", task="walk"), tok)
+
+    def held_out_loss():
+        with torch.no_grad():
+            return tt.ar_loss(model.eval(), x0, is_resp, pad).item()
+
+    before = held_out_loss()
+    tt.train(model, tok, steps=40, batch_size=16, lr=1e-2, log_every=None)
+    assert held_out_loss() < 0.4 * before
+
+
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_presets():
     tok_ids = type("Tok", (), {"vocab_size": 260, "mask_id": 259})()
-    target, draft = (tt.init_model(tt.config(name, tok_ids)) for name in ("target", "draft"))
+    target, draft, ar = (tt.init_model(tt.config(name, tok_ids)) for name in ("target", "draft", "ar"))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(target) >= 4 * count(draft)
     assert draft.config.num_hidden_layers == 1 < target.config.num_hidden_layers
     assert target.config.block_size is None and draft.config.mask_token_id == 259
+    assert ar.config.model_type == "qwen3" and ar.config.mask_token_id is None and ar.config.block_size is None
+    assert count(ar) == count(target) and ar.config.vocab_size == target.config.vocab_size == 260
 
 
 def test_checkpoint_round_trip(tok, tmp_path):
@@ -214,17 +259,41 @@ def test_checkpoint_round_trip(tok, tmp_path):
         assert t.decode(chat) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_ar_checkpoint_round_trip(tok, tmp_path):
+    """An AR model is written as a Qwen3 folder: model_type qwen3, no mask token in config.json
+    or the tokenizer, the toy pair's 260 embedding rows; it loads back with identical logits."""
+    m = micro_ar(tok, seed=4).eval()
+    tt.write(m, tmp_path)
+    assert tt.complete(tmp_path)
+    loaded = sdar.load(tmp_path)
+    assert loaded.config.model_type == "qwen3" and loaded.config.mask_token_id is None
+    assert loaded.config.vocab_size == tok.vocab_size == 260
+    idx = torch.tensor([tok.chat("walk 3 to 5 in 4 steps within 2-6") + tok.encode("3+4-")])
+    pos, attn = torch.arange(idx.shape[1]), mask.block_causal(idx.shape[1], 1)
+    with torch.no_grad():
+        assert torch.equal(m(idx, pos, attn), loaded(idx, pos, attn))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and "mask_token_id" not in cfg and "block_size" not in cfg
+    added = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {int(i): t["content"] for i, t in added.items()} == {256: "<|endoftext|>", 257: "<|im_start|>",
+                                                                258: "<|im_end|>"}
+    t = sdar.load_tokenizer(tmp_path)
+    assert t.mask_id is None and t.stop_ids == tok.stop_ids and t.chat("sort 1") == tok.chat("sort 1")
+
+
 def test_ensure_trained_trains_only_when_a_checkpoint_is_missing(tok, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(tt, "TARGET_DIR", tmp_path / "tiny-target")
     monkeypatch.setattr(tt, "DRAFT_DIR", tmp_path / "tiny-draft")
+    monkeypatch.setattr(tt, "AR_DIR", tmp_path / "tiny-ar")
     monkeypatch.setattr(tt, "main", lambda argv: calls.append(argv))
+    tt.write(micro_ar(tok), tmp_path / "tiny-ar")
     tt.write(micro(tok), tmp_path / "tiny-target")
     tt.ensure_trained(quiet=True)
     assert len(calls) == 1 and str(tmp_path) in calls[0]  # the draft is missing: trains, into tmp_path
     tt.write(micro(tok), tmp_path / "tiny-draft")
     tt.ensure_trained(quiet=True)
-    assert len(calls) == 1  # both complete: nothing to do
+    assert len(calls) == 1  # all complete: nothing to do
 
 
 @pytest.mark.parametrize("task", tt.TASKS)
@@ -232,3 +301,9 @@ def test_evaluate_runs_with_decode(tok, task):
     pytest.importorskip("decode")
     acc = tt.evaluate(micro(tok), tok, n=2, block=4, task=task)
     assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("task", tt.TASKS)
+def test_evaluate_runs_an_ar_model_with_decode_generate_ar(tok, task):
+    pytest.importorskip("decode")
+    assert 0.0 <= tt.evaluate(micro_ar(tok), tok, n=2, task=task) <= 1.0
