@@ -28,6 +28,7 @@ config.json, model.safetensors and byte-level tokenizer files, read by model.loa
 model.load_tokenizer; tiny-ar is a Qwen3 folder, without a mask token.
 """
 import argparse
+import fcntl
 import functools
 import math
 import multiprocessing
@@ -304,17 +305,28 @@ def write(model, folder):
 
 
 def complete(folder):
-    return (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
+    files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
+    return all((Path(folder) / f).is_file() for f in files)
 
+
+# ----------------------------------------------------------------------------- entry points
 
 def ensure_trained(quiet=False):
-    """Train the toys with the defaults of `python train_tiny.py` unless every folder holds a
-    complete checkpoint. quiet: print only the one line saying that it trains."""
-    if complete(TARGET_DIR) and complete(DRAFT_DIR) and complete(AR_DIR):
+    """Train every toy with the defaults of `python train_tiny.py` unless each folder holds a
+    complete checkpoint (a folder left half-written by an interrupted run does not). A lock file
+    in out/ serialises first runs started together: the second waits, then finds the models.
+    quiet: print only the one line saying that it trains."""
+    folders = (TARGET_DIR, DRAFT_DIR, AR_DIR)
+    if all(map(complete, folders)):
         return
-    print(f"training the toy models into {TARGET_DIR.parent} (about 2 minutes on 2 CPU cores)...",
-          flush=True)
-    main(["--eval", "0", "--out", str(TARGET_DIR.parent)] + (["--quiet"] if quiet else []))
+    out = TARGET_DIR.parent
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train_tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if all(map(complete, folders)):
+            return
+        print(f"training the toy models into {out} (about 2 minutes on 2 CPU cores)...", flush=True)
+        main(["--eval", "0", "--out", str(out)] + (["--quiet"] if quiet else []))
 
 
 def run_preset(name, args):

@@ -1,7 +1,9 @@
 """train_tiny.py: the tasks and their scorers, the noising, the SDAR and AR losses against
-brute-force references, losses that drop, checkpoints that load back. Micro models only;
-nothing in out/."""
+brute-force references, losses that drop, checkpoints that load back, ensure_trained and its
+lock. Micro models only; nothing in out/."""
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -281,19 +283,66 @@ def test_ar_checkpoint_round_trip(tok, tmp_path):
     assert t.mask_id is None and t.stop_ids == tok.stop_ids and t.chat("sort 1") == tok.chat("sort 1")
 
 
-def test_ensure_trained_trains_only_when_a_checkpoint_is_missing(tok, tmp_path, monkeypatch):
+@pytest.fixture
+def toy_dirs(tmp_path, monkeypatch):
+    """Every toy folder under tmp_path instead of out/, by preset name."""
+    attrs = {"target": "TARGET_DIR", "draft": "DRAFT_DIR", "ar": "AR_DIR"}
+    assert set(attrs) == set(tt.PRESETS)
+    for name, attr in attrs.items():
+        monkeypatch.setattr(tt, attr, tmp_path / f"tiny-{name}")
+    return {name: tmp_path / f"tiny-{name}" for name in attrs}
+
+
+def write_toy(tok, name, folder):
+    tt.write(micro_ar(tok) if name == "ar" else micro(tok), folder)
+
+
+def test_ensure_trained_trains_when_any_folder_is_incomplete(tok, toy_dirs, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(tt, "TARGET_DIR", tmp_path / "tiny-target")
-    monkeypatch.setattr(tt, "DRAFT_DIR", tmp_path / "tiny-draft")
-    monkeypatch.setattr(tt, "AR_DIR", tmp_path / "tiny-ar")
     monkeypatch.setattr(tt, "main", lambda argv: calls.append(argv))
-    tt.write(micro_ar(tok), tmp_path / "tiny-ar")
-    tt.write(micro(tok), tmp_path / "tiny-target")
+    for name, folder in toy_dirs.items():
+        if name != "ar":
+            write_toy(tok, name, folder)
+    sdar.write_byte_tokenizer(toy_dirs["ar"])  # what an interrupted run leaves: tokenizer files only
     tt.ensure_trained(quiet=True)
-    assert len(calls) == 1 and str(tmp_path) in calls[0]  # the draft is missing: trains, into tmp_path
-    tt.write(micro(tok), tmp_path / "tiny-draft")
+    assert len(calls) == 1 and str(tmp_path) in calls[0]  # trains, into tmp_path
+    write_toy(tok, "ar", toy_dirs["ar"])
+    (toy_dirs["draft"] / "model.safetensors").unlink()  # weights lost, config.json still there
     tt.ensure_trained(quiet=True)
-    assert len(calls) == 1  # all complete: nothing to do
+    assert len(calls) == 2
+    write_toy(tok, "draft", toy_dirs["draft"])
+    tt.ensure_trained(quiet=True)
+    assert len(calls) == 2  # all complete: nothing to do
+
+
+def test_ensure_trained_lock_lets_one_of_two_callers_train(tok, toy_dirs, monkeypatch):
+    """Two first runs at once: the second blocks on the lock while the first trains, then finds
+    the folders complete. The fake trainer is slow enough that, without the lock, both would
+    see the folders missing and train."""
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        time.sleep(0.5)
+        for name, folder in toy_dirs.items():
+            write_toy(tok, name, folder)
+
+    monkeypatch.setattr(tt, "main", fake_main)
+    errors = []
+    threads = [threading.Thread(target=lambda: _catch(errors, tt.ensure_trained, True)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1
+    assert all(tt.complete(folder) for folder in toy_dirs.values())
+
+
+def _catch(errors, fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001  a thread's exception would otherwise vanish
+        errors.append(e)
 
 
 @pytest.mark.parametrize("task", tt.TASKS)
