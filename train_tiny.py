@@ -1,31 +1,32 @@
-"""Toy models trained on a CPU in minutes: an SDAR (block-diffusion) target and draft and a Qwen3
-(autoregressive) target of the SDAR target's shape.
+"""Toy models trained on a CPU in minutes: SDAR (block-diffusion) targets and drafts and a Qwen3
+(autoregressive) target, on two chat tasks. Bytes are tokens (the tokenizer is byte-level).
 
-Two tasks in chat form; bytes are tokens (the tokenizer is byte-level).
 sort: one right answer, scored by exact match. Answers are 24-36 bytes: 6-9 blocks of 4.
     user: sort 31415926                       assistant: [1, 1, 2, 3, 4, 5, 6, 9]<|im_end|>
 walk: many right answers, scored by validity: n steps of +-1 from a to b that never leave lo-hi,
 written as moves. Answers are 21-29 bytes (mean 25); training draws one uniformly among the valid.
     user: walk 3 to 5 in 6 steps within 2-6   assistant: 3+4-3+4-3+4+5<|im_end|>
-A confident model writes a sort in parallel for free, so nothing can beat dynamic decoding there;
-a walk, like chat text, has many plausible continuations: each move is a free choice, and a sign
-and the digit after it are uncertain jointly but sharp given each other.
+A confident model writes a sort in parallel for free: the target alone, revealing every position
+above 0.9 confidence per step, writes 3.3 tokens per forward at block 4 and loses nothing. Like
+chat text, a walk has many plausible continuations: each move is a free choice, and a sign and the
+digit after it are uncertain jointly but sharp given each other, so parallel decoding has a price.
+The walk target (block 4, greedy, 200 held-out prompts) is valid 97.0% of the time at one token
+per forward, 96.0% revealing above 0.9 confidence (1.23 tokens per forward), 76.5% above 0.7 (1.68).
 
-Training is SDAR's: the sequence [x_t ; x_0] (noisy half, clean half) with shared positions, the
-mask mask.training(n, block), each response token of x_t masked with probability p ~ U(1e-3, 1),
-and cross-entropy at the masked x_t positions weighted by 1/p, averaged over response tokens.
-Each batch draws its block length from (4, 8), so one checkpoint decodes with either. AR
-training: next-token cross-entropy under a causal mask on the answer and its stop token.
+SDAR training: [x_t ; x_0] (noisy half, clean half) at shared positions under mask.training, each
+response token of x_t masked with probability p ~ U(1e-3, 1), cross-entropy at the masked x_t
+positions weighted by 1/p; block length 4 or 8 per batch, so one checkpoint decodes with either.
+AR training: next-token cross-entropy under a causal mask on the answer and its stop token.
 
-Three presets: a 6-layer target and a 1-layer draft (~5x fewer parameters). At these sizes a
-forward costs ~0.45 ms per layer plus ~0.2 ms, nearly whatever the width, so a draft forward is
-~1/4.5 of a target forward. One layer can learn to sort too, only slowly: the draft stops while
-it is right on ~99% of answer tokens but only ~78% of answers (the target: 99.9% and 98%). The
-AR model ("ar") learns both tasks: 98% of held-out sorts and walks right (200 prompts, greedy).
+One SDAR pair per task, a 6-layer target and a 1-layer draft, whose forward costs ~1/4.5 of the
+target's (~0.45 ms per layer plus ~0.2 ms, nearly whatever the width); a draft trained on both
+tasks got 6-37% of sorts right, against 76% alone. One AR model, the target's shape, for both.
+Held-out greedy scores (200 prompts, block 4): sort target 95.5%, draft 75.5%; walk target 97.0%,
+draft 44.5%; AR 98% on each task.
 
-`python train_tiny.py` (about 2 minutes on 2 CPU cores) writes out/tiny-{target, draft, ar}:
-config.json, model.safetensors and byte-level tokenizer files, read by model.load and
-model.load_tokenizer; tiny-ar is a Qwen3 folder, without a mask token.
+`python train_tiny.py` (about 4 minutes on 2 CPU cores) writes out/tiny-{target, draft,
+walk-target, walk-draft, ar}: config.json, model.safetensors and byte-level tokenizer files, read
+by model.load and model.load_tokenizer; tiny-ar is a Qwen3 folder, without a mask token.
 """
 import argparse
 import fcntl
@@ -47,9 +48,11 @@ import mask as masks
 import model as sdar
 
 ROOT = Path(__file__).parent
-TARGET_DIR = ROOT / "out" / "tiny-target"
+TARGET_DIR = ROOT / "out" / "tiny-target"  # the sort pair
 DRAFT_DIR = ROOT / "out" / "tiny-draft"
-AR_DIR = ROOT / "out" / "tiny-ar"
+WALK_TARGET_DIR = ROOT / "out" / "tiny-walk-target"  # the walk pair
+WALK_DRAFT_DIR = ROOT / "out" / "tiny-walk-draft"
+AR_DIR = ROOT / "out" / "tiny-ar"  # the AR target of both tasks
 BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
 
 # ----------------------------------------------------------------------------- the tasks
@@ -143,20 +146,23 @@ def _valid_walk(prompt, prediction):
 # ----------------------------------------------------------------------------- models
 
 # name: (shape, default steps, default learning rate, tasks). Heads 4 (kv 2), head_dim = width / 4.
-# "ar" is the target's shape trained as a Qwen3 (next-token, causal), the other kind of target.
+# One pair per task: mixing both tasks costs the one-layer draft its sorting (see the docstring).
+# "ar" is the target's shape trained as a Qwen3 (next-token, causal), on both tasks at once.
 TARGET = dict(num_hidden_layers=6, hidden_size=48, intermediate_size=144)
+DRAFT = dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120)
 PRESETS = {
     "target": (TARGET, 600, 5e-3, ("sort",)),  # the 6-layer models first: see main
+    "walk-target": (TARGET, 900, 5e-3, ("walk",)),
     "ar": ({**TARGET, "model_type": "qwen3"}, 600, 5e-3, TASKS),
-    "draft": (dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120), 1300, 1e-2, ("sort",)),
+    "draft": (DRAFT, 1300, 1e-2, ("sort",)),
+    "walk-draft": (DRAFT, 2600, 1e-2, ("walk",)),
 }
 AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokenizer has no <|MASK|>
 
 
 def config(name, tok):
-    """The Config of a preset for the byte tokenizer. block_size stays None: trained on 4 and 8.
-    The AR model keeps all 260 embedding rows (its tokenizer knows 259 ids), as Qwen3 pads its
-    embedding past the tokenizer, so every toy shares one id space."""
+    """The Config of a preset. block_size stays None: trained on 4 and 8. The AR model keeps all
+    260 embedding rows (as Qwen3 pads its embedding past its tokenizer): one id space for all."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
     ar = PRESETS[name][0].get("model_type") == "qwen3"
@@ -304,6 +310,11 @@ def write(model, folder):
     sdar.save(model, folder)
 
 
+def pair(task):
+    """(target folder, draft folder) of the SDAR pair trained on task, one of TASKS."""
+    return {"sort": (TARGET_DIR, DRAFT_DIR), "walk": (WALK_TARGET_DIR, WALK_DRAFT_DIR)}[task]
+
+
 def complete(folder):
     files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
     return all((Path(folder) / f).is_file() for f in files)
@@ -316,7 +327,7 @@ def ensure_trained(quiet=False):
     complete checkpoint (a folder left half-written by an interrupted run does not). A lock file
     in out/ serialises first runs started together: the second waits, then finds the models.
     quiet: print only the one line saying that it trains."""
-    folders = (TARGET_DIR, DRAFT_DIR, AR_DIR)
+    folders = (TARGET_DIR, DRAFT_DIR, WALK_TARGET_DIR, WALK_DRAFT_DIR, AR_DIR)
     if all(map(complete, folders)):
         return
     out = TARGET_DIR.parent
@@ -325,7 +336,7 @@ def ensure_trained(quiet=False):
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if all(map(complete, folders)):
             return
-        print(f"training the toy models into {out} (about 2 minutes on 2 CPU cores)...", flush=True)
+        print(f"training the toy models into {out} (about 4 minutes on 2 CPU cores)...", flush=True)
         main(["--eval", "0", "--out", str(out)] + (["--quiet"] if quiet else []))
 
 
@@ -352,8 +363,8 @@ def run_preset(name, args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train the toy SDAR target and draft and the toy AR (Qwen3) "
-                                 "target, and write them as checkpoint folders.")
+    ap = argparse.ArgumentParser(description="Train the toy models (an SDAR target and draft per task, one "
+                                 "AR Qwen3 target for both) and write them as checkpoint folders.")
     ap.add_argument("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
                     help=f"models to train (default: all, i.e. {' '.join(PRESETS)})")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, help="train every chosen preset on these tasks, "

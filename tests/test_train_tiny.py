@@ -236,6 +236,11 @@ def test_presets():
     assert target.config.block_size is None and draft.config.mask_token_id == 259
     assert ar.config.model_type == "qwen3" and ar.config.mask_token_id is None and ar.config.block_size is None
     assert count(ar) == count(target) and ar.config.vocab_size == target.config.vocab_size == 260
+    for task in tt.TASKS:  # one SDAR pair per task, each of the pair's shapes; the AR model learns every task
+        target_name, draft_name = (folder.name.removeprefix("tiny-") for folder in tt.pair(task))
+        assert tt.PRESETS[target_name][0] == tt.TARGET and tt.PRESETS[draft_name][0] == tt.DRAFT
+        assert tt.PRESETS[target_name][3] == tt.PRESETS[draft_name][3] == (task,)
+    assert tt.PRESETS["ar"][3] == tt.TASKS
 
 
 def test_checkpoint_round_trip(tok, tmp_path):
@@ -286,7 +291,8 @@ def test_ar_checkpoint_round_trip(tok, tmp_path):
 @pytest.fixture
 def toy_dirs(tmp_path, monkeypatch):
     """Every toy folder under tmp_path instead of out/, by preset name."""
-    attrs = {"target": "TARGET_DIR", "draft": "DRAFT_DIR", "ar": "AR_DIR"}
+    attrs = {"target": "TARGET_DIR", "draft": "DRAFT_DIR", "walk-target": "WALK_TARGET_DIR",
+             "walk-draft": "WALK_DRAFT_DIR", "ar": "AR_DIR"}
     assert set(attrs) == set(tt.PRESETS)
     for name, attr in attrs.items():
         monkeypatch.setattr(tt, attr, tmp_path / f"tiny-{name}")
