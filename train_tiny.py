@@ -396,7 +396,7 @@ def main(argv=None):
         results = {name: job.result() for name, job in jobs.items()}
     for name, (seconds, scores) in results.items():
         print(f"{name}: trained in {seconds:.0f}s" + "".join(
-            f"; held-out {task} {acc:.1%} of {args.eval} " + ("(AR" if block is None else f"(block {block}") + ", greedy)"
+            f"; held-out {task} {acc:.1%} of {args.eval} ({'AR' if block is None else f'block {block}'}, greedy)"
             for (task, block), acc in scores.items()))
     if not args.quiet:
         print(f"wrote {', '.join(str(args.out / f'tiny-{n}') for n in names)} in {time.perf_counter() - t0:.0f}s")
