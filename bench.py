@@ -8,7 +8,8 @@ Rows. The target alone: `target` (static: the scheduled position per step) and `
 `target-dyn0.7` (dynamic: also every position above the threshold), the strongest things a block-
 diffusion target does alone; `draft` alone. SimSD: `simsd` (static drafting, draft-step-order
 acceptance), `simsd-position` (the paper's position-order acceptance), `simsd-dyn0.9` (dynamic drafting),
-`simsd-exact` (exact verification; asked for with --methods). An autoregressive target: `ar` alone and
+`simsd-exact` (exact verification: the target's own decisions along the draft's order). An
+autoregressive target: `ar` alone and
 `specdiff` (the diffusion draft proposing to it). Greedy rows on every task; temperature-1 rows on the
 tasks scored by validity, where sampling can be right.
 
@@ -38,7 +39,6 @@ METHODS = {"target": ("target", {}), "target-dyn0.9": ("target", DYN(0.9)), "tar
            "draft": ("draft", {}), "simsd": ("simsd", {}), "simsd-position": ("simsd", dict(accept="position")),
            "simsd-dyn0.9": ("simsd", DYN(0.9)), "simsd-exact": ("simsd", dict(verify="exact")),
            "ar": ("ar", {}), "specdiff": ("specdiff", {})}
-DEFAULT_METHODS = [m for m in METHODS if m != "simsd-exact"]
 ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 TINY = sdar.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
@@ -93,8 +93,9 @@ def configs(tasks, methods, blocks, temperatures, sampled):
 
 
 def measure(models, tok, tasks, check, keys, new_tokens, repeats, device, cap):
-    """Every configuration on every prompt of its task, prompt by prompt, so drift hits all alike. One record
-    per configuration with lists over prompts: tok_s and stats (latency), quality and correct (None: no answer)."""
+    """Every configuration on every prompt of its task (with that task's models), prompt by prompt, so drift
+    hits all alike. One record per configuration with lists over prompts: tok_s and stats (latency), quality
+    and correct (None: no answer)."""
     records = {k: {"task": k[0], "method": k[1], "block": k[2], "temperature": k[3], "tok_s": [], "stats": [],
                    "quality": [], "correct": []} for k in keys}
     for task, prompts in tasks.items():
@@ -103,11 +104,11 @@ def measure(models, tok, tasks, check, keys, new_tokens, repeats, device, cap):
             ids = tok.chat(text)
             for key in mine:
                 rec, (_, method, block, temperature) = records[key], key
-                run = lambda: decode_once(method, models, ids, block, new_tokens, temperature, (), tok.mask_id, i)
+                run = lambda: decode_once(method, models[task], ids, block, new_tokens, temperature, (), tok.mask_id, i)
                 sec, runs = median_time(run, repeats, int(not rec["tok_s"]), device)  # warm up once per row
                 rec["tok_s"].append(runs[-1]["tokens"] / sec)
                 rec["stats"].append(runs[-1])
-                rec["quality"].append(decode_once(method, models, ids, block, cap, temperature, tok.stop_ids,
+                rec["quality"].append(decode_once(method, models[task], ids, block, cap, temperature, tok.stop_ids,
                                                   tok.mask_id, i))
                 rec["correct"].append(None if answer is None else check(text, tok.decode(rec["quality"][-1]["out"]),
                                                                        answer))
@@ -165,7 +166,9 @@ def headlines(rows):
             top = max(good, key=lambda r: r["tok_s"])
             line += f"; SimSD's best within that point: {top['method']} at {top['tok_s'] / best['tok_s']:.2f}x of it"
         elif spec:
-            line += "; no SimSD row is within that point"
+            top = max(spec, key=lambda r: r["tok_s"])
+            line += (f"; no SimSD row is within that point (the fastest, {top['method']}, runs at "
+                     f"{top['tok_s'] / best['tok_s']:.2f}x of it with {top['accuracy']:.1f}%)")
         lines.append(line)
     return lines
 
@@ -182,13 +185,14 @@ def markdown(header, rows):
 def report(conditions, rows):
     """Conditions, a table per task, the headlines, then the JSON line: always the last line of stdout."""
     print("\n".join(f"- {k}: {v}" for k, v in conditions.items()))
-    header = ["method", "block", "temp", "tok/s", "speedup", "tokens / target forward", "acceptance", "drafting",
-              "accuracy"]
+    header = ["method", "block", "temp", "tok/s", "speedup", "tokens / target forward", "at EOS", "acceptance",
+              "drafting", "accuracy"]
     for task in dict.fromkeys(r["task"] for r in rows):
         print(f"\n{task}:\n")
         print(markdown(header, [[r["method"], show(r["block"], "d"), f"{r['temperature']:g}", show(r["tok_s"], ".1f"),
                                  show(r["speedup"], ".2f", "x"), show(r["tokens_per_target_forward"], ".2f"),
-                                 show(r["acceptance"], ".0%"), show(r["drafting"], ".0%"),
+                                 show(r["quality_tokens_per_target_forward"], ".2f"), show(r["acceptance"], ".0%"),
+                                 show(r["drafting"], ".0%"),
                                  show(r["accuracy"], ".1f", "%")] for r in rows if r["task"] == task]))
     print("\n" + "\n".join(headlines(rows)))
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
@@ -234,33 +238,36 @@ def table_main(args, device, dtype):
         import train_tiny  # the toy default only; real checkpoints never need it
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the table, then the JSON line
             train_tiny.ensure_trained(quiet=True)
-        paths = {"model": train_tiny.TARGET_DIR, "draft": train_tiny.DRAFT_DIR, "ar": train_tiny.AR_DIR}
-        tasks = {t: train_tiny.examples(args.num_prompts or 24, "heldout", task=t) for t in args.tasks or train_tiny.TASKS}
-        check, source = train_tiny.score, "train_tiny held-out prompts; exact match on sort, validity otherwise"
-        sampled = [t for t in tasks if t != "sort"]  # a sorted list has one right answer: greedy only
+        jobs = {t: (dict(zip(("model", "draft"), train_tiny.pair(t)), ar=train_tiny.AR_DIR),
+                    train_tiny.examples(args.num_prompts or 48, "heldout", task=t)) for t in args.tasks or train_tiny.TASKS}
+        check, source = train_tiny.score, "train_tiny held-out prompts; sort by exact match, walk by validity"
+        sampled = [t for t in jobs if t != "sort"]  # a sorted list has one right answer: greedy only
     else:
-        paths = {"model": args.model, "draft": args.draft}
-        tasks = {"prompts": read_prompts(args.prompts, args.num_prompts)}
+        jobs = {"prompts": ({"model": args.model, "draft": args.draft}, read_prompts(args.prompts, args.num_prompts))}
         check, source, sampled = contains_answer, f"{args.prompts}, answer contained in the output", ["prompts"]
-    models, tok = load_models(paths, device, dtype)
-    have = {"target": "target" in models, "draft": True, "simsd": "target" in models, "ar": "ar" in models,
-            "specdiff": "ar" in models}
-    methods = [m for m in args.methods or DEFAULT_METHODS if have[METHODS[m][0]]]
-    trained = models["draft"].config.block_size
-    blocks = args.blocks or ([trained] if trained else [4, 8])
-    if trained and any(b != trained for b in blocks):
-        fail(f"block {next(b for b in blocks if b != trained)} requested but the draft was trained with block "
-             f"{trained}; block 8 needs the -b8 checkpoints")
-    # Toy answers are ~27 tokens: 32 fixed tokens time the answer itself, not post-EOS filler on which the
+    models, keys = {}, []
+    for task, (paths, prompts) in jobs.items():
+        models[task], tok = load_models(paths, device, dtype)
+        have = {"target": "target" in models[task], "draft": True, "simsd": "target" in models[task],
+                "ar": "ar" in models[task], "specdiff": "ar" in models[task]}
+        trained = models[task]["draft"].config.block_size
+        blocks = args.blocks or ([trained] if trained else [4, 8])
+        if trained and any(b != trained for b in blocks):
+            fail(f"block {next(b for b in blocks if b != trained)} requested but the draft was trained with block "
+                 f"{trained}; block 8 needs the -b8 checkpoints")
+        keys += configs([task], [m for m in args.methods or METHODS if have[METHODS[m][0]]], blocks,
+                        args.temperatures or [0.0, 1.0], sampled)
+    # Toy answers are 21-36 tokens: 32 fixed tokens time the answer itself, not post-EOS filler on which the
     # models were never trained to agree.
     new, reps = args.new_tokens or (32 if args.prompts is None else 128), args.repeats or 1
-    keys = configs(tasks, methods, blocks, args.temperatures or [0.0, 1.0], sampled)
+    tasks = {task: prompts for task, (_, prompts) in jobs.items()}
     records = measure(models, tok, tasks, check, keys, new, reps, torch.device(device), args.answer_cap)
-    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M parameters"  # noqa: E731
+    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"  # noqa: E731
     conditions = {"device": device, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-                  "models": ", ".join(f"{k} {m.config.model_type} ({params(m)})" for k, m in models.items()),
-                  "folders": ", ".join(map(str, paths.values())),
-                  "batch": 1, "blocks": blocks, "steps": "one position per step (steps = block)",
+                  "models": "; ".join(f"{t}: " + ", ".join(f"{k} {params(m)} parameters" for k, m in ms.items())
+                                      for t, ms in models.items()),
+                  "folders": "; ".join(f"{t}: " + ", ".join(map(str, paths.values())) for t, (paths, _) in jobs.items()),
+                  "batch": 1, "steps": "one position per step (steps = block)",
                   "prompts": f"{', '.join(f'{len(p)} {t}' for t, p in tasks.items())} ({source})",
                   "latency protocol": f"{new} new tokens, stop tokens ignored, prefill and warm-up excluded, "
                   f"median of {reps} repeats per prompt, then median over prompts",
@@ -369,10 +376,10 @@ def parse_args(argv=None):
     add("--model", help="target checkpoint folder, SDAR or Qwen3 (with --draft and --prompts)")
     add("--draft", help="draft SDAR checkpoint folder")
     add("--prompts", help='JSONL file, one {"prompt": ..., "answer": ...} per line (answer optional)')
-    add("--num-prompts", type=int, help="prompts per task (default: 24 toy prompts per task, or every line)")
+    add("--num-prompts", type=int, help="prompts per task (default: 48 toy prompts per task, or every line)")
     add("--tasks", nargs="+", help="toy tasks to run (default: all of train_tiny.TASKS)")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-        help=f"rows to run, from {', '.join(METHODS)} (default: all but simsd-exact)")
+        help=f"rows to run, from {', '.join(METHODS)} (default: all)")
     add("--temperatures", type=float, nargs="+", help="0 = greedy; sampling rows only on validity-scored tasks "
         "(default: 0 1)")
     add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, checkpoints 128, "

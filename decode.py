@@ -275,8 +275,8 @@ def parse_args(argv=None):
     add("--accept", choices=["step", "position"], help="SimSD acceptance order (default step: in draft-step order, "
         "temporally valid; position: the paper's longest agreeing prefix)")
     add("--show", action="store_true", help="draw every speculative iteration's block")
-    add("--prompt", help="user message, chat template applied (default: held-out prompts for the toys, "
-        "else 'Write a haiku about the sea.')")
+    add("--prompt", help="user message, chat template applied (default: held-out prompts for the toys and the "
+        "toy folders, else 'Write a haiku about the sea.')")
     add("--system", help="system message")
     add("--no-think", action="store_true", help="append the chat template's empty think block "
         "(enable_thinking=False): answer directly")
@@ -338,15 +338,28 @@ def main(argv=None):
         fail("the prompt is empty; give some text with --prompt")
     if args.vanilla and args.draft:
         fail("--vanilla decodes without a draft; drop --draft or --vanilla")
-    device = pick_device(args.device, "--device")
-    draft_device = pick_device(args.draft_device or args.device, "--draft-device" if args.draft_device else "--device")
-    toy = args.model is None
-    if toy:
-        import train_tiny  # the toy default: the command may reach up; the library never does
+    if args.draft and not args.model:
+        fail("--draft needs --model; the toy models bring their own drafts")
+    devices = pick_device(args.device, "--device"), pick_device(args.draft_device or args.device,
+                                                                 "--draft-device" if args.draft_device else "--device")
+    import train_tiny  # the toys' prompts and scorer: the command may reach up; the library never does
+    if args.model:  # a toy folder without --prompt gets its tasks' held-out prompts
+        tasks = train_tiny.tasks_of(args.model) if args.prompt is None else None
+        jobs = [(args.model, args.draft, [p for t in tasks for p in train_tiny.examples(3, "heldout", task=t)]
+                 if tasks else [(args.prompt or "Write a haiku about the sea.", None)])]
+    else:  # the toys: one pair per task, trained on first use
         train_tiny.ensure_trained()
-        args.model = str(train_tiny.TARGET_DIR)
-        args.draft = None if args.vanilla else str(train_tiny.DRAFT_DIR)
-    model, draft, tok, mode = load_models(args, device, draft_device)
+        tasks = train_tiny.TASKS if args.prompt is None else [train_tiny.task_of(args.prompt)]
+        jobs = [(*train_tiny.pair(t), [(args.prompt, None)] if args.prompt else
+                 train_tiny.examples(3, "heldout", task=t)) for t in tasks]
+    for model_dir, draft_dir, prompts in jobs:
+        args.model, args.draft = str(model_dir), None if args.vanilla or draft_dir is None else str(draft_dir)
+        run_job(args, devices, prompts)
+
+
+def run_job(args, devices, prompts):
+    """Load one target (and draft), refuse what does not apply to them, decode the prompts."""
+    model, draft, tok, mode = load_models(args, *devices)
     flags, why = REFUSED[mode]
     given = sorted(f for f in flags if getattr(args, f) not in (None, False))
     if given:
@@ -362,10 +375,6 @@ def main(argv=None):
         check(block=block, steps=args.steps)
     except ValueError as e:
         fail(e)
-    if toy and args.prompt is None:
-        prompts = [p for task in train_tiny.TASKS for p in train_tiny.examples(3, "heldout", task=task)]
-    else:
-        prompts = [(args.prompt or "Write a haiku about the sea.", None)]
     for text, answer in prompts:
         ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
         if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:

@@ -130,6 +130,64 @@ def check_modes(ar, verify, accept):
     return verify or "simsd", accept or "step"
 
 
+class Block:
+    """The current block at positions start..start+size-1: its tokens (mask_id where unknown), which of
+    them are known (anywhere in the block), and how many leading ones were returned already."""
+
+    def __init__(self, start, size, mask_id, tokens=(), returned=0):
+        self.start, self.size, self.mask_id, self.returned = start, size, mask_id, returned
+        self.x = list(tokens) + [mask_id] * (size - len(tokens))
+        self.known = [True] * len(tokens) + [False] * (size - len(tokens))
+
+    def unknown(self):
+        return [i for i, k in enumerate(self.known) if not k]
+
+    def commit(self, D, tokens, committed, ok):
+        """Fill the drafted positions D where committed; returns each position's fate."""
+        status = ["known" if k else "dropped" for k in self.known]
+        for i, pos in enumerate(D):
+            if committed[i]:
+                self.x[pos], self.known[pos], status[pos] = tokens[i], True, "accepted" if ok[i] else "replaced"
+        return status
+
+    def advance(self, bonus=None):
+        """(tokens now returnable: the known prefix, the completed block or None). A completed block
+        gives way to the next, whose first known token is `bonus` (an AR target's token after d_m)."""
+        new, done = [], None
+        while True:
+            while self.returned < self.size and self.known[self.returned]:
+                new.append(self.x[self.returned])
+                self.returned += 1
+            if self.returned < self.size:
+                return new, done
+            done = self.x
+            self.__init__(self.start + self.size, self.size, self.mask_id, [bonus] if bonus is not None else [])
+            bonus = None
+
+
+def draft_block(draft, blk, store, cache, steps, device, **denoise_args):
+    """1. The draft fills the block's unknown positions D, its pending store folded in. Returns D, the
+    draft's block and step map (for on_iteration), then for D the tokens d, steps t and distributions p
+    on `device` (the target's), and the number of draft forwards."""
+    dev = decode.device_of(draft)
+    xd, td, pd, forwards = decode.denoise(draft, torch.tensor(blk.x, device=dev), blk.start, steps, cache=cache,
+                                          known=torch.tensor(blk.known, device=dev), context=store.to(dev),
+                                          **denoise_args)
+    D = blk.unknown()
+    Dd = torch.tensor(D, device=dev)
+    return D, xd.tolist(), td.tolist(), xd[Dd].to(device), td[Dd].to(device), pd[Dd].to(device), forwards
+
+
+def caches(target, draft, prompt, block, room, ar):
+    """Both models' KV caches with the prompt committed: its aligned blocks for the draft and a diffusion
+    target, every token but the newest for an AR target (its next forward verifies with that one)."""
+    tcache, dcache = target.new_cache(room), draft.new_cache(room)
+    aligned = len(prompt) - len(prompt) % block
+    decode.prefill(target, prompt[:len(prompt) - 1] if ar else prompt[:aligned], tcache, 1 if ar else block)
+    decode.prefill(draft, prompt[:aligned].to(decode.device_of(draft)), dcache, block)
+    return tcache, dcache
+
+
 @torch.inference_mode()
 def generate(target, draft, prompt_ids, max_new_tokens, block=4, draft_steps=None, verify=None, accept=None,
              temperature=0.0, top_k=0, top_p=1.0, strategy="static", threshold=0.9, stop_ids=(), mask_id=None,
@@ -140,75 +198,50 @@ def generate(target, draft, prompt_ids, max_new_tokens, block=4, draft_steps=Non
     verify: "simsd" (default) or "exact"; accept: "step" (default) or "position"; both apply to
     a diffusion target only. draft_steps: the draft's denoising steps per block (default: the
     block length, one position per step). The generator, if given, lives on the draft's device.
-    on_iteration(info) sees every iteration: the block before and after, the step map, each
-    position's fate ("known", "accepted", "replaced", "dropped") and the tokens it returned."""
+    on_iteration(info) sees every iteration: the block after it, the step map, each position's
+    fate ("known", "accepted", "replaced", "dropped") and the tokens it returned ("new")."""
     ar = target.config.model_type == "qwen3"
     verify, accept = check_modes(ar, verify, accept)
     decode.check(max_new_tokens=max_new_tokens, block=block, steps=draft_steps, eos_min_prob=eos_min_prob)
     mask_id = decode.resolve_mask_id(draft, mask_id)  # the draft is always a diffusion model
-    tdev, ddev = decode.device_of(target), decode.device_of(draft)
-    prompt = decode.as_prompt(prompt_ids, tdev)
-    P = len(prompt)
-    aligned = P - P % block
-    room = P + max_new_tokens + 3 * block + block * block  # committed + the widest scratch
-    tcache, dcache = target.new_cache(room), draft.new_cache(room)
-    pick = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    tdev = decode.device_of(target)
+    prompt, pick = decode.as_prompt(prompt_ids, tdev), dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    aligned = len(prompt) - len(prompt) % block
     t0 = decode.sync(tdev)
-    decode.prefill(target, prompt[:P - 1] if ar else prompt[:aligned], tcache, 1 if ar else block)
-    decode.prefill(draft, prompt[:aligned].to(ddev), dcache, block)
+    tcache, dcache = caches(target, draft, prompt, block, len(prompt) + max_new_tokens + 3 * block + block * block, ar)
     t1 = decoding_start = decode.sync(tdev)
-    stats = {"iterations": 0, "drafted": 0, "accepted": 0, "replaced": 0, "target_forwards": int(tcache.len > 0),
-             "draft_forwards": int(aligned > 0), "committed_histogram": [0] * (block + 2), "draft_seconds": 0.0,
-             "verify_seconds": 0.0}
-    start, n = aligned, P - aligned
-    x, known, emitted = prompt[aligned:].tolist() + [mask_id] * (block - n), [True] * n + [False] * (block - n), n
-    store, pending, out = prompt[:0], prompt[P - 1:], []  # pending: an AR target's uncached tokens
+    stats = {**dict.fromkeys(("iterations", "drafted", "accepted", "replaced", "draft_seconds", "verify_seconds"), 0),
+             "target_forwards": int(tcache.len > 0), "draft_forwards": int(dcache.len > 0),
+             "committed_histogram": [0] * (block + 2)}
+    blk = Block(aligned, block, mask_id, prompt[aligned:].tolist(), returned=len(prompt) - aligned)  # its tail
+    store, pending, out = prompt[:0], prompt[-1:], []  # pending: an AR target's uncached tokens
     while len(out) < max_new_tokens:
-        # 1. draft: fill the unknown positions (folding the draft's pending store in)
-        D = [i for i in range(block) if not known[i]]
-        xd, td, pd, f = decode.denoise(draft, torch.tensor(x, device=ddev), start, draft_steps or block,
-                                       known=torch.tensor(known, device=ddev), cache=dcache, context=store.to(ddev),
-                                       strategy=strategy, threshold=threshold, mask_id=mask_id, generator=generator,
-                                       **pick)
-        Dd = torch.tensor(D, device=ddev)
-        d, t, p = xd[Dd].to(tdev), td[Dd].to(tdev), pd[Dd].to(tdev)
+        D, xd, td, d, t, p, f = draft_block(draft, blk, store, dcache, draft_steps or block, tdev, strategy=strategy,
+                                            threshold=threshold, mask_id=mask_id, generator=generator, **pick)
         t2 = decode.sync(tdev)
         # 2. verify: one target forward; 3. accept
         if ar:
-            q, order = verify_causal(target, tcache, pending, d, start + D[0], pick), torch.arange(len(D) + 1)
+            q, order = verify_causal(target, tcache, pending, d, blk.start + D[0], pick), torch.arange(len(D) + 1)
         else:
-            q = verify_block(target, tcache, store, x, known, d, t, start, verify, mask_id, pick)
+            q = verify_block(target, tcache, store, blk.x, blk.known, d, t, blk.start, verify, mask_id, pick)
             order = t if accept == "step" else torch.arange(len(D))
         tokens, committed, ok = acceptance(d, p, q, order.to(tdev), temperature, generator, stop_ids, eos_min_prob)
         t3 = decode.sync(tdev)
-        kept = [c and a for c, a in zip(committed, ok)]
+        kept = sum(c and a for c, a in zip(committed, ok))
         if ar:  # the cache wrote [pending | d]: keep pending and the accepted prefix of d
-            tcache.commit(len(pending) + sum(kept))
-            pending = torch.tensor([tokens[max(i for i, c in enumerate(committed) if c)]], device=tdev)
+            tcache.commit(len(pending) + kept)
+            pending = torch.tensor([tokens[sum(committed) - 1]], device=tdev)  # the last committed: the target's
         # 4. commit
-        status = ["known" if k else "dropped" for k in known]
-        for i, pos in enumerate(D):
-            if committed[i]:
-                x[pos], known[pos], status[pos] = tokens[i], True, "accepted" if ok[i] else "replaced"
         bonus = tokens[-1] if len(tokens) > len(D) and committed[-1] else None
-        for key, value in (("iterations", 1), ("drafted", len(D)), ("accepted", sum(kept)),
-                           ("replaced", sum(committed) - sum(kept)), ("target_forwards", 1), ("draft_forwards", f),
-                           ("draft_seconds", t2 - t1), ("verify_seconds", t3 - t2)):
+        start, status = blk.start, blk.commit(D, tokens, committed, ok)
+        info = {"start": start, "block": blk.x[:], "steps": td, "drafted": xd, "status": status, "bonus": bonus}
+        for key, value in dict(iterations=1, drafted=len(D), accepted=kept, replaced=sum(committed) - kept,
+                               target_forwards=1, draft_forwards=f, draft_seconds=t2 - t1,
+                               verify_seconds=t3 - t2).items():
             stats[key] += value
         stats["committed_histogram"][sum(committed)] += 1
-        info = {"start": start, "block": x[:], "steps": td.tolist(), "drafted": xd.tolist(), "status": status,
-                "bonus": bonus}
-        new, store = [], prompt[:0]  # both models have stored the previous block by now
-        while True:  # return the block's known prefix; a completed block is stored next time
-            while emitted < block and known[emitted]:
-                new.append(x[emitted])
-                emitted += 1
-            if emitted < block:
-                break
-            store, start = torch.tensor(x, device=tdev), start + block
-            x, known, emitted = [mask_id] * block, [False] * block, 0
-            if bonus is not None:  # an AR target's token after d_m starts the next block
-                x[0], known[0], bonus = bonus, True, None
+        new, done = blk.advance(bonus)
+        store = prompt[:0] if done is None else torch.tensor(done, device=tdev)  # both store it next time
         stop = next((i for i, tok in enumerate(new) if tok in stop_ids), None)
         new = new[:stop][:max_new_tokens - len(out)]
         out += new

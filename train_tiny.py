@@ -122,11 +122,16 @@ def examples(n, split="heldout", seed=0, task="sort"):
     return out
 
 
+def task_of(prompt):
+    """The task a prompt belongs to: its first word ("walk 3 to 5 ..."), else sort."""
+    return "walk" if prompt.startswith("walk ") else "sort"
+
+
 def score(prompt, prediction, answer):
     """sort: exact match after stripping surrounding whitespace (' [1, 2]\\n' counts; '[1,2]' and
     '[1, 2] done' do not: the spacing inside is part of the format the model learns).
     walk: validity, whatever the reference answer says (see _valid_walk)."""
-    if prompt.startswith("walk "):
+    if task_of(prompt) == "walk":
         return _valid_walk(prompt, prediction)
     return prediction.strip() == answer.strip()
 
@@ -313,6 +318,13 @@ def write(model, folder):
 def pair(task):
     """(target folder, draft folder) of the SDAR pair trained on task, one of TASKS."""
     return {"sort": (TARGET_DIR, DRAFT_DIR), "walk": (WALK_TARGET_DIR, WALK_DRAFT_DIR)}[task]
+
+
+def tasks_of(folder):
+    """The tasks a toy folder was trained on, or None for any other folder."""
+    trained = {TARGET_DIR: ("sort",), DRAFT_DIR: ("sort",), WALK_TARGET_DIR: ("walk",), WALK_DRAFT_DIR: ("walk",),
+               AR_DIR: TASKS}
+    return {Path(k).resolve(): v for k, v in trained.items()}.get(Path(folder).resolve())
 
 
 def complete(folder):

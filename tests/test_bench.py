@@ -77,7 +77,8 @@ def test_headline_is_against_the_fastest_target_within_one_point():
     assert "target-dyn0.9 at 300 tok/s" in line  # dyn0.7 is faster but 5 points worse
     assert "simsd at 1.50x of it" in line  # simsd-dyn0.9 is faster but outside the point
     rows = [row("target", 100, 90.0), row("target-dyn0.9", 300, 90.0), row("simsd", 900, 50.0)]
-    assert "no SimSD row is within that point" in bench.headlines(rows)[0]
+    assert "no SimSD row is within that point (the fastest, simsd, runs at 3.00x of it with 50.0%)" in \
+        bench.headlines(rows)[0]
     rows = [row("target", 100, 90.0, 8, 1.0), row("ar", 40, 90.0, None), row("specdiff", 100, 90.0, 8, speedup=2.5)]
     lines = bench.headlines(rows)
     assert "t, block 8, temperature 1: fastest target alone" in lines[0] and "target at 100 tok/s" in lines[0]
@@ -90,7 +91,7 @@ def test_report_ends_with_the_json_line(capsys):
                              record("simsd", 4, [20.0], [spec(8, 4, 6, 12)], [False])])
     bench.report({"device": "cpu", "dtype": "float32", "threads": 2}, rows)
     out = capsys.readouterr().out.strip().splitlines()
-    assert "| simsd | 4 | 0 | 20.0 | 2.00x | 2.00 | 50% | 50% | 0.0% |" in out
+    assert "| simsd | 4 | 0 | 20.0 | 2.00x | 2.00 | 2.00 | 50% | 50% | 0.0% |" in out
     last = json.loads(out[-1])
     assert last["device"] == "cpu" and [r["method"] for r in last["rows"]] == ["target", "simsd"]
     assert last["rows"][0]["acceptance"] is None and last["rows"][1]["speedup"] == 2.0

@@ -376,21 +376,49 @@ def test_cli_help_shows_defaults_and_a_closed_pipe_is_quiet(ckpt):
 
 @pytest.fixture
 def toys(ckpt, monkeypatch):
-    """The toy default, pointed at micro checkpoints (the real toys take minutes to train)."""
+    """The toy default, pointed at micro checkpoints (the real toys take minutes to train): the sort
+    pair is target + draft, the walk pair target + the block-8 draft's twin, so the output says which ran."""
     import train_tiny
-    monkeypatch.setattr(train_tiny, "TARGET_DIR", Path(ckpt["target"]))
-    monkeypatch.setattr(train_tiny, "DRAFT_DIR", Path(ckpt["draft"]))
+    pairs = {"sort": (ckpt["target"], ckpt["draft"]), "walk": (ckpt["draft"], ckpt["target"])}
+    monkeypatch.setattr(train_tiny, "pair", pairs.get)
     monkeypatch.setattr(train_tiny, "ensure_trained", lambda quiet=False: None)
     return train_tiny
 
 
-def test_toy_default_honours_prompt_and_vanilla(toys, capsys):
-    """--prompt replaces the toy prompts; --vanilla drops the draft; without them the toy prompts run."""
-    decode.main(["--prompt", "sort 87654321", "--max-new-tokens", "4", "--device", "cpu"])
+def test_toy_default_honours_prompt_and_vanilla(toys, capsys, monkeypatch):
+    """--prompt replaces the toy prompts and picks its task's pair; --vanilla drops the draft; without
+    them each task's held-out prompts run on that task's pair."""
+    loaded = []
+    monkeypatch.setattr(decode, "load_checkpoint", lambda path, *a, real=decode.load_checkpoint: (
+        loaded.append(Path(path).name), real(path, *a))[1])
+    decode.main(["--prompt", "walk 3 to 5 in 4 steps within 2-6", "--max-new-tokens", "4", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert out.count(">>> ") == 1 and ">>> sort 87654321" in out and "simsd" in out
+    assert out.count(">>> ") == 1 and ">>> walk 3 to 5" in out and "simsd" in out and loaded == ["draft", "target"]
+    loaded.clear()
     decode.main(["--vanilla", "--max-new-tokens", "4", "--device", "cpu"])
     out = capsys.readouterr().out
     prompts = [p for task in toys.TASKS for p, _ in toys.examples(3, "heldout", task=task)]
     assert [line[4:] for line in out.splitlines() if line.startswith(">>> ")] == prompts
     assert "vanilla" in out and "simsd" not in out and "truncated at --max-new-tokens 4" in out
+    assert loaded == ["target", "draft"]  # each task's target, no drafts
+
+
+def test_toy_default_retrains_after_an_interrupted_first_run(ckpt, tmp_path, monkeypatch, capsys):
+    """A toy folder holding tokenizer files only (training was interrupted) is trained again, not loaded."""
+    import shutil
+    import train_tiny
+    names = {"TARGET_DIR": "target", "DRAFT_DIR": "draft", "WALK_TARGET_DIR": "walk-target",
+             "WALK_DRAFT_DIR": "walk-draft", "AR_DIR": "ar"}
+    for attr, name in names.items():
+        monkeypatch.setattr(train_tiny, attr, tmp_path / f"tiny-{name}")
+    model.write_byte_tokenizer(tmp_path / "tiny-target")
+    trained = []
+
+    def fake_training(argv):  # stands in for train_tiny.main: writes micro checkpoints
+        trained.append(argv)
+        for name in names.values():
+            shutil.copytree(ckpt["ar" if name == "ar" else "target"], tmp_path / f"tiny-{name}", dirs_exist_ok=True)
+    monkeypatch.setattr(train_tiny, "main", fake_training)
+    decode.main(["--prompt", "sort 321", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert len(trained) == 1 and "training the toy models" in out and ">>> sort 321" in out
