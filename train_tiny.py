@@ -10,8 +10,8 @@ A confident model writes a sort in parallel for free: the target alone, revealin
 above 0.9 confidence per step, writes 3.3 tokens per forward at block 4 and loses nothing. Like
 chat text, a walk has many plausible continuations: each move is a free choice, and a sign and the
 digit after it are uncertain jointly but sharp given each other, so parallel decoding has a price.
-The walk target (block 4, greedy, 200 held-out prompts) is valid 97.0% of the time at one token
-per forward, 96.0% revealing above 0.9 confidence (1.23 tokens per forward), 76.5% above 0.7 (1.68).
+The walk target (block 4, greedy, 200 held-out prompts) is valid 97.0% of the time at one position
+per step, 96.0% revealing above 0.9 confidence (1.23 tokens per forward), 76.5% above 0.7 (1.68).
 
 SDAR training: [x_t ; x_0] (noisy half, clean half) at shared positions under mask.training, each
 response token of x_t masked with probability p ~ U(1e-3, 1), cross-entropy at the masked x_t
