@@ -255,8 +255,10 @@ def table_main(args, device, dtype):
         if trained and any(b != trained for b in blocks):
             fail(f"block {next(b for b in blocks if b != trained)} requested but the draft was trained with block "
                  f"{trained}; block 8 needs the -b8 checkpoints")
-        keys += configs([task], [m for m in args.methods or METHODS if have[METHODS[m][0]]], blocks,
-                        args.temperatures or [0.0, 1.0], sampled)
+        kind, rule = lambda m: METHODS[m][0], lambda m: METHODS[m][1].get("accept", "step")  # noqa: E731
+        keys += configs([task], [m for m in args.methods or METHODS if have[kind(m)] and (
+            not args.accept or kind(m) != "simsd" or rule(m) == args.accept)], blocks, args.temperatures or [0.0, 1.0],
+            sampled)
     # Toy answers are 21-36 tokens: 32 fixed tokens time the answer itself, not post-EOS filler on which the
     # models were never trained to agree.
     new, reps = args.new_tokens or (32 if args.prompts is None else 128), args.repeats or 1
@@ -380,6 +382,8 @@ def parse_args(argv=None):
     add("--tasks", nargs="+", help="toy tasks to run (default: all of train_tiny.TASKS)")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
         help=f"rows to run, from {', '.join(METHODS)} (default: all)")
+    add("--accept", choices=["step", "position"], help="only the SimSD rows that accept by this rule: step (simsd, "
+        "simsd-dyn0.9, simsd-exact) or position (simsd-position); default: both")
     add("--temperatures", type=float, nargs="+", help="0 = greedy; sampling rows only on validity-scored tasks "
         "(default: 0 1)")
     add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, checkpoints 128, "

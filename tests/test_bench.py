@@ -147,6 +147,10 @@ def test_checkpoints_with_and_without_answers(tmp_path, capsys):
     rows = last_json(capsys)["rows"]
     assert {r["method"] for r in rows} == {"draft", "ar", "specdiff"} and len(rows) == 2 * 3  # greedy + sampled
     assert all(r["accuracy"] is None and r["tok_s"] > 0 for r in rows)
+    bench.main(["--model", target, "--draft", target, "--prompts", str(bare), "--temperatures", "0",
+                "--accept", "position"] + argv)
+    assert [r["method"] for r in last_json(capsys)["rows"]] == ["target", "target-dyn0.9", "target-dyn0.7", "draft",
+                                                                "simsd-position"]
 
 
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path):

@@ -336,6 +336,7 @@ def test_cli_bad_input_is_one_sentence_and_exit_2(ckpt):
 def test_cli_vanilla_speculative_and_show(ckpt):
     """A checkpoint decodes alone (SDAR and AR), speculatively (SimSD and SpecDiff) and with --show."""
     for args, words in (([ckpt["target"]], ["tokens per forward", "vanilla"]),
+                        ([ckpt["target"], "--vanilla"], ["tokens per forward", "vanilla"]),
                         ([ckpt["ar"], "--no-think"], ["1.00 tokens per forward", "ar,"]),
                         ([ckpt["target"], "--draft", ckpt["draft"], "--show", "--accept", "position"],
                          ["tokens per target forward", "accepted,", "[accepted@s]", "simsd"]),
