@@ -207,15 +207,14 @@ def load_models(paths, device, dtype):
         toks = {name: sdar.load_tokenizer(path) for name, path in paths.items()}
     except (OSError, ValueError) as e:
         fail(f"cannot load the checkpoints: {e}")
-    target, draft, dtok = models["model"], models["draft"], toks["draft"]
-    if draft.config.model_type != "sdar" or dtok.mask_id is None:
-        fail(f"--draft {paths['draft']} is not an SDAR model with a mask token; this project drafts with "
-             "diffusion models")
-    for name, m in models.items():
-        if not dtok.covers(toks[name]) or draft.config.vocab_size != m.config.vocab_size:
-            fail(f"--draft {paths['draft']} does not give every token of {paths[name]} the same id")
-    models[{"sdar": "target", "qwen3": "ar"}[target.config.model_type]] = models.pop("model")
-    return models, dtok
+    for name in ("model", "ar") if "ar" in paths else ("model",):  # the toys add an AR target
+        try:
+            speculative.check_pair(models[name], models["draft"], toks[name], toks["draft"])
+        except ValueError as e:
+            fail(f"--draft {paths['draft']} with {paths[name]}: {e}")
+    target = models.pop("model")
+    models[{"sdar": "target", "qwen3": "ar"}[target.config.model_type]] = target
+    return models, toks["draft"]
 
 
 def read_prompts(path, n):

@@ -316,14 +316,11 @@ def load_models(args, device, draft_device):
     if args.draft is None:
         return model, None, tok, "ar" if ar else "vanilla"
     draft, dtok = load_checkpoint(args.draft, draft_device, dtype_of(draft_device), "--draft")
-    if draft.config.model_type != "sdar" or dtok.mask_id is None:
-        fail(f"--draft {args.draft} is not an SDAR model with a mask token; this project drafts with diffusion models")
-    if not dtok.covers(tok) or draft.config.vocab_size != model.config.vocab_size:
-        fail(f"--draft {args.draft} does not give every token of --model {args.model} the same id; "
-             "speculation needs one vocabulary")
-    if not ar and draft.config.block_size != model.config.block_size:
-        fail(f"the draft was trained with block {draft.config.block_size} and the target with block "
-             f"{model.config.block_size}; they must match")
+    import speculative
+    try:
+        speculative.check_pair(model, draft, tok, dtok)
+    except ValueError as e:
+        fail(f"--draft {args.draft} with --model {args.model}: {e}")
     return model, draft, dtok if ar else tok, "specdiff" if ar else "simsd"
 
 

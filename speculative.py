@@ -119,6 +119,19 @@ def verify_causal(target, cache, pending, d, first, pick):
     return decode.distribution(logits, **pick)
 
 
+def check_pair(target, draft, target_tok, draft_tok):
+    """Raise ValueError unless the draft can propose to the target: an SDAR model with a mask token,
+    giving every token of the target the same id, trained with a diffusion target's block length."""
+    if draft.config.model_type != "sdar" or draft_tok.mask_id is None:
+        raise ValueError("the draft is not an SDAR model with a mask token; this project drafts with diffusion models")
+    if not draft_tok.covers(target_tok) or draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError("the draft does not give every token of the target the same id; speculation needs one "
+                         "vocabulary")
+    if target.config.model_type == "sdar" and draft.config.block_size != target.config.block_size:
+        raise ValueError(f"the draft was trained with block {draft.config.block_size} and the target with block "
+                         f"{target.config.block_size}; they must match")
+
+
 def check_modes(ar, verify, accept):
     """The verification layout and acceptance order: options of a diffusion target only."""
     if ar and (verify or accept):

@@ -307,7 +307,7 @@ def bad_inputs(c):
              (m + ["--show"], "--show does not apply to decoding without --draft"),
              (m + ["--draft", c["b8"]], "the draft was trained with block 8 and the target with block 4"),
              (m + ["--draft", c["ar"]], "this project drafts with diffusion models"),
-             (m + ["--draft", c["othervocab"]], "does not give every token of --model"),
+             (m + ["--draft", c["othervocab"]], "does not give every token of the target the same id"),
              (["--model", c["ar"], "--draft", c["draft"], "--accept", "step"], "--accept does not apply to an "
               "autoregressive target"),
              (["--model", c["ar"], "--draft", c["draft"], "--verify", "simsd"], "--verify does not apply"),
