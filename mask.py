@@ -1,118 +1,107 @@
-"""Attention masks and position ids for every layout, as pure functions.
+"""Attention masks for every layout, as pure functions.
 
-A mask is a (T, T) torch.bool tensor, row = query, column = key, True = may
-attend. It only governs the T new tokens of a forward among themselves: every
-token also sees everything committed in the KV cache (model.KVCache).
+A mask is a (T, T) torch.bool tensor, row = query, column = key, True = may attend. It governs the
+T new tokens of a forward among themselves: every token also sees everything committed in the KV
+cache (model.KVCache). Positions are passed to the model separately, so two tokens may share one.
 
-Layouts (n known tokens of the current block, m drafted positions in it; the known
-and drafted positions may interleave in any pattern, since positions are separate):
-  prefill       prompt tokens; block k sees blocks <= k              block_causal
-  training      [x_t ; x_0], both halves at positions 0..n-1         training
-  verify        [known (n) | reference d_1..d_m (m) | mask (m)]      verify
-  verify exact  [known | state_s] once per distinct draft step s     verify_exact
-  folded store  [just-completed block | any layout above]            with_store
-The step map `step` is a LongTensor (m,): step[i] = the draft step (>= 1) that
-revealed drafted position i. Ties are allowed (dynamic decoding reveals several
-positions per step). Run `python mask.py` to see the verification mask drawn.
+Layouts, for a block of B positions:
+  prefill        prompt tokens; block k sees blocks <= k                     block_causal
+  training       [x_t ; x_0], both halves at the same positions              training
+  SimSD verify   [the block, drafted positions as references | B masks]      verify
+  exact verify   one copy of the block per proposed state, each blind to the others   copies
+  one forward    [pending | clean copies of drafted blocks | one part per block]      lookahead
+A step map `step` is a LongTensor (B,): 0 for a known position, s >= 1 for a position the draft
+revealed at its step s. Ties are allowed (a step may reveal several positions).
+Run `python mask.py` to see the layouts drawn.
 """
+import argparse
+import os
+import sys
+
 import torch
 
 
 def block_causal(n, block, start=0, device=None):
-    """(n, n) prefill mask for positions start..start+n-1: a token sees every
-    token whose block (pos // block) is <= its own."""
+    """(n, n) mask for positions start..start+n-1: a token sees every token whose block
+    (position // block) is <= its own. With block 1 it is causal."""
     b = torch.arange(start, start + n, device=device) // block
     return b[None, :] <= b[:, None]
 
 
 def training(n, block, device=None):
-    """(2n, 2n) SDAR training mask for [x_t ; x_0] (noisy half, then clean half,
-    both at positions 0..n-1): x_t block b denoises from x_t block b plus the
-    clean past x_0 blocks < b; x_0 is block-causal; x_0 never sees x_t."""
+    """(2n, 2n) SDAR training mask for [x_t ; x_0] (noisy half, then clean half, both at positions
+    0..n-1): x_t block b denoises from x_t block b plus the clean past x_0 blocks < b; x_0 is
+    block-causal; x_0 never sees x_t."""
     b = torch.arange(n, device=device) // block
     q, k = b[:, None], b[None, :]
-    top = torch.cat([q == k, k < q], dim=1)                # x_t rows: (n, 2n)
+    noisy_rows = torch.cat([q == k, k < q], dim=1)  # (n, 2n)
     blind = torch.zeros(n, n, dtype=torch.bool, device=device)
-    bottom = torch.cat([blind, k <= q], dim=1)             # x_0 rows: (n, 2n)
-    return torch.cat([top, bottom], dim=0)
+    clean_rows = torch.cat([blind, k <= q], dim=1)  # (n, 2n)
+    return torch.cat([noisy_rows, clean_rows], dim=0)
 
 
-def verify(step, n_known):
-    """(n+2m, n+2m) SimSD verification mask for [known | reference | mask].
+def verify(step):
+    """(2B, 2B) SimSD verification mask for [block | B mask tokens], both halves in position order.
 
-    A mask token inherits the step of its position; with t = step:
+    The first half holds each known token and each drafted position's reference token (the draft's
+    token); the second half one mask token per position, which inherits its position's step.
+    With t = step (0 = known):
       reference i sees reference j iff t_j <= t_i, and mask j iff t_j > t_i;
       mask i      sees reference j iff t_j <  t_i, and mask j iff t_j >= t_i;
-    so mask token i sees the block as the draft saw it just before step t_i,
-    and every drafted row sees exactly one version (token or mask) of each
-    position. Known tokens see each other only; every drafted row sees them.
-    Nothing here depends on where the known and drafted tokens sit in the block
-    (their positions go to verify_positions), so known tokens may be anywhere.
+    so mask token i sees the block exactly as the draft saw it just before step t_i, and every
+    drafted row sees one version (token or mask) of each position. A known token is a reference
+    of step 0: it sees the known tokens only, and every drafted row sees it. The mask tokens at
+    known positions are seen by nobody; their rows are unused.
     """
-    n, m = n_known, step.shape[0]
-    ti, tj = step[:, None], step[None, :]                  # query step, key step
-    ref_rows = torch.cat([tj <= ti, tj > ti], dim=1)       # (m, 2m)
-    mask_rows = torch.cat([tj < ti, tj >= ti], dim=1)      # (m, 2m)
-    out = torch.zeros(n + 2 * m, n + 2 * m, dtype=torch.bool, device=step.device)
-    out[:, :n] = True                                      # everyone sees known
-    out[n:, n:] = torch.cat([ref_rows, mask_rows], dim=0)  # known rows stop at n
+    ti, tj = step[:, None], step[None, :]  # query step, key step
+    reference_rows = torch.cat([tj <= ti, (tj > ti) & (ti > 0)], dim=1)  # (B, 2B)
+    mask_rows = torch.cat([tj < ti, tj >= ti], dim=1)  # (B, 2B)
+    return torch.cat([reference_rows, mask_rows], dim=0)
+
+
+def copies(n, block, device=None):
+    """(n*B, n*B) exact verification mask: n copies of a block, each bidirectional within itself
+    (as the block is when the model denoises it) and blind to the others."""
+    copy = torch.arange(n * block, device=device) // block
+    return copy[:, None] == copy[None, :]
+
+
+def lookahead(parts, n_pending, block):
+    """The mask of one target forward over [pending | clean_1 .. clean_{L-1} | part_1 .. part_L].
+
+    pending: a just-completed block not yet in the cache (n_pending tokens, maybe none), stored
+    by this forward. clean_j: proposed block j as drafted, stored the way storing it would; part_j:
+    the verification tokens of block j with their own mask parts[j] (verify or copies). Every
+    token sees pending; clean_j sees clean_<=j (block-causal); part_j sees clean_<j (block j is
+    verified as if every earlier proposed block were stored as drafted), and its own part only.
+    """
+    L, dev = len(parts), parts[0].device
+    group = torch.cat([torch.zeros(n_pending, dtype=torch.long, device=dev),
+                       torch.arange(1, L, device=dev).repeat_interleave(block)])  # 0 = pending
+    sizes = torch.tensor([len(p) for p in parts], device=dev)
+    part = torch.arange(1, L + 1, device=dev).repeat_interleave(sizes)  # part j: 1-based
+    n = len(group)
+    out = torch.zeros(n + len(part), n + len(part), dtype=torch.bool, device=dev)
+    out[:n, :n] = group[None, :] <= group[:, None]
+    out[n:, :n] = group[None, :] < part[:, None]
+    out[n:, n:] = torch.block_diag(*parts)
     return out
 
 
-def verify_exact(step, n_known):
-    """Exact mode: one copy of [known (n) | block state s (m)] per distinct step
-    s, ascending, each bidirectional within itself and blind to the others.
-
-    The caller fills copy s with the known tokens, then reference token j where
-    t_j < s and a mask token elsewhere: the block just before step s. Returns
-    (mask, rows): mask is (S*(n+m), S*(n+m)); rows (m,) is the row whose logits
-    verify drafted position i, namely position i inside the copy of step t_i.
-    """
-    steps = torch.unique(step)                             # sorted distinct steps (S,)
-    size = n_known + step.shape[0]                         # one copy: n + m
-    copy = torch.arange(steps.shape[0] * size, device=step.device) // size
-    rows = torch.searchsorted(steps, step) * size + n_known
-    rows = rows + torch.arange(step.shape[0], device=step.device)
-    return copy[:, None] == copy[None, :], rows
-
-
-def with_store(mask, n_store):
-    """Prepend a just-completed block of n_store tokens stored in this forward:
-    it sees only itself (a complete block is bidirectional) and everything
-    after sees it. Returns (n_store+T, n_store+T)."""
-    size = n_store + mask.shape[0]
-    out = torch.zeros(size, size, dtype=torch.bool, device=mask.device)
-    out[:, :n_store] = True                                # everyone sees the store
-    out[n_store:, n_store:] = mask                         # store rows stop at n_store
-    return out
-
-
-def verify_positions(known_pos, drafted_pos):
-    """(n+2m,) positions for verify: known tokens at their own positions, then
-    reference i and mask i both at drafted position i's (the RoPE copy: two
-    versions of one position)."""
-    return torch.cat([known_pos, drafted_pos, drafted_pos])
-
-
-def verify_exact_positions(step, known_pos, drafted_pos):
-    """(S*(n+m),) positions for verify_exact: [known | drafted] once per distinct step."""
-    return torch.cat([known_pos, drafted_pos]).repeat(torch.unique(step).shape[0])
-
-
-def render(mask, labels=None):
-    """ASCII picture of a mask: one row per query, '#' = attends, '.' = not.
-    Labels head the rows and (written vertically) the columns; a '|' column and
-    '-' row separate groups, runs of labels with the same first character."""
-    labels = labels or [str(i) for i in range(mask.shape[0])]
+def render(mask, labels):
+    """ASCII picture of a mask: one row per query, '#' = attends, '.' = not. Labels head the rows
+    and (written vertically) the columns; runs of labels with one first character are grouped."""
     cuts = {i for i in range(1, len(labels)) if labels[i][0] != labels[i - 1][0]}
-    w = max(map(len, labels), default=1)
+    width = max(map(len, labels))
 
-    def line(head, cells, bar="|"):                        # one text row of the grid
-        return head.rjust(w) + "".join((f" {bar} " if j in cuts else " ") + c
-                                       for j, c in enumerate(cells))
+    def line(head, cells, bar="|"):  # one text row of the grid
+        out = head.rjust(width)
+        for j, cell in enumerate(cells):
+            out += (f" {bar} " if j in cuts else " ") + cell
+        return out
 
     out = ["# = row (query) attends to column (key), . = does not"]
-    out += [line("", [s.ljust(w)[r] for s in labels]) for r in range(w)]
+    out += [line("", [label.ljust(width)[r] for label in labels]) for r in range(width)]
     for i, row in enumerate(mask.tolist()):
         if i in cuts:
             out.append(line("", "-" * len(labels), bar="+").replace(" ", "-"))
@@ -120,19 +109,38 @@ def render(mask, labels=None):
     return "\n".join(out)
 
 
+def examples():
+    """The three layouts drawn for a reader, as (title, picture)."""
+    step = torch.tensor([0, 2, 1, 3])  # position 0 known; 1, 2, 3 revealed at draft steps 2, 1, 3
+    shown = [0, 1, 2, 3, 5, 6, 7]  # the mask token of the known position is unused: left out
+    labels = ["k0"] + [f"{kind}{i}@{s}" for kind in "rm" for i, s in enumerate(step.tolist()) if s]
+    simsd = render(verify(step)[shown][:, shown], labels)
+    kinds = {True: "r", False: "m"}
+    labels = [f"{s}{'k' if t == 0 else kinds[t < s]}{i}" for s in (1, 2, 3) for i, t in enumerate(step.tolist())]
+    exact = render(copies(3, 4), labels)
+    parts = [copies(2, 2), copies(2, 2)]  # block 2: two blocks of two steps each
+    labels = ["c0", "c1"] + [f"{name}{s}{i}" for name in "ab" for s in (1, 2) for i in (0, 1)]
+    ahead = render(lookahead(parts, 0, 2), labels)
+    return [
+        ("SimSD verification, block 4: position 0 known, 1, 2, 3 drafted at steps 2, 1, 3.\n"
+         "rN@t / mN@t = reference / mask token of position N; mask row mN@t sees the block as\n"
+         "the draft saw it just before step t.", simsd),
+        ("Exact (and lossless) verification: one copy per proposed state; sR/sM/sK = in the copy\n"
+         "before step s, a revealed / masked / known position.", exact),
+        ("Lookahead, block 2, two proposed blocks of two steps: c = the clean copy of block a,\n"
+         "stored as drafted; a1 a2 = the copies of block a, b1 b2 = of block b, which sees c.", ahead)]
+
+
+def main(argv=None):
+    argparse.ArgumentParser(description="Draw the attention masks of SimSD's verification layouts "
+                            "('#' = attends).").parse_args(argv)
+    for title, picture in examples():
+        print(f"{title}\n\n{picture}\n")
+
+
 if __name__ == "__main__":
-    step, n = torch.tensor([2, 1, 3]), 1
-    t = step.tolist()
-    labels = [f"k{i}" for i in range(n)] + [f"{kind}{n + i}@{s}" for kind in "rm" for i, s in enumerate(t)]
-    print("SimSD verification, block 4: 1 known token, 3 drafted, step map [2, 1, 3]")
-    print("rN@t / mN@t = reference / mask token of position N, revealed at draft step t;")
-    print("mask row mN@t sees the block as the draft saw it just before step t.\n")
-    print(render(verify(step, n), labels))
-    exact, rows = verify_exact(step, n)
-    steps = torch.unique(step).tolist()
-    labels = [f"{s}{'k' if i < n else 'r' if t[i - n] < s else 'm'}{i}"   # copy s, token, position
-              for s in steps for i in range(n + len(t))]
-    print("\nExact mode: one copy per draft step s (label s + token), each the block just before s.\n")
-    print(render(exact, labels))
-    print("\nrows whose logits verify positions 1, 2, 3 (position i in the copy of step t_i): "
-          + ", ".join(labels[r] for r in rows.tolist()))
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

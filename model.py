@@ -183,6 +183,12 @@ class KVCache:
         self.len += n
         self.written -= n
 
+    def rewind(self, length):
+        """Forget the committed slots past `length` (speculation stores drafted blocks tentatively)."""
+        if not 0 <= length <= self.len:
+            raise ValueError(f"cannot rewind to {length}: {self.len} slots are committed.")
+        self.len, self.written = length, 0
+
     def reset(self):
         self.len = self.written = 0
 

@@ -1,267 +1,587 @@
-"""Speculative decoding with a block-diffusion draft, in one loop.
+"""Speculative decoding with a block-diffusion draft: SimSD for an SDAR target, SpecDiff for an AR one.
 
-SimSD (arXiv 2606.02544) verifies for a block-diffusion (SDAR) target. Each iteration:
-  1. draft  - the small model fills the unknown positions of the current block (decode.denoise),
-              recording each drafted token d_i, the step t_i that revealed it (the step map)
-              and its distribution p_i;
-  2. verify - the target runs ONE forward on [known | reference d_1..d_m | m mask tokens], where
-              mask token i sees the block exactly as the draft saw it just before step t_i
-              (mask.verify); or, in exact mode, on one copy of the block per draft step;
-  3. accept - in draft-step order. The verdict on d_i was computed with every d_j revealed
-              before t_i in place, wherever j sits, so step s is judged only when every earlier
-              step was accepted. All positions of step s are committed (d_i where accepted, the
-              target's token where not), and a rejection ends the iteration;
-  4. commit - committed tokens join the block's known tokens, wherever they sit, and the next
-              draft fills what is still unknown. A completed block is stored in both caches by
-              folding it into each model's next forward, so both caches hold whole blocks only.
-Position order (accept="position", the paper's rule) commits the longest agreeing prefix instead.
-With the right-to-left step map [4, 3, 2, 1] and d_3 rejected it commits d_0, d_1 and d_2,
-each judged with d_3 in place, then replaces d_3: three tokens verified in a context that
-never exists. Step order commits only the target's token for d_3 (step 1) and drafts again.
+One iteration (`speculate`) reads draft -> layout -> target forward -> accept -> commit:
+  1. draft   - the small SDAR model denoises the rest of the current block by the target's rule,
+               then `lookahead - 1` whole blocks, recording at every step its picks, distributions
+               and reveals (decode.denoise);
+  2. layout  - every proposed block laid out for one target forward (mask.lookahead);
+  3. forward - the target's one forward;
+  4. accept  - the target's verdict, in time order;
+  5. commit  - committed tokens join their blocks, and each cache keeps what was committed.
 
-SpecDiff (Christopher et al., "Speculative Diffusion Decoding") verifies for an autoregressive
-(Qwen3) target: the same draft; the target runs one causal forward on [its newest committed
-token | d_1..d_m], and the logits before each d_i judge it. Causal order is the temporal order
-here, so acceptance is in position order, and the token at the first rejection, or after d_m when
-everything is accepted, is the target's (up to m + 1 tokens per target forward). Its cache keeps
-every accepted token; the draft's still keeps whole blocks.
+A diffusion target verifies in one of three ways (`verify`):
+  lossless - the target's own decoding. From each state the draft proposed (one copy of the block
+             per state), the target takes its own step: its pick at every masked position (argmax,
+             or rejection sampling against the draft's pick there, so that each pick is a draw from
+             the target) and SDAR's rule on them. That step is committed; the chain goes on only if
+             it equals the draft's step. The output is decode.generate's: token for token when
+             greedy, in distribution when sampling. At least one target step per target forward.
+  exact    - the paper's acceptance on the same copies: each drafted token is judged (argmax, or
+             rejection sampling) in draft-step order. The draft chose which positions to reveal and
+             when, so the output is not the target's own, and when sampling it is biased.
+  simsd    - the paper's layout, one copy [block | masks] (mask.verify), and the same acceptance; in
+             a model deeper than one layer a mask token also sees later reveals through other masks.
+With exact and simsd, accept="position" is the paper's rule, the longest agreeing prefix in position
+order; it can commit tokens that were judged with a later-rejected token in place.
+
+An autoregressive (Qwen3) target verifies causally (SpecDiff): one forward on [its newest committed
+token | the drafted tokens, in position order]; the logits before each drafted token judge it, and the
+token at the first rejection, or after the last drafted token, is the target's (a bonus). The output
+is the target's own, greedy and sampled: when sampling, the draft reveals the leftmost positions first,
+so that every drafted token is drawn before any token to its right is chosen.
+
+Host syncs per iteration: one, the verdict's readback; one more per draft step when drafting is
+dynamic; and on CUDA two `synchronize` calls that time drafting for the stats.
 """
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 import decode
 import mask as masks
+from decode import GREEDY, Stats
 
 
-def uniform(n, generator, device):
-    """n uniforms from `generator` (on its own device), moved to `device`."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, device=gen_device).to(device)
+@dataclass
+class Block:
+    """The block being decoded, at positions start..start+B-1: its tokens (the mask id where unknown)
+    and which are known, on the target's device; on the host, how many are unknown (`masks`), the
+    target steps taken on it (`done`) and how many leading tokens were returned."""
+    start: int
+    tokens: torch.Tensor
+    known: torch.Tensor
+    masks: int
+    done: int = 0
+    returned: int = 0
 
 
-def acceptance(d, p, q, order, temperature, generator=None, stop_ids=(), eos_min_prob=0.0):
-    """Judge drafted tokens d (m,) with draft distributions p (m, V) against target distributions
-    q (r, V) in `order` (r,): each row's rank in time (its draft step, or its index for position
-    order). r = m, or m + 1 with a bonus row (an AR target's token after d_m) that drafts nothing
-    and is always rejected.
+@dataclass
+class Proposal:
+    """A block as the draft proposed it: known (B,) before drafting, the drafted tokens (B,), its step
+    map (B,) (0 = known), the steps taken on the block before (`done`), and, at the state before each
+    of its steps, the draft's pick at every position (S, B) and its distribution (S, B, V; None when
+    greedy). All on the target's device."""
+    start: int
+    known: torch.Tensor
+    tokens: torch.Tensor
+    step: torch.Tensor
+    done: int
+    picks: torch.Tensor
+    probs: torch.Tensor | None
 
-    greedy (temperature 0): d_i is accepted when it is argmax q_i; a rejected row takes argmax q_i.
-    sampling (modified rejection sampling): d_i is kept with probability min(1, q_i(d_i) / p_i(d_i)),
-    else replaced by a draw from normalize(max(q_i - p_i, 0)), so each committed token is
-    distributed as q_i. Every row whose rank is at most the earliest rejected rank is committed:
-    all rows of that rank too, since ties reveal several positions at one draft step.
-    eos_min_prob: a stop token chosen by the target needs at least this target probability;
-    otherwise it is drawn again without stop tokens.
-    Returns lists (one host sync): tokens (r,), committed (r,) bool, accepted (r,) bool."""
-    m, r = d.shape[0], q.shape[0]
-    d, p = F.pad(d, (0, r - m)), F.pad(p, (0, 0, 0, r - m))  # a bonus row drafts token 0 at p = 0
-    if temperature == 0:
-        ok = d == q.argmax(-1)
+    @property
+    def steps(self):
+        return len(self.picks)
+
+    def masked(self):
+        """(S, B): the masked positions of the state before each step."""
+        s = torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
+        return self.step >= s
+
+    def revealed(self):
+        """(S, B): the positions each step revealed."""
+        s = torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
+        return self.step == s
+
+    def positions(self):
+        return torch.arange(self.start, self.start + len(self.tokens), device=self.tokens.device)
+
+    def at_own_step(self, x):
+        """x (S, B, ...) -> (B, ...): each drafted position's row at the step that revealed it."""
+        cols = torch.arange(len(self.step), device=x.device)
+        return x[(self.step - 1).clamp(min=0), cols]
+
+
+@dataclass(frozen=True)
+class Options:
+    """One decode's settings, as generate() checked them."""
+    block: int
+    steps: int
+    strategy: str
+    threshold: float
+    sampling: decode.Sampling
+    verify: str | None  # None for an AR target
+    accept: str
+    lookahead: int
+    eos_min_prob: float
+    stop_ids: tuple
+    mask_id: int
+    end: int  # the position after the last token max_new_tokens allows
+
+
+@dataclass
+class Verdict:
+    """What acceptance committed, as L + 1 rows of B (the proposed blocks and the block after them):
+    tokens (the mask id where unknown) and known after the commit; fate (0 known before or never
+    drafted, 1 committed as drafted or in a matched step, 2 the target's own token or step, 3 drafted
+    but dropped); the target steps taken on each block (done); whether each was committed exactly as
+    drafted; and counts (accepted tokens, matched steps, target steps, tokens an AR target keeps)."""
+    tokens: torch.Tensor
+    known: torch.Tensor
+    fate: torch.Tensor
+    done: torch.Tensor
+    exact: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass
+class Run:
+    """One decode's state. pending: completed blocks the draft (and a diffusion target) has not
+    stored yet, fed in front of its next forward; target_pending: an AR target's committed tokens
+    not in its cache (its newest token). The generator lives on the draft's device."""
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    tcache: object
+    dcache: object
+    block: Block
+    pending: torch.Tensor
+    target_pending: torch.Tensor
+    generator: torch.Generator | None
+    stats: Stats
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+def speculate(run, opt):
+    """One iteration: draft -> layout -> target forward -> accept -> commit. Returns the tokens it
+    makes returnable (untrimmed) and what happened (for on_iteration)."""
+    B, dev, ar = opt.block, run.block.tokens.device, opt.verify is None
+    t0 = decode.sync(dev)
+    # 1. draft: the rest of the current block, then whole blocks, as many as max_new_tokens needs
+    n_blocks = min(opt.lookahead, -(-(opt.end - run.block.start) // B))
+    draft_len = run.dcache.len
+    proposals = propose(run, n_blocks, opt)
+    t1 = decode.sync(dev)
+    # 2. layout and 3. the target's forward, 4. accept
+    if ar:
+        ids, pos = causal_layout(proposals, run.target_pending, run.block.masks)
+        attend = masks.block_causal(len(ids), 1, device=dev)
+        logits = run.target(ids[None], pos, attend, run.tcache)[0, len(run.target_pending) - 1:]
+        q = opt.sampling.distribution(logits)  # (M + 1, V): before each drafted token, and after
+        verdict = accept_causal(proposals, q, run, opt)
     else:
-        ok = uniform(r, generator, d.device) * p.gather(-1, d[:, None])[:, 0] < q.gather(-1, d[:, None])[:, 0]
-    ok &= torch.arange(r, device=d.device) < m
+        ids, pos, attend, n_context = layout(proposals, run.pending, opt)
+        logits = run.target(ids[None], pos, attend, run.tcache)[0, n_context:]
+        if opt.verify == "simsd":  # the mask tokens, the second half of each block's part
+            logits = logits.view(len(proposals), 2, B, -1)[:, 1]
+        q = opt.sampling.distribution(logits.view(-1, B, logits.shape[-1]), suppress=opt.mask_id)
+        if opt.verify == "lossless":
+            verdict = accept_lossless(proposals, q, run, opt)
+        else:
+            verdict = accept_paper(proposals, q, run, opt)
+    # 5. commit: one readback, then each cache keeps what was committed
+    drafted = run.block.masks + (len(proposals) - 1) * B
+    new, info = commit(run, verdict, proposals, draft_len, opt)
+    stats = run.stats
+    stats.forwards += 1
+    stats.draft_forwards += sum(p.steps for p in proposals)
+    stats.drafted += drafted
+    stats.draft_seconds += t1 - t0
+    return new, info
+
+
+# ----------------------------------------------------------------------------- 1. draft
+
+def propose(run, n_blocks, opt):
+    """Draft n_blocks: the rest of the current block by the target's rule, then whole blocks, each
+    after storing the one before in the draft's cache (tentatively: commit() rewinds what the target
+    does not commit). Returns one Proposal per block."""
+    B, blk, ddev = opt.block, run.block, decode.device_of(run.draft)
+    x, known, masks_left, done = blk.tokens.to(ddev), blk.known.to(ddev), blk.masks, blk.done
+    pending = run.pending.to(ddev)
+    strategy = "left" if opt.verify is None and not opt.sampling.greedy else opt.strategy
+    proposals = []
+    for j in range(n_blocks):
+        start = blk.start + j * B
+        quotas = decode.schedule(masks_left, B, opt.steps, done)
+        d = decode.denoise(run.draft, x, known, start, quotas, cache=run.dcache, pending=pending,
+                           strategy=strategy, threshold=opt.threshold, sampling=opt.sampling,
+                           generator=run.generator, record=True)
+        dev = blk.tokens.device
+        probs = None if d.probs is None else d.probs.to(dev)
+        proposals.append(Proposal(start, known.to(dev), d.tokens.to(dev), d.step.to(dev), done,
+                                  d.picks.to(dev), probs))
+        pending, masks_left, done = d.tokens, B, 0
+        x, known = torch.full_like(x, opt.mask_id), torch.zeros_like(known)
+    return proposals
+
+
+# ----------------------------------------------------------------------------- 2. layout
+
+def layout(proposals, pending, opt):
+    """One diffusion-target forward: [pending | clean copies of blocks 1..L-1 | one part per block].
+    A clean copy is a proposed block as drafted: the next block is verified as if it were stored.
+    A part is one copy of the block per proposed state (lossless, exact: mask.copies) or the block
+    with its reference tokens and one mask token per position (simsd: mask.verify).
+    Returns ids, positions, the attention mask and how many tokens come before the parts."""
+    B, first = opt.block, proposals[0].start
+    ids = [pending] + [p.tokens for p in proposals[:-1]]
+    pos = [torch.arange(first - len(pending), first, device=pending.device)]
+    pos += [p.positions() for p in proposals[:-1]]
+    n_context, parts = len(pending) + (len(proposals) - 1) * B, []
+    for p in proposals:
+        if opt.verify == "simsd":
+            ids += [p.tokens, torch.full_like(p.tokens, opt.mask_id)]
+            pos += [p.positions(), p.positions()]
+            parts.append(masks.verify(p.step))
+        else:
+            states = torch.where(p.masked(), opt.mask_id, p.tokens)  # (S, B)
+            ids.append(states.flatten())
+            pos.append(p.positions().repeat(p.steps))
+            parts.append(masks.copies(p.steps, B, pending.device))
+    return torch.cat(ids), torch.cat(pos), masks.lookahead(parts, len(pending), B), n_context
+
+
+def causal_layout(proposals, target_pending, n_masks):
+    """An AR target's forward: [its pending token | every drafted token, in position order]. The
+    current block's known tokens are a prefix (commits are prefixes), so its drafted ones are its
+    last n_masks."""
+    B = len(proposals[0].tokens)
+    drafted = torch.cat([p.tokens for p in proposals])[B - n_masks:]
+    first = proposals[0].start + B - n_masks
+    pos = torch.arange(first - len(target_pending), first + len(drafted), device=drafted.device)
+    return torch.cat([target_pending, drafted]), pos
+
+
+# ----------------------------------------------------------------------------- 4. accept
+
+def uniform(shape, generator, device):
+    """Uniforms from `generator` (on its own device), moved to `device`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
+    """Each row's verdict on a drafted token d (...,) with draft distributions p (..., V) and target
+    distributions q (..., V). Greedy accepts d when it is argmax q; sampling keeps it with
+    probability min(1, q(d) / p(d)) (modified rejection sampling). A rejected row takes the target's
+    token: argmax q, or a draw from normalize(max(q - p, 0)), so that each row's token is
+    distributed as q, whatever the draft did. eos_min_prob: a stop token the target chooses needs
+    this probability, else it is chosen again without stop tokens (changes the target's output).
+    Returns tokens, ok."""
+    q_d = q.gather(-1, d[..., None])[..., 0]
     chosen = q
-    if len(stop_ids) and eos_min_prob > 0:  # gate the stops that the target does not really want
-        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=q.device)
-        chosen = q.index_copy(-1, stops, torch.where(q[:, stops] < eos_min_prob, 0.0, q[:, stops]))
+    if stop_ids and eos_min_prob > 0:  # gate the stop tokens the target does not really want
+        stops = torch.tensor(list(stop_ids), device=q.device)
+        weak = q.index_select(-1, stops) < eos_min_prob
+        chosen = q.index_copy(-1, stops, q.index_select(-1, stops).masked_fill(weak, 0.0))
         chosen = torch.where(chosen.sum(-1, keepdim=True) > 0, chosen, q)
-    resid = chosen if temperature == 0 else (chosen - p).clamp(min=0)
-    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, chosen)  # empty residual: q itself
-    if temperature == 0:
-        new = resid.argmax(-1)
-    else:  # Gumbel-max: a draw from normalize(resid) per row
-        gumbel = -torch.log(-torch.log(uniform(resid.numel(), generator, d.device).clamp(min=1e-20)))
-        new = (resid.log() + gumbel.view_as(resid)).argmax(-1)
-    first = torch.where(ok, order.max() + 1, order).min()  # the earliest rejected rank
-    out = torch.stack([torch.where(ok, d, new), order <= first, ok]).tolist()
-    return out[0], [bool(c) for c in out[1]], [bool(a) for a in out[2]]
+    if sampling.greedy:
+        ok = d == q.argmax(-1)
+        return torch.where(ok, d, chosen.argmax(-1)), ok
+    ok = uniform(d.shape, generator, d.device) * p.gather(-1, d[..., None])[..., 0] < q_d
+    residual = (chosen - p).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, chosen)  # p == q: q
+    gumbel = -torch.log(-torch.log(uniform(residual.shape, generator, d.device).clamp(min=1e-20)))
+    return torch.where(ok, d, (residual.log() + gumbel).argmax(-1)), ok
 
 
-def verify_layout(known, known_pos, d, drafted_pos, t, mode, mask_id):
-    """Token ids, positions, attention mask and the rows whose logits verify d, for one diffusion
-    target forward. simsd: [known | d | masks]; exact: one [known | block before step s] per
-    distinct step s. Known and drafted positions may interleave in any pattern."""
-    n, m = len(known), len(d)
-    if mode == "simsd":
-        ids = torch.cat([known, d, d.new_full((m,), mask_id)])
-        rows = torch.arange(n + m, n + 2 * m, device=d.device)  # the mask tokens
-        return ids, masks.verify_positions(known_pos, drafted_pos), masks.verify(t, n), rows
-    if mode == "exact":
-        states = torch.unique(t)[:, None]  # (S, 1): copy s shows the references revealed before s
-        copies = torch.where(t[None, :] < states, d[None, :], mask_id)  # (S, m)
-        ids = torch.cat([known.expand(len(states), n), copies], dim=1).reshape(-1)
-        att, rows = masks.verify_exact(t, n)
-        return ids, masks.verify_exact_positions(t, known_pos, drafted_pos), att, rows
-    raise ValueError(f"--verify must be 'simsd' or 'exact'; got {mode!r}")
+def in_time_order(ok, order):
+    """The rows committed when rows are judged in time order (order: each row's rank; equal ranks
+    are one step): every row up to the earliest rejected rank, all rows of that rank included."""
+    first = torch.where(ok, order.max() + 1, order).min()
+    return order <= first
 
 
-def verify_block(target, cache, store, x, known, d, t, start, mode, mask_id, pick):
-    """SimSD: one diffusion-target forward (the pending store folded in front). Returns q (m, V)."""
-    dev = d.device
-    K = torch.tensor([i for i, k in enumerate(known) if k], dtype=torch.long, device=dev)
-    D = torch.tensor([i for i, k in enumerate(known) if not k], dtype=torch.long, device=dev)
-    ids, pos, att, rows = verify_layout(torch.tensor(x, device=dev)[K], start + K, d, start + D, t, mode, mask_id)
-    ns = len(store)
-    logits = target(torch.cat([store, ids])[None], torch.cat([torch.arange(start - ns, start, device=dev), pos]),
-                    masks.with_store(att, ns), cache)[0, ns:]
-    if ns:
-        cache.commit(ns)  # the completed block is stored
-    return decode.distribution(logits[rows], **pick, suppress=mask_id)
+def accept_lossless(proposals, q, run, opt):
+    """Lossless: from every proposed state, in time order, the target's own step: its picks at the
+    masked positions (argmax, or rejection sampling against the draft's picks) and SDAR's rule on
+    them. Each step is committed up to the first that differs from the draft's; that one is the
+    target's own, and the chain stops. q (G, B, V): the target on every copy."""
+    B = opt.block
+    masked = torch.cat([p.masked() for p in proposals])  # (G, B)
+    proposed = torch.cat([p.revealed() for p in proposals])
+    picks = torch.cat([p.picks for p in proposals])
+    if opt.sampling.greedy:
+        y = opt.sampling.pick(q)
+    else:
+        y, _ = judge(picks, torch.cat([p.probs for p in proposals]), q, opt.sampling, run.generator)
+    step_index = [torch.arange(p.done, p.done + p.steps, device=q.device) for p in proposals]
+    quota = decode.quota(torch.cat(step_index), B, opt.steps)[:, None]
+    revealed = decode.reveal(q, y, masked, quota, opt.strategy, opt.threshold)
+    differs = ((revealed != proposed) | (revealed & (y != picks))).any(-1)  # (G,)
+    index = torch.arange(len(differs), device=q.device)
+    first = torch.where(differs, index, len(differs)).min()  # the first step that differs
+    taken = index <= first  # every matched step, then the target's own
+    committed = revealed & taken[:, None]
+    matched = committed & (index < first)[:, None]
+    rows = {"committed": [], "tokens": [], "good": [], "done": []}
+    offset = 0
+    for p in proposals:  # fold each block's committed steps into one row
+        mine = slice(offset, offset + p.steps)
+        rows["committed"].append(committed[mine].any(0))
+        rows["tokens"].append((y[mine] * committed[mine]).sum(0))  # a position commits once
+        rows["good"].append(matched[mine].any(0))
+        rows["done"].append(p.done + taken[mine].sum())
+        offset += p.steps
+    drafted = torch.cat([p.tokens.expand(p.steps, B) for p in proposals])
+    accepted = (committed & (y == drafted)).sum()
+    steps = torch.clamp(first + 1, max=len(differs))
+    counts = torch.stack([accepted, first, steps, torch.zeros_like(first)])
+    return finish(proposals, torch.stack(rows["committed"]), torch.stack(rows["tokens"]),
+                  torch.stack(rows["good"]), torch.stack(rows["done"]), counts, opt)
 
 
-def verify_causal(target, cache, pending, d, first, pick):
-    """SpecDiff: one causal AR-target forward on [pending | d], d starting at position `first`;
-    the logits before each d_i judge it (the AR shift), the last give the token after d_m.
-    Returns q (m + 1, V)."""
-    ids = torch.cat([pending, d])
-    pos = torch.arange(first - len(pending), first + len(d), device=d.device)
-    logits = target(ids[None], pos, masks.block_causal(len(ids), 1, device=d.device), cache)[0, len(pending) - 1:]
-    return decode.distribution(logits, **pick)
+def accept_paper(proposals, q, run, opt):
+    """The paper's acceptance (exact, simsd): each drafted token judged against the target at the row
+    that verifies it (simsd: its mask token; exact: its position in the copy before its step), in
+    time order: draft steps (accept="step"), or positions (accept="position"). Every row up to the
+    first rejected rank is committed, a rejected row with the target's token."""
+    B, L = opt.block, len(proposals)
+    d = torch.stack([p.tokens for p in proposals])  # (L, B)
+    t = torch.stack([p.step for p in proposals])
+    if opt.verify == "exact":  # q holds one copy per state: take each position's own step
+        offsets = [sum(p.steps for p in proposals[:j]) for j in range(L)]
+        q = torch.stack([p.at_own_step(q[off:off + p.steps]) for p, off in zip(proposals, offsets)])
+    p = None if opt.sampling.greedy else torch.stack([p.at_own_step(p.probs) for p in proposals])
+    y, ok = judge(d, p, q, opt.sampling, run.generator, opt.stop_ids, opt.eos_min_prob)
+    drafted = t > 0
+    ok = ok | ~drafted
+    block_rank = torch.arange(L, device=d.device)[:, None]
+    if opt.accept == "step":
+        order = block_rank * (B + 1) + t
+    else:
+        order = block_rank * B + torch.arange(B, device=d.device)
+    committed = drafted & in_time_order(ok, order)
+    accepted = (committed & ok).sum()
+    matched, steps = torch.zeros_like(accepted), torch.zeros_like(accepted)
+    for prop, c, good in zip(proposals, committed, committed & ok):
+        revealed = prop.revealed()  # (S, B)
+        matched += (~revealed | good).all(-1).sum()  # every position of the step as drafted
+        steps += (revealed & c).any(-1).sum()
+    counts = torch.stack([accepted, matched, steps, torch.zeros_like(accepted)])
+    done = steps_taken(proposals, committed, opt)
+    return finish(proposals, committed, y, ok, done, counts, opt)
 
+
+def accept_causal(proposals, q, run, opt):
+    """SpecDiff: the drafted tokens judged in position order against the target's next-token
+    distributions q (M + 1, V); rows up to the first rejection are committed, that row with the
+    target's token, or the row after the last drafted token (the bonus) when none is rejected."""
+    B, L = opt.block, len(proposals)
+    skip = B - run.block.masks  # the current block's known prefix
+    d = torch.cat([p.tokens for p in proposals])[skip:]
+    M = len(d)
+    p = None
+    if not opt.sampling.greedy:
+        p = torch.cat([prop.at_own_step(prop.probs) for prop in proposals])[skip:]
+        p = torch.cat([p, torch.zeros_like(p[:1])])
+    d = torch.cat([d, d[:1]])  # the bonus row drafts nothing; its verdict is overruled
+    y, ok = judge(d, p, q, opt.sampling, run.generator)
+    ok = ok & (torch.arange(M + 1, device=d.device) < M)
+    committed = in_time_order(ok, torch.arange(M + 1, device=d.device))
+    first = committed.sum() - 1
+
+    def grid(x):  # rows from block 1's first drafted position -> (L + 1, B)
+        pad = torch.zeros(skip, dtype=x.dtype, device=x.device)
+        rest = torch.zeros(B - 1, dtype=x.dtype, device=x.device)
+        return torch.cat([pad, x, rest]).view(L + 1, B)
+
+    counts = torch.stack([first, first, first + 1, first])
+    committed, y, ok = grid(committed), grid(y), grid(ok)
+    done = steps_taken(proposals, committed[:L], opt)
+    return finish(proposals, committed, y, ok, torch.cat([done, done[:1] * 0]), counts, opt)
+
+
+def steps_taken(proposals, committed, opt):
+    """(L,) steps taken on each block after a paper or SpecDiff commit: the steps whose positions
+    are all committed; the draft's schedule continues after them."""
+    done = []
+    for p, c in zip(proposals, committed):
+        left = (p.step > 0) & ~c
+        done.append(p.done + torch.where(left, p.step - 1, p.steps).min())
+    return torch.stack(done)
+
+
+def finish(proposals, committed, tokens, good, done, counts, opt):
+    """The Verdict: committed (L or L + 1, B) positions take `tokens`; good marks those committed as
+    drafted (or in a matched step). A missing last row is the fresh block after the proposals."""
+    L, B = len(proposals), opt.block
+
+    def rows(xs, fill):  # (L, B) -> (L + 1, B)
+        extra = L + 1 - len(xs)
+        return torch.cat([xs, torch.full((extra, B), fill, dtype=xs.dtype, device=xs.device)])
+
+    known0 = rows(torch.stack([p.known for p in proposals]), False)
+    drafted = rows(torch.stack([p.step > 0 for p in proposals]), False)
+    before = rows(torch.stack([torch.where(p.known, p.tokens, opt.mask_id) for p in proposals]),
+                  opt.mask_id)
+    committed, tokens, good = rows(committed, False), rows(tokens, 0), rows(good, False)
+    fate = torch.where(committed, torch.where(good, 1, 2), torch.where(drafted, 3, 0))
+    exact = (known0 | (committed & good)).all(-1)
+    exact[L] = False
+    done = torch.cat([done, torch.zeros(L + 1 - len(done), dtype=done.dtype, device=done.device)])
+    return Verdict(torch.where(committed, tokens, before), known0 | committed, fate, done, exact,
+                   counts)
+
+
+# ----------------------------------------------------------------------------- 5. commit
+
+def commit(run, verdict, proposals, draft_len, opt):
+    """Read the verdict back (the iteration's one host sync). Each cache keeps the leading blocks
+    committed exactly as drafted that it stored in this iteration (the target: their clean copies;
+    the draft: as it drafted them; never the last proposed block); an AR target keeps its pending
+    token and the accepted tokens. The other completed blocks become pending, and the first
+    incomplete block is the current one. Returns the tokens now returnable and what happened."""
+    B, L = opt.block, len(proposals)
+    drafted = torch.stack([p.tokens for p in proposals]).flatten()
+    steps = torch.stack([p.step for p in proposals]).flatten()
+    back = torch.cat([verdict.tokens.flatten(), verdict.known.flatten().long(),
+                      verdict.fate.flatten(), verdict.done, verdict.exact.long(), verdict.counts,
+                      drafted, steps]).tolist()
+    n = (L + 1) * B
+    tokens, known, fate = (chunk(back[i * n:(i + 1) * n], B) for i in range(3))
+    done, exact = back[3 * n:3 * n + L + 1], back[3 * n + L + 1:3 * n + 2 * L + 2]
+    accepted, matched, taken, kept_tokens = back[3 * n + 2 * L + 2:3 * n + 2 * L + 6]
+    stats = run.stats
+    stats.accepted, stats.matched, stats.steps = (stats.accepted + accepted,
+                                                  stats.matched + matched, stats.steps + taken)
+    kept = 0
+    while kept < L - 1 and exact[kept]:
+        kept += 1
+    if opt.verify is None:  # an AR target: pending + accepted tokens; the bonus is pending next
+        run.tcache.commit(len(run.target_pending) + kept_tokens)
+        bonus = B - run.block.masks + kept_tokens
+        run.target_pending = verdict.tokens.flatten()[bonus:bonus + 1]
+    else:
+        run.tcache.commit(len(run.pending) + kept * B)
+    run.dcache.rewind(draft_len + len(run.pending) + kept * B)
+    current = kept
+    while current <= L and all(known[current]):
+        current += 1
+    run.pending = verdict.tokens[kept:current].flatten()
+    new = returnable(tokens, known, run.block.returned)
+    start = proposals[0].start + current * B
+    if current > L:  # block 1 and a bonus that filled the next block: a fresh block after it
+        fresh = torch.full((B,), opt.mask_id, device=verdict.tokens.device)
+        run.block = Block(start, fresh, torch.zeros_like(fresh, dtype=torch.bool), B)
+    else:
+        n_known = sum(known[current])
+        returned = 0
+        while returned < B and known[current][returned]:
+            returned += 1
+        run.block = Block(start, verdict.tokens[current], verdict.known[current], B - n_known,
+                          done[current], returned)
+    info = {"starts": [p.start for p in proposals] + [proposals[-1].start + B], "tokens": tokens,
+            "fate": fate, "drafted": chunk(back[-2 * L * B:-L * B], B), "steps": chunk(back[-L * B:], B),
+            "matched": matched, "new": new}
+    return new, info
+
+
+def chunk(xs, size):
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def returnable(tokens, known, returned):
+    """The known tokens after the first `returned`, up to the first unknown position (rows of B)."""
+    new = []
+    for token, is_known in zip(sum(tokens, [])[returned:], sum(known, [])[returned:]):
+        if not is_known:
+            break
+        new.append(token)
+    return new
+
+
+# ----------------------------------------------------------------------------- the loop
 
 def check_pair(target, draft, target_tok, draft_tok):
     """Raise ValueError unless the draft can propose to the target: an SDAR model with a mask token,
-    giving every token of the target the same id, trained with a diffusion target's block length."""
+    giving every token of the target the same id, trained with a diffusion target's block length
+    and mask token."""
     if draft.config.model_type != "sdar" or draft_tok.mask_id is None:
-        raise ValueError("the draft is not an SDAR model with a mask token; this project drafts with diffusion models")
+        raise ValueError("the draft is not an SDAR model with a mask token; this project drafts with "
+                         "diffusion models")
     if not draft_tok.covers(target_tok) or draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError("the draft does not give every token of the target the same id; speculation needs one "
-                         "vocabulary")
-    if target.config.model_type == "sdar" and draft.config.block_size != target.config.block_size:
-        raise ValueError(f"the draft was trained with block {draft.config.block_size} and the target with block "
-                         f"{target.config.block_size}; they must match")
+        raise ValueError("the draft does not give every token of the target the same id; "
+                         "speculation needs one vocabulary")
+    if target.config.model_type != "sdar":
+        return
+    if draft.config.block_size != target.config.block_size:
+        raise ValueError(f"the draft was trained with {describe(draft.config.block_size)} and the "
+                         f"target with {describe(target.config.block_size)}; they must match")
+    if draft.config.mask_token_id != target.config.mask_token_id:
+        raise ValueError("the draft and the target use different mask token ids")
 
 
-def check_modes(ar, verify, accept):
-    """The verification layout and acceptance order: options of a diffusion target only."""
-    if ar and (verify or accept):
-        raise ValueError("--verify and --accept apply to a diffusion target only; an autoregressive target "
-                         "verifies causally, in position order")
-    for flag, value, allowed in (("verify", verify, ("simsd", "exact")), ("accept", accept, ("step", "position"))):
-        if value is not None and value not in allowed:
-            raise ValueError(f"--{flag} must be one of {', '.join(allowed)}; got {value!r}")
-    return verify or "simsd", accept or "step"
+def describe(block_size):
+    return "no block_size in its config.json" if block_size is None else f"block {block_size}"
 
 
-class Block:
-    """The current block at positions start..start+size-1: its tokens (mask_id where unknown), which of
-    them are known (anywhere in the block), and how many leading ones were returned already."""
-
-    def __init__(self, start, size, mask_id, tokens=(), returned=0):
-        self.start, self.size, self.mask_id, self.returned = start, size, mask_id, returned
-        self.x = list(tokens) + [mask_id] * (size - len(tokens))
-        self.known = [True] * len(tokens) + [False] * (size - len(tokens))
-
-    def unknown(self):
-        return [i for i, k in enumerate(self.known) if not k]
-
-    def commit(self, D, tokens, committed, ok):
-        """Fill the drafted positions D where committed; returns each position's fate."""
-        status = ["known" if k else "dropped" for k in self.known]
-        for i, pos in enumerate(D):
-            if committed[i]:
-                self.x[pos], self.known[pos], status[pos] = tokens[i], True, "accepted" if ok[i] else "replaced"
-        return status
-
-    def advance(self, bonus=None):
-        """(tokens now returnable: the known prefix, the completed block or None). A completed block
-        gives way to the next, whose first known token is `bonus` (an AR target's token after d_m)."""
-        new, done = [], None
-        while True:
-            while self.returned < self.size and self.known[self.returned]:
-                new.append(self.x[self.returned])
-                self.returned += 1
-            if self.returned < self.size:
-                return new, done
-            done = self.x
-            self.__init__(self.start + self.size, self.size, self.mask_id, [bonus] if bonus is not None else [])
-            bonus = None
+def options(target, draft, max_new_tokens, prompt_len, *, block, steps, strategy, threshold,
+            sampling, verify, accept, lookahead, eos_min_prob, stop_ids):
+    """Check every option against the target's kind; the Options of the decode."""
+    ar = target.config.model_type == "qwen3"
+    decode.check(max_new_tokens=max_new_tokens, block=block, strategy=strategy, threshold=threshold,
+                 lookahead=lookahead, eos_min_prob=eos_min_prob)
+    steps = block if steps is None else steps
+    decode.check_steps(steps, block)
+    if ar and (verify is not None or accept is not None):
+        raise ValueError("verify and accept apply to a diffusion target only; an autoregressive "
+                         "target verifies causally, in position order")
+    if ar and strategy == "dynamic" and not sampling.greedy:
+        raise ValueError("strategy='dynamic' reveals drafted tokens by their sampled confidence, "
+                         "which biases an autoregressive target's rejection sampling; use 'static'")
+    verify = None if ar else verify or "lossless"
+    if verify not in (None, "lossless", "exact", "simsd"):
+        raise ValueError(f"verify must be 'lossless', 'exact' or 'simsd'; got {verify!r}")
+    if accept not in (None, "step", "position"):
+        raise ValueError(f"accept must be 'step' or 'position'; got {accept!r}")
+    if accept is not None and verify == "lossless":
+        raise ValueError("accept applies to verify='exact' or 'simsd'; lossless verification "
+                         "follows the target's own order")
+    if eos_min_prob > 0 and verify in (None, "lossless"):
+        raise ValueError("eos_min_prob changes the target's output; it applies to verify='exact' "
+                         "or 'simsd' only")
+    return Options(block, steps, strategy, threshold, sampling, verify, accept or "step", lookahead,
+                   eos_min_prob, tuple(stop_ids), decode.diffusion_mask_id(draft),
+                   prompt_len + max_new_tokens)
 
 
-def draft_block(draft, blk, store, cache, steps, device, **denoise_args):
-    """1. The draft fills the block's unknown positions D, its pending store folded in. Returns D, the
-    draft's block and step map (for on_iteration), then for D the tokens d, steps t and distributions p
-    on `device` (the target's), and the number of draft forwards."""
-    dev = decode.device_of(draft)
-    xd, td, pd, forwards = decode.denoise(draft, torch.tensor(blk.x, device=dev), blk.start, steps, cache=cache,
-                                          known=torch.tensor(blk.known, device=dev), context=store.to(dev),
-                                          **denoise_args)
-    D = blk.unknown()
-    Dd = torch.tensor(D, device=dev)
-    return D, xd.tolist(), td.tolist(), xd[Dd].to(device), td[Dd].to(device), pd[Dd].to(device), forwards
-
-
-def caches(target, draft, prompt, block, room, ar):
-    """Both models' KV caches with the prompt committed: its aligned blocks for the draft and a diffusion
-    target, every token but the newest for an AR target (its next forward verifies with that one)."""
+def start(target, draft, prompt, generator, opt):
+    """The Run after the prefill: the draft and a diffusion target cache the prompt's aligned
+    blocks (its tail is the current block's known part); an AR target caches every prompt token
+    but the newest, which its first forward verifies with."""
+    B, ar = opt.block, opt.verify is None
+    aligned = len(prompt) - len(prompt) % B
+    room = opt.end + 3 * B + opt.lookahead * B * (B + 1)
     tcache, dcache = target.new_cache(room), draft.new_cache(room)
-    aligned = len(prompt) - len(prompt) % block
-    decode.prefill(target, prompt[:len(prompt) - 1] if ar else prompt[:aligned], tcache, 1 if ar else block)
-    decode.prefill(draft, prompt[:aligned].to(decode.device_of(draft)), dcache, block)
-    return tcache, dcache
+    decode.prefill(target, prompt[:-1] if ar else prompt[:aligned], tcache, 1 if ar else B)
+    decode.prefill(draft, prompt[:aligned].to(decode.device_of(draft)), dcache, B)
+    tail = prompt[aligned:]
+    tokens = torch.cat([tail, tail.new_full((B - len(tail),), opt.mask_id)])
+    known = torch.arange(B, device=prompt.device) < len(tail)
+    block = Block(aligned, tokens, known, B - len(tail), returned=len(tail))
+    return Run(target, draft, tcache, dcache, block, prompt[:0], prompt[-1:], generator, Stats())
 
 
 @torch.inference_mode()
-def generate(target, draft, prompt_ids, max_new_tokens, block=4, draft_steps=None, verify=None, accept=None,
-             temperature=0.0, top_k=0, top_p=1.0, strategy="static", threshold=0.9, stop_ids=(), mask_id=None,
-             eos_min_prob=0.0, generator=None, on_iteration=None):
-    """Speculative decoding: SimSD for a diffusion target, SpecDiff for an AR (qwen3) target.
-    Returns (new tokens, stats): at most max_new_tokens, trimmed before the first stop token.
+def generate(target, draft, prompt_ids, max_new_tokens, *, block=4, steps=None, strategy="static",
+             threshold=0.9, sampling=GREEDY, verify=None, accept=None, lookahead=1,
+             eos_min_prob=0.0, stop_ids=(), generator=None, on_iteration=None):
+    """Speculative decoding: SimSD for a diffusion (SDAR) target, SpecDiff for an AR (qwen3) one.
+    Returns (new tokens, Stats) as decode.generate does.
 
-    verify: "simsd" (default) or "exact"; accept: "step" (default) or "position"; both apply to
-    a diffusion target only. draft_steps: the draft's denoising steps per block (default: the
-    block length, one position per step). The generator, if given, lives on the draft's device.
-    on_iteration(info) sees every iteration: the block after it, the step map, each position's
-    fate ("known", "accepted", "replaced", "dropped") and the tokens it returned ("new")."""
-    ar = target.config.model_type == "qwen3"
-    verify, accept = check_modes(ar, verify, accept)
-    decode.check(max_new_tokens=max_new_tokens, block=block, steps=draft_steps, eos_min_prob=eos_min_prob)
-    mask_id = decode.resolve_mask_id(draft, mask_id)  # the draft is always a diffusion model
-    tdev = decode.device_of(target)
-    prompt, pick = decode.as_prompt(prompt_ids, tdev), dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    aligned = len(prompt) - len(prompt) % block
-    t0 = decode.sync(tdev)
-    tcache, dcache = caches(target, draft, prompt, block, len(prompt) + max_new_tokens + 3 * block + block * block, ar)
-    t1 = decoding_start = decode.sync(tdev)
-    stats = {**dict.fromkeys(("iterations", "drafted", "accepted", "replaced", "draft_seconds", "verify_seconds"), 0),
-             "target_forwards": int(tcache.len > 0), "draft_forwards": int(dcache.len > 0),
-             "committed_histogram": [0] * (block + 2)}
-    blk = Block(aligned, block, mask_id, prompt[aligned:].tolist(), returned=len(prompt) - aligned)  # its tail
-    store, pending, out = prompt[:0], prompt[-1:], []  # pending: an AR target's uncached tokens
-    while len(out) < max_new_tokens:
-        D, xd, td, d, t, p, f = draft_block(draft, blk, store, dcache, draft_steps or block, tdev, strategy=strategy,
-                                            threshold=threshold, mask_id=mask_id, generator=generator, **pick)
-        t2 = decode.sync(tdev)
-        # 2. verify: one target forward; 3. accept
-        if ar:
-            q, order = verify_causal(target, tcache, pending, d, blk.start + D[0], pick), torch.arange(len(D) + 1)
-        else:
-            q = verify_block(target, tcache, store, blk.x, blk.known, d, t, blk.start, verify, mask_id, pick)
-            order = t if accept == "step" else torch.arange(len(D))
-        tokens, committed, ok = acceptance(d, p, q, order.to(tdev), temperature, generator, stop_ids, eos_min_prob)
-        t3 = decode.sync(tdev)
-        kept = sum(c and a for c, a in zip(committed, ok))
-        if ar:  # the cache wrote [pending | d]: keep pending and the accepted prefix of d
-            tcache.commit(len(pending) + kept)
-            pending = torch.tensor([tokens[sum(committed) - 1]], device=tdev)  # the last committed: the target's
-        # 4. commit
-        bonus = tokens[-1] if len(tokens) > len(D) and committed[-1] else None
-        start, status = blk.start, blk.commit(D, tokens, committed, ok)
-        info = {"start": start, "block": blk.x[:], "steps": td, "drafted": xd, "status": status, "bonus": bonus}
-        for key, value in dict(iterations=1, drafted=len(D), accepted=kept, replaced=sum(committed) - kept,
-                               target_forwards=1, draft_forwards=f, draft_seconds=t2 - t1,
-                               verify_seconds=t3 - t2).items():
-            stats[key] += value
-        stats["committed_histogram"][sum(committed)] += 1
-        new, done = blk.advance(bonus)
-        store = prompt[:0] if done is None else torch.tensor(done, device=tdev)  # both store it next time
-        stop = next((i for i, tok in enumerate(new) if tok in stop_ids), None)
-        new = new[:stop][:max_new_tokens - len(out)]
+    block, steps, strategy, threshold, sampling: the target's decoding, which the draft follows.
+    verify (a diffusion target): "lossless" (default; returns decode.generate's output), "exact"
+    or "simsd" (the paper's method); accept: "step" (default) or "position", for exact and simsd.
+    lookahead: how many blocks the draft proposes to one target forward (the current one and
+    lookahead - 1 more). eos_min_prob: exact and simsd's optional gate on stop tokens.
+    generator: sampling's random state, on the draft's device. on_iteration(info) sees every
+    iteration (starts, tokens, fate, drafted, steps of each block; matched steps; new tokens)."""
+    prompt = decode.as_prompt(prompt_ids, decode.device_of(target))
+    opt = options(target, draft, max_new_tokens, len(prompt), block=block, steps=steps,
+                  strategy=strategy, threshold=threshold, sampling=sampling, verify=verify,
+                  accept=accept, lookahead=lookahead, eos_min_prob=eos_min_prob, stop_ids=stop_ids)
+    t0 = decode.sync(prompt.device)
+    run = start(target, draft, prompt, generator, opt)
+    t1 = decode.sync(prompt.device)
+    out, done = [], False
+    while not done:
+        new, info = speculate(run, opt)
+        new, done = decode.trim(new, opt.stop_ids, max_new_tokens - len(out))
         out += new
         if on_iteration:
             on_iteration({**info, "new": new})
-        if stop is not None:
-            break
-        t1 = t3
-    stats.update(tokens=len(out), seconds=decode.sync(tdev) - decoding_start, prefill_seconds=decoding_start - t0)
-    return out, stats
+    run.stats.tokens = len(out)
+    run.stats.seconds, run.stats.prefill_seconds = decode.sync(prompt.device) - t1, t1 - t0
+    return out, run.stats

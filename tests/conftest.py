@@ -1,7 +1,19 @@
-"""Shared test plumbing: `report(line)` collects measurements that tests print for a reader (not
-assertions); they appear once, at the end of the run, instead of among pytest's progress dots."""
-import pytest
+"""Shared test plumbing: model and checkpoint factories (as fixtures, so no test file imports
+another), one thread per test run, and `report(line)`: measurements a test prints for a reader
+(not assertions), shown once at the end of the run instead of among pytest's progress dots."""
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pytest
+import torch
+
+import model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "sdar-8b-chat"
+VOCAB, MASK = 61, 60  # the random models' ids; the mask token is the last
 LINES = []
 
 
@@ -21,20 +33,83 @@ def pytest_terminal_summary(terminalreporter):
 def one_thread():
     """Micro models are dispatch-bound: one thread is as fast, and immune to the stalls a two-thread
     pool suffers when another process shares a two-core machine."""
-    import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
-def run_scripts(script, argvs, cwd, timeout=120):
-    """subprocess results of `python script *argv` for each argv, four at a time: each process pays
-    for importing torch, so a few side by side keep two cores busy without thrashing them."""
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-    run = lambda argv: subprocess.run([sys.executable, script, *argv], cwd=cwd, capture_output=True, text=True,  # noqa: E731
-                                      timeout=timeout)
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(run, argvs))
+def make_random_model(seed=0, layers=2, model_type="sdar", vocab=VOCAB, sharpen=8.0):
+    """A random micro model on ids 0..vocab-1 (the last is the mask of an SDAR model), its head scaled
+    up so that confidences differ and dynamic decoding has work to do."""
+    torch.manual_seed(seed)
+    c = model.Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, model_type=model_type,
+                     mask_token_id=vocab - 1 if model_type == "sdar" else None)
+    m = model.Transformer(c).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(sharpen)
+    return m
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """random_model(seed=0, layers=2, model_type="sdar", vocab=61, sharpen=8.0): a fresh micro model."""
+    return make_random_model
+
+
+@pytest.fixture(scope="session")
+def prompt():
+    """prompt(n, seed=0): n random ids below the mask id."""
+    def make(n, seed=0, vocab=VOCAB):
+        return torch.randint(0, vocab - 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return make
+
+
+@pytest.fixture
+def favour():
+    """favour(m, amount, token=7) adds `amount` to one token's logit with a forward hook, removed
+    when the test ends: two random models that both lean to one token agree now and then."""
+    handles = []
+
+    def add(m, amount, token=7):
+        bias = torch.zeros(m.config.vocab_size)
+        bias[token] = amount
+        handles.append(m.lm_head.register_forward_hook(lambda module, inputs, out: out + bias))
+        return m
+    yield add
+    for handle in handles:
+        handle.remove()
+
+
+def write_micro_checkpoint(path, seed=0, block_size=4, model_type="sdar", layers=1, positions=64):
+    """A micro SDAR (or Qwen3, without a mask in its tokenizer) folder on the byte-level toy ids."""
+    torch.manual_seed(seed)
+    sdar = model_type == "sdar"
+    c = model.Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                     mask_token_id=259 if sdar else None, block_size=block_size if sdar else None,
+                     model_type=model_type)
+    model.save(model.Transformer(c), path)
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + (("<|MASK|>",) if sdar else ())
+    model.write_byte_tokenizer(path, specials=specials)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint():
+    """micro_checkpoint(path, seed=0, block_size=4, model_type="sdar", layers=1, positions=64)."""
+    return write_micro_checkpoint
+
+
+@pytest.fixture(scope="session")
+def run_scripts():
+    """run_scripts(script, argvs, timeout=120): the finished processes of `python script *argv`,
+    four at a time (each pays for importing torch; a few side by side keep two cores busy)."""
+    def run(script, argvs, timeout=120):
+        def one(argv):
+            return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=timeout)
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(one, argvs))
+    return run
