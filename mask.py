@@ -69,15 +69,16 @@ def copies(n, block, device=None):
 def lookahead(parts, n_pending, block):
     """The mask of one target forward over [pending | clean_1 .. clean_{L-1} | part_1 .. part_L].
 
-    pending: a just-completed block not yet in the cache (n_pending tokens, maybe none), stored
-    by this forward. clean_j: proposed block j as drafted, stored the way storing it would; part_j:
-    the verification tokens of block j with their own mask parts[j] (verify or copies). Every
-    token sees pending; clean_j sees clean_<=j (block-causal); part_j sees clean_<j (block j is
-    verified as if every earlier proposed block were stored as drafted), and its own part only.
+    pending: completed blocks not yet in the cache (n_pending tokens, whole blocks, maybe none),
+    stored by this forward. clean_j: proposed block j as drafted, seen as storing it would see it.
+    part_j: the verification tokens of block j, with their own mask parts[j] (verify or copies).
+    pending and the clean copies are block-causal and every later token sees them, except that
+    part_j sees only clean_<j: block j is verified as if the blocks before it were stored as
+    drafted. A part sees its own tokens only, by its own mask.
     """
     L, dev = len(parts), parts[0].device
-    group = torch.cat([torch.zeros(n_pending, dtype=torch.long, device=dev),
-                       torch.arange(1, L, device=dev).repeat_interleave(block)])  # 0 = pending
+    pending = torch.arange(n_pending, device=dev) // block - n_pending // block  # blocks -k..-1
+    group = torch.cat([pending, torch.arange(1, L, device=dev).repeat_interleave(block)])
     sizes = torch.tensor([len(p) for p in parts], device=dev)
     part = torch.arange(1, L + 1, device=dev).repeat_interleave(sizes)  # part j: 1-based
     n = len(group)

@@ -42,6 +42,15 @@ class Config:
     model_type: str = "sdar"  # "sdar" (block diffusion) or "qwen3" (autoregressive)
 
     def __post_init__(self):
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings"]
+        for name in sizes + ["head_dim", "block_size"]:
+            value = getattr(self, name)
+            if (value is not None or name in sizes) and not (type(value) is int and value >= 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads}).")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
@@ -60,7 +69,10 @@ class Config:
             raise ValueError(f"{where} has {has}; only 'sdar' (block diffusion) and 'qwen3' (autoregressive) "
                              "are accepted, and nothing guesses which kind a model is.")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 SDAR_8B = Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
@@ -360,6 +372,29 @@ def save(model: Transformer, path):
               **{k: v for k, v in asdict(model.config).items() if v is not None}}
     write_safetensors(state, path / "model.safetensors")
     _write_json(path / "config.json", config)
+
+
+def check_pair(target, draft, target_tok, draft_tok):
+    """Raise ValueError unless a draft checkpoint can propose to a target checkpoint (speculative
+    decoding): an SDAR model with a mask token, giving every token of the target the same id,
+    trained with a diffusion target's block length and mask token."""
+    if draft.config.model_type != "sdar" or draft_tok.mask_id is None:
+        raise ValueError("the draft is not an SDAR model with a mask token; this project drafts "
+                         "with diffusion models")
+    if not draft_tok.covers(target_tok) or draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError("the draft does not give every token of the target the same id; "
+                         "speculation needs one vocabulary")
+    if target.config.model_type != "sdar":
+        return
+    if draft.config.block_size != target.config.block_size:
+        raise ValueError(f"the draft was trained with {describe(draft.config.block_size)} and the "
+                         f"target with {describe(target.config.block_size)}; they must match")
+    if draft.config.mask_token_id != target.config.mask_token_id:
+        raise ValueError("the draft and the target use different mask token ids")
+
+
+def describe(block_size):
+    return "no block_size in its config.json" if block_size is None else f"block {block_size}"
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -1,9 +1,8 @@
-"""Speculative decoding with a block-diffusion draft: SimSD for an SDAR target, SpecDiff for an AR one.
+"""Speculative decoding with a block-diffusion draft: SimSD for SDAR targets, SpecDiff for AR ones.
 
 One iteration (`speculate`) reads draft -> layout -> target forward -> accept -> commit:
   1. draft   - the small SDAR model denoises the rest of the current block by the target's rule,
-               then `lookahead - 1` whole blocks, recording at every step its picks, distributions
-               and reveals (decode.denoise);
+               then `lookahead - 1` whole blocks, recording every step's picks and distributions;
   2. layout  - every proposed block laid out for one target forward (mask.lookahead);
   3. forward - the target's one forward;
   4. accept  - the target's verdict, in time order;
@@ -11,28 +10,29 @@ One iteration (`speculate`) reads draft -> layout -> target forward -> accept ->
 
 A diffusion target verifies in one of three ways (`verify`):
   lossless - the target's own decoding. From each state the draft proposed (one copy of the block
-             per state), the target takes its own step: its pick at every masked position (argmax,
-             or rejection sampling against the draft's pick there, so that each pick is a draw from
-             the target) and SDAR's rule on them. That step is committed; the chain goes on only if
-             it equals the draft's step. The output is decode.generate's: token for token when
-             greedy, in distribution when sampling. At least one target step per target forward.
+             per state) the target takes its own step: its pick at every masked position (argmax,
+             or rejection sampling against the draft's pick, so that each pick is a draw from the
+             target) and SDAR's rule on them. The step is committed, and the chain goes on only if
+             it equals the draft's. The output is decode.generate's, token for token when greedy
+             and in distribution when sampling; a target forward commits at least one step.
   exact    - the paper's acceptance on the same copies: each drafted token is judged (argmax, or
              rejection sampling) in draft-step order. The draft chose which positions to reveal and
              when, so the output is not the target's own, and when sampling it is biased.
-  simsd    - the paper's layout, one copy [block | masks] (mask.verify), and the same acceptance; in
-             a model deeper than one layer a mask token also sees later reveals through other masks.
+  simsd    - the paper's layout, one copy [block | masks] (mask.verify), and the same acceptance;
+             deeper than one layer, a mask token also sees later reveals through other masks.
 With exact and simsd, accept="position" is the paper's rule, the longest agreeing prefix in position
 order; it can commit tokens that were judged with a later-rejected token in place.
 
 An autoregressive (Qwen3) target verifies causally (SpecDiff): one forward on [its newest committed
-token | the drafted tokens, in position order]; the logits before each drafted token judge it, and the
-token at the first rejection, or after the last drafted token, is the target's (a bonus). The output
-is the target's own, greedy and sampled: when sampling, the draft reveals the leftmost positions first,
-so that every drafted token is drawn before any token to its right is chosen.
+token | the drafted tokens, in position order]; the logits before each drafted token judge it, and
+the token at the first rejection, or after the last drafted one, is the target's (a bonus). The
+output is the target's own, greedy and sampled: when sampling, the draft reveals its leftmost
+positions first, so that every drafted token is drawn before any token to its right is chosen.
 
 Host syncs per iteration: one, the verdict's readback; one more per draft step when drafting is
 dynamic; and on CUDA two `synchronize` calls that time drafting for the stats.
 """
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +41,14 @@ import decode
 import mask as masks
 from decode import GREEDY, Stats
 
+LOOKAHEAD = 1  # blocks proposed to one target forward by default (bench.py measured the choice)
+
 
 @dataclass
 class Block:
-    """The block being decoded, at positions start..start+B-1: its tokens (the mask id where unknown)
-    and which are known, on the target's device; on the host, how many are unknown (`masks`), the
-    target steps taken on it (`done`) and how many leading tokens were returned."""
+    """The block being decoded, at positions start..start+B-1: its tokens (the mask id where
+    unknown) and which are known, on the target's device; on the host, how many are unknown
+    (`masks`), the target steps taken on it (`done`) and how many leading tokens were returned."""
     start: int
     tokens: torch.Tensor
     known: torch.Tensor
@@ -57,10 +59,10 @@ class Block:
 
 @dataclass
 class Proposal:
-    """A block as the draft proposed it: known (B,) before drafting, the drafted tokens (B,), its step
-    map (B,) (0 = known), the steps taken on the block before (`done`), and, at the state before each
-    of its steps, the draft's pick at every position (S, B) and its distribution (S, B, V; None when
-    greedy). All on the target's device."""
+    """A block as the draft proposed it: known (B,) before drafting, the drafted tokens (B,), the
+    step map (B,) (0 = known), the target steps taken on the block before (`done`), and at the
+    state before each of its steps the draft's pick at every position (S, B) and its distribution
+    (S, B, V; None when greedy). All on the target's device."""
     start: int
     known: torch.Tensor
     tokens: torch.Tensor
@@ -74,14 +76,12 @@ class Proposal:
         return len(self.picks)
 
     def masked(self):
-        """(S, B): the masked positions of the state before each step."""
-        s = torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
-        return self.step >= s
+        """(S, B): the masked positions of the state before each step (revealed at it or later)."""
+        return self.step >= torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
 
     def revealed(self):
         """(S, B): the positions each step revealed."""
-        s = torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
-        return self.step == s
+        return self.step == torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
 
     def positions(self):
         return torch.arange(self.start, self.start + len(self.tokens), device=self.tokens.device)
@@ -94,13 +94,13 @@ class Proposal:
 
 @dataclass(frozen=True)
 class Options:
-    """One decode's settings, as generate() checked them."""
+    """One decode's settings, checked (see options())."""
     block: int
     steps: int
     strategy: str
     threshold: float
     sampling: decode.Sampling
-    verify: str | None  # None for an AR target
+    verify: str | None  # None: an AR target
     accept: str
     lookahead: int
     eos_min_prob: float
@@ -109,26 +109,18 @@ class Options:
     end: int  # the position after the last token max_new_tokens allows
 
 
-@dataclass
-class Verdict:
-    """What acceptance committed, as L + 1 rows of B (the proposed blocks and the block after them):
-    tokens (the mask id where unknown) and known after the commit; fate (0 known before or never
-    drafted, 1 committed as drafted or in a matched step, 2 the target's own token or step, 3 drafted
-    but dropped); the target steps taken on each block (done); whether each was committed exactly as
-    drafted; and counts (accepted tokens, matched steps, target steps, tokens an AR target keeps)."""
-    tokens: torch.Tensor
-    known: torch.Tensor
-    fate: torch.Tensor
-    done: torch.Tensor
-    exact: torch.Tensor
-    counts: torch.Tensor
+# What acceptance committed, as L + 1 rows of B (the proposed blocks and the block after them): the
+# tokens (the mask id where unknown) and which are known after the commit, and each position's fate:
+# 0 known before (or never drafted), 1 committed as drafted (in a matched step), 2 the target's own
+# token (or step), 3 drafted but not committed.
+Verdict = namedtuple("Verdict", "tokens known fate")
 
 
 @dataclass
 class Run:
     """One decode's state. pending: completed blocks the draft (and a diffusion target) has not
     stored yet, fed in front of its next forward; target_pending: an AR target's committed tokens
-    not in its cache (its newest token). The generator lives on the draft's device."""
+    that its cache lacks (its newest). The generator lives on the draft's device."""
     target: torch.nn.Module
     draft: torch.nn.Module
     tcache: object
@@ -144,39 +136,39 @@ class Run:
 
 def speculate(run, opt):
     """One iteration: draft -> layout -> target forward -> accept -> commit. Returns the tokens it
-    makes returnable (untrimmed) and what happened (for on_iteration)."""
-    B, dev, ar = opt.block, run.block.tokens.device, opt.verify is None
+    makes returnable (untrimmed) and what happened (on_iteration's info)."""
+    B, dev = opt.block, run.block.tokens.device
     t0 = decode.sync(dev)
     # 1. draft: the rest of the current block, then whole blocks, as many as max_new_tokens needs
     n_blocks = min(opt.lookahead, -(-(opt.end - run.block.start) // B))
     draft_len = run.dcache.len
     proposals = propose(run, n_blocks, opt)
     t1 = decode.sync(dev)
-    # 2. layout and 3. the target's forward, 4. accept
-    if ar:
+    if opt.verify is None:  # an AR target
+        # 2. layout, 3. the target's forward: its logits before each drafted token, and after
         ids, pos = causal_layout(proposals, run.target_pending, run.block.masks)
         attend = masks.block_causal(len(ids), 1, device=dev)
         logits = run.target(ids[None], pos, attend, run.tcache)[0, len(run.target_pending) - 1:]
-        q = opt.sampling.distribution(logits)  # (M + 1, V): before each drafted token, and after
-        verdict = accept_causal(proposals, q, run, opt)
+        # 4. accept, in position order
+        verdict = accept_causal(proposals, opt.sampling.distribution(logits), run, opt)
     else:
+        # 2. layout, 3. the target's forward: its logits at every verifying row
         ids, pos, attend, n_context = layout(proposals, run.pending, opt)
         logits = run.target(ids[None], pos, attend, run.tcache)[0, n_context:]
-        if opt.verify == "simsd":  # the mask tokens, the second half of each block's part
-            logits = logits.view(len(proposals), 2, B, -1)[:, 1]
+        if opt.verify == "simsd":  # the mask tokens: the second half of each block's part
+            logits = logits.view(n_blocks, 2, B, -1)[:, 1]
         q = opt.sampling.distribution(logits.view(-1, B, logits.shape[-1]), suppress=opt.mask_id)
-        if opt.verify == "lossless":
-            verdict = accept_lossless(proposals, q, run, opt)
-        else:
-            verdict = accept_paper(proposals, q, run, opt)
-    # 5. commit: one readback, then each cache keeps what was committed
-    drafted = run.block.masks + (len(proposals) - 1) * B
-    new, info = commit(run, verdict, proposals, draft_len, opt)
-    stats = run.stats
-    stats.forwards += 1
-    stats.draft_forwards += sum(p.steps for p in proposals)
-    stats.drafted += drafted
-    stats.draft_seconds += t1 - t0
+        # 4. accept: the target's own steps, or the paper's judgement of each drafted token
+        accept = accept_lossless if opt.verify == "lossless" else accept_paper
+        verdict = accept(proposals, q, run, opt)
+    # 5. commit: read the verdict back (the iteration's one host sync), keep what was committed
+    seen = readback(verdict, proposals)
+    lossless = opt.verify == "lossless"
+    taken = [steps_taken(f, s, lossless) for f, s in zip(seen["fate"], seen["steps"])]
+    new = commit(run, seen, taken, verdict, proposals, draft_len, opt)
+    count(run.stats, seen, taken, t1 - t0)
+    info = dict(starts=[p.start for p in proposals] + [proposals[-1].start + B], taken=taken,
+                **{name: seen[name] for name in ("tokens", "fate", "drafted", "steps")})
     return new, info
 
 
@@ -184,9 +176,9 @@ def speculate(run, opt):
 
 def propose(run, n_blocks, opt):
     """Draft n_blocks: the rest of the current block by the target's rule, then whole blocks, each
-    after storing the one before in the draft's cache (tentatively: commit() rewinds what the target
-    does not commit). Returns one Proposal per block."""
-    B, blk, ddev = opt.block, run.block, decode.device_of(run.draft)
+    after storing the one before in the draft's cache (tentatively: commit() rewinds what the
+    target does not commit). Returns one Proposal per block."""
+    B, blk, ddev, dev = opt.block, run.block, decode.device_of(run.draft), run.block.tokens.device
     x, known, masks_left, done = blk.tokens.to(ddev), blk.known.to(ddev), blk.masks, blk.done
     pending = run.pending.to(ddev)
     strategy = "left" if opt.verify is None and not opt.sampling.greedy else opt.strategy
@@ -197,7 +189,6 @@ def propose(run, n_blocks, opt):
         d = decode.denoise(run.draft, x, known, start, quotas, cache=run.dcache, pending=pending,
                            strategy=strategy, threshold=opt.threshold, sampling=opt.sampling,
                            generator=run.generator, record=True)
-        dev = blk.tokens.device
         probs = None if d.probs is None else d.probs.to(dev)
         proposals.append(Proposal(start, known.to(dev), d.tokens.to(dev), d.step.to(dev), done,
                                   d.picks.to(dev), probs))
@@ -211,7 +202,7 @@ def propose(run, n_blocks, opt):
 def layout(proposals, pending, opt):
     """One diffusion-target forward: [pending | clean copies of blocks 1..L-1 | one part per block].
     A clean copy is a proposed block as drafted: the next block is verified as if it were stored.
-    A part is one copy of the block per proposed state (lossless, exact: mask.copies) or the block
+    A part is one copy of the block per proposed state (lossless, exact: mask.copies), or the block
     with its reference tokens and one mask token per position (simsd: mask.verify).
     Returns ids, positions, the attention mask and how many tokens come before the parts."""
     B, first = opt.block, proposals[0].start
@@ -234,8 +225,7 @@ def layout(proposals, pending, opt):
 
 def causal_layout(proposals, target_pending, n_masks):
     """An AR target's forward: [its pending token | every drafted token, in position order]. The
-    current block's known tokens are a prefix (commits are prefixes), so its drafted ones are its
-    last n_masks."""
+    current block's known tokens are a prefix (commits are prefixes), its drafted ones the rest."""
     B = len(proposals[0].tokens)
     drafted = torch.cat([p.tokens for p in proposals])[B - n_masks:]
     first = proposals[0].start + B - n_masks
@@ -247,19 +237,18 @@ def causal_layout(proposals, target_pending, n_masks):
 
 def uniform(shape, generator, device):
     """Uniforms from `generator` (on its own device), moved to `device`."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
 
 
 def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
-    """Each row's verdict on a drafted token d (...,) with draft distributions p (..., V) and target
-    distributions q (..., V). Greedy accepts d when it is argmax q; sampling keeps it with
+    """Each row's verdict on a drafted token d (...,), with draft distributions p (..., V) and
+    target distributions q (..., V). Greedy accepts d when it is argmax q; sampling keeps it with
     probability min(1, q(d) / p(d)) (modified rejection sampling). A rejected row takes the target's
-    token: argmax q, or a draw from normalize(max(q - p, 0)), so that each row's token is
-    distributed as q, whatever the draft did. eos_min_prob: a stop token the target chooses needs
-    this probability, else it is chosen again without stop tokens (changes the target's output).
-    Returns tokens, ok."""
-    q_d = q.gather(-1, d[..., None])[..., 0]
+    token, argmax q or a draw from normalize(max(q - p, 0)), so that each row's token is
+    distributed as q whatever the draft did. eos_min_prob: a stop token the target chooses needs
+    this probability, else it is chosen again without stop tokens (this changes the target's
+    output). Returns tokens, ok."""
     chosen = q
     if stop_ids and eos_min_prob > 0:  # gate the stop tokens the target does not really want
         stops = torch.tensor(list(stop_ids), device=q.device)
@@ -269,7 +258,8 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
     if sampling.greedy:
         ok = d == q.argmax(-1)
         return torch.where(ok, d, chosen.argmax(-1)), ok
-    ok = uniform(d.shape, generator, d.device) * p.gather(-1, d[..., None])[..., 0] < q_d
+    q_d, p_d = q.gather(-1, d[..., None])[..., 0], p.gather(-1, d[..., None])[..., 0]
+    ok = uniform(d.shape, generator, d.device) * p_d < q_d
     residual = (chosen - p).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, chosen)  # p == q: q
     gumbel = -torch.log(-torch.log(uniform(residual.shape, generator, d.device).clamp(min=1e-20)))
@@ -286,9 +276,8 @@ def in_time_order(ok, order):
 def accept_lossless(proposals, q, run, opt):
     """Lossless: from every proposed state, in time order, the target's own step: its picks at the
     masked positions (argmax, or rejection sampling against the draft's picks) and SDAR's rule on
-    them. Each step is committed up to the first that differs from the draft's; that one is the
-    target's own, and the chain stops. q (G, B, V): the target on every copy."""
-    B = opt.block
+    them. Steps are committed up to the first that differs from the draft's: that one is the
+    target's own, and the chain stops. q (G, B, V): the target at every copy."""
     masked = torch.cat([p.masked() for p in proposals])  # (G, B)
     proposed = torch.cat([p.revealed() for p in proposals])
     picks = torch.cat([p.picks for p in proposals])
@@ -296,180 +285,163 @@ def accept_lossless(proposals, q, run, opt):
         y = opt.sampling.pick(q)
     else:
         y, _ = judge(picks, torch.cat([p.probs for p in proposals]), q, opt.sampling, run.generator)
-    step_index = [torch.arange(p.done, p.done + p.steps, device=q.device) for p in proposals]
-    quota = decode.quota(torch.cat(step_index), B, opt.steps)[:, None]
+    steps = torch.cat([torch.arange(p.done, p.done + p.steps, device=q.device) for p in proposals])
+    quota = decode.quota(steps, opt.block, opt.steps)[:, None]
     revealed = decode.reveal(q, y, masked, quota, opt.strategy, opt.threshold)
     differs = ((revealed != proposed) | (revealed & (y != picks))).any(-1)  # (G,)
     index = torch.arange(len(differs), device=q.device)
     first = torch.where(differs, index, len(differs)).min()  # the first step that differs
-    taken = index <= first  # every matched step, then the target's own
-    committed = revealed & taken[:, None]
-    matched = committed & (index < first)[:, None]
-    rows = {"committed": [], "tokens": [], "good": [], "done": []}
+    committed = revealed & (index <= first)[:, None]  # every matched step, then the target's own
+    as_drafted = committed & (index < first)[:, None]
+    rows = {"committed": [], "tokens": [], "as_drafted": []}
     offset = 0
-    for p in proposals:  # fold each block's committed steps into one row
+    for p in proposals:  # each block's committed steps folded into one row
         mine = slice(offset, offset + p.steps)
         rows["committed"].append(committed[mine].any(0))
         rows["tokens"].append((y[mine] * committed[mine]).sum(0))  # a position commits once
-        rows["good"].append(matched[mine].any(0))
-        rows["done"].append(p.done + taken[mine].sum())
+        rows["as_drafted"].append(as_drafted[mine].any(0))
         offset += p.steps
-    drafted = torch.cat([p.tokens.expand(p.steps, B) for p in proposals])
-    accepted = (committed & (y == drafted)).sum()
-    steps = torch.clamp(first + 1, max=len(differs))
-    counts = torch.stack([accepted, first, steps, torch.zeros_like(first)])
-    return finish(proposals, torch.stack(rows["committed"]), torch.stack(rows["tokens"]),
-                  torch.stack(rows["good"]), torch.stack(rows["done"]), counts, opt)
+    return finish(proposals, *(torch.stack(rows[k]) for k in ("committed", "tokens", "as_drafted")),
+                  opt)
 
 
 def accept_paper(proposals, q, run, opt):
-    """The paper's acceptance (exact, simsd): each drafted token judged against the target at the row
-    that verifies it (simsd: its mask token; exact: its position in the copy before its step), in
-    time order: draft steps (accept="step"), or positions (accept="position"). Every row up to the
-    first rejected rank is committed, a rejected row with the target's token."""
+    """The paper's acceptance (exact, simsd): each drafted token judged against the target at the
+    row that verifies it (simsd: its mask token; exact: its position in the copy before its step), in
+    time order: draft steps (accept="step"), or positions ("position"). Every row up to the first
+    rejected rank is committed, a rejected one with the target's token."""
     B, L = opt.block, len(proposals)
     d = torch.stack([p.tokens for p in proposals])  # (L, B)
     t = torch.stack([p.step for p in proposals])
-    if opt.verify == "exact":  # q holds one copy per state: take each position's own step
+    if opt.verify == "exact":  # q holds one copy per state: each position's own step
         offsets = [sum(p.steps for p in proposals[:j]) for j in range(L)]
         q = torch.stack([p.at_own_step(q[off:off + p.steps]) for p, off in zip(proposals, offsets)])
     p = None if opt.sampling.greedy else torch.stack([p.at_own_step(p.probs) for p in proposals])
     y, ok = judge(d, p, q, opt.sampling, run.generator, opt.stop_ids, opt.eos_min_prob)
     drafted = t > 0
-    ok = ok | ~drafted
     block_rank = torch.arange(L, device=d.device)[:, None]
     if opt.accept == "step":
         order = block_rank * (B + 1) + t
     else:
         order = block_rank * B + torch.arange(B, device=d.device)
-    committed = drafted & in_time_order(ok, order)
-    accepted = (committed & ok).sum()
-    matched, steps = torch.zeros_like(accepted), torch.zeros_like(accepted)
-    for prop, c, good in zip(proposals, committed, committed & ok):
-        revealed = prop.revealed()  # (S, B)
-        matched += (~revealed | good).all(-1).sum()  # every position of the step as drafted
-        steps += (revealed & c).any(-1).sum()
-    counts = torch.stack([accepted, matched, steps, torch.zeros_like(accepted)])
-    done = steps_taken(proposals, committed, opt)
-    return finish(proposals, committed, y, ok, done, counts, opt)
+    committed = drafted & in_time_order(ok | ~drafted, order)
+    return finish(proposals, committed, y, ok, opt)
 
 
 def accept_causal(proposals, q, run, opt):
     """SpecDiff: the drafted tokens judged in position order against the target's next-token
-    distributions q (M + 1, V); rows up to the first rejection are committed, that row with the
+    distributions q (M + 1, V). Rows up to the first rejection are committed, that one with the
     target's token, or the row after the last drafted token (the bonus) when none is rejected."""
     B, L = opt.block, len(proposals)
     skip = B - run.block.masks  # the current block's known prefix
     d = torch.cat([p.tokens for p in proposals])[skip:]
-    M = len(d)
     p = None
     if not opt.sampling.greedy:
         p = torch.cat([prop.at_own_step(prop.probs) for prop in proposals])[skip:]
         p = torch.cat([p, torch.zeros_like(p[:1])])
-    d = torch.cat([d, d[:1]])  # the bonus row drafts nothing; its verdict is overruled
-    y, ok = judge(d, p, q, opt.sampling, run.generator)
-    ok = ok & (torch.arange(M + 1, device=d.device) < M)
-    committed = in_time_order(ok, torch.arange(M + 1, device=d.device))
-    first = committed.sum() - 1
+    rows = torch.arange(len(d) + 1, device=d.device)
+    y, ok = judge(torch.cat([d, d[:1]]), p, q, opt.sampling, run.generator)  # + the bonus row
+    ok = ok & (rows < len(d))  # the bonus row drafts nothing: never accepted
+    committed = in_time_order(ok, rows)
 
     def grid(x):  # rows from block 1's first drafted position -> (L + 1, B)
-        pad = torch.zeros(skip, dtype=x.dtype, device=x.device)
-        rest = torch.zeros(B - 1, dtype=x.dtype, device=x.device)
-        return torch.cat([pad, x, rest]).view(L + 1, B)
+        before = torch.zeros(skip, dtype=x.dtype, device=x.device)
+        after = torch.zeros(B - 1, dtype=x.dtype, device=x.device)
+        return torch.cat([before, x, after]).view(L + 1, B)
 
-    counts = torch.stack([first, first, first + 1, first])
-    committed, y, ok = grid(committed), grid(y), grid(ok)
-    done = steps_taken(proposals, committed[:L], opt)
-    return finish(proposals, committed, y, ok, torch.cat([done, done[:1] * 0]), counts, opt)
+    return finish(proposals, grid(committed), grid(y), grid(ok), opt)
 
 
-def steps_taken(proposals, committed, opt):
-    """(L,) steps taken on each block after a paper or SpecDiff commit: the steps whose positions
-    are all committed; the draft's schedule continues after them."""
-    done = []
-    for p, c in zip(proposals, committed):
-        left = (p.step > 0) & ~c
-        done.append(p.done + torch.where(left, p.step - 1, p.steps).min())
-    return torch.stack(done)
-
-
-def finish(proposals, committed, tokens, good, done, counts, opt):
-    """The Verdict: committed (L or L + 1, B) positions take `tokens`; good marks those committed as
-    drafted (or in a matched step). A missing last row is the fresh block after the proposals."""
+def finish(proposals, committed, tokens, as_drafted, opt):
+    """The Verdict: positions committed (L or L + 1 rows of B) take `tokens`; as_drafted marks those
+    committed as drafted. A missing last row is the fresh block after the proposals."""
     L, B = len(proposals), opt.block
 
     def rows(xs, fill):  # (L, B) -> (L + 1, B)
-        extra = L + 1 - len(xs)
-        return torch.cat([xs, torch.full((extra, B), fill, dtype=xs.dtype, device=xs.device)])
+        extra = torch.full((L + 1 - len(xs), B), fill, dtype=xs.dtype, device=xs.device)
+        return torch.cat([xs, extra])
 
-    known0 = rows(torch.stack([p.known for p in proposals]), False)
+    known = rows(torch.stack([p.known for p in proposals]), False)
     drafted = rows(torch.stack([p.step > 0 for p in proposals]), False)
     before = rows(torch.stack([torch.where(p.known, p.tokens, opt.mask_id) for p in proposals]),
                   opt.mask_id)
-    committed, tokens, good = rows(committed, False), rows(tokens, 0), rows(good, False)
-    fate = torch.where(committed, torch.where(good, 1, 2), torch.where(drafted, 3, 0))
-    exact = (known0 | (committed & good)).all(-1)
-    exact[L] = False
-    done = torch.cat([done, torch.zeros(L + 1 - len(done), dtype=done.dtype, device=done.device)])
-    return Verdict(torch.where(committed, tokens, before), known0 | committed, fate, done, exact,
-                   counts)
+    committed, tokens, as_drafted = rows(committed, False), rows(tokens, 0), rows(as_drafted, False)
+    fate = torch.where(committed, torch.where(as_drafted, 1, 2), torch.where(drafted, 3, 0))
+    return Verdict(torch.where(committed, tokens, before), known | committed, fate)
 
 
 # ----------------------------------------------------------------------------- 5. commit
 
-def commit(run, verdict, proposals, draft_len, opt):
-    """Read the verdict back (the iteration's one host sync). Each cache keeps the leading blocks
-    committed exactly as drafted that it stored in this iteration (the target: their clean copies;
-    the draft: as it drafted them; never the last proposed block); an AR target keeps its pending
-    token and the accepted tokens. The other completed blocks become pending, and the first
-    incomplete block is the current one. Returns the tokens now returnable and what happened."""
+def readback(verdict, proposals):
+    """The verdict, and the proposals' tokens and step maps, as lists: one copy to the host."""
+    parts = dict(tokens=verdict.tokens, known=verdict.known, fate=verdict.fate,
+                 drafted=torch.stack([p.tokens for p in proposals]),
+                 steps=torch.stack([p.step for p in proposals]))
+    flat = torch.cat([t.flatten().long() for t in parts.values()]).tolist()
+    seen, i, B = {}, 0, len(proposals[0].tokens)
+    for name, t in parts.items():
+        values, i = flat[i:i + t.numel()], i + t.numel()
+        seen[name] = [values[r:r + B] for r in range(0, len(values), B)]
+    return seen
+
+
+def steps_taken(fate, steps, lossless):
+    """The target steps a block took in this iteration: lossless, its matched steps and the
+    target's own; otherwise every draft step whose positions were all committed."""
+    if lossless:
+        return len({s for f, s in zip(fate, steps) if f == 1}) + (2 in fate)
+    dropped = [s for f, s in zip(fate, steps) if f == 3]
+    return min(dropped) - 1 if dropped else max(steps, default=0)
+
+
+def count(stats, seen, taken, draft_seconds):
+    """Add one iteration to the stats. A draft step is matched when all its positions were committed
+    as drafted."""
+    stats.forwards += 1
+    stats.steps += sum(taken)
+    stats.draft_seconds += draft_seconds
+    for fate, steps in zip(seen["fate"], seen["steps"]):
+        stats.drafted += sum(s > 0 for s in steps)
+        stats.draft_forwards += max(steps, default=0)
+        stats.accepted += fate.count(1)
+        for s in set(steps) - {0}:
+            stats.matched += all(f == 1 for f, t in zip(fate, steps) if t == s)
+
+
+def commit(run, seen, taken, verdict, proposals, draft_len, opt):
+    """Each cache keeps the leading blocks committed exactly as drafted that it stored in this
+    iteration (the target: their clean copies; the draft: as it drafted them; never the last
+    proposed block); an AR target keeps its pending token and the accepted ones. The other
+    completed blocks become pending, the first incomplete block the current one. Returns the
+    tokens now returnable."""
     B, L = opt.block, len(proposals)
-    drafted = torch.stack([p.tokens for p in proposals]).flatten()
-    steps = torch.stack([p.step for p in proposals]).flatten()
-    back = torch.cat([verdict.tokens.flatten(), verdict.known.flatten().long(),
-                      verdict.fate.flatten(), verdict.done, verdict.exact.long(), verdict.counts,
-                      drafted, steps]).tolist()
-    n = (L + 1) * B
-    tokens, known, fate = (chunk(back[i * n:(i + 1) * n], B) for i in range(3))
-    done, exact = back[3 * n:3 * n + L + 1], back[3 * n + L + 1:3 * n + 2 * L + 2]
-    accepted, matched, taken, kept_tokens = back[3 * n + 2 * L + 2:3 * n + 2 * L + 6]
-    stats = run.stats
-    stats.accepted, stats.matched, stats.steps = (stats.accepted + accepted,
-                                                  stats.matched + matched, stats.steps + taken)
     kept = 0
-    while kept < L - 1 and exact[kept]:
+    while kept < L - 1 and all(f in (0, 1) for f in seen["fate"][kept]):
         kept += 1
-    if opt.verify is None:  # an AR target: pending + accepted tokens; the bonus is pending next
-        run.tcache.commit(len(run.target_pending) + kept_tokens)
-        bonus = B - run.block.masks + kept_tokens
+    if opt.verify is None:  # an AR target: the token after the accepted ones is pending next
+        accepted = sum(row.count(1) for row in seen["fate"])
+        run.tcache.commit(len(run.target_pending) + accepted)
+        bonus = B - run.block.masks + accepted
         run.target_pending = verdict.tokens.flatten()[bonus:bonus + 1]
     else:
         run.tcache.commit(len(run.pending) + kept * B)
     run.dcache.rewind(draft_len + len(run.pending) + kept * B)
     current = kept
-    while current <= L and all(known[current]):
+    while current <= L and all(seen["known"][current]):
         current += 1
     run.pending = verdict.tokens[kept:current].flatten()
-    new = returnable(tokens, known, run.block.returned)
+    new = returnable(seen["tokens"], seen["known"], run.block.returned)
     start = proposals[0].start + current * B
-    if current > L:  # block 1 and a bonus that filled the next block: a fresh block after it
+    if current > L:  # block 1 and an AR bonus that filled the next block: a fresh one after it
         fresh = torch.full((B,), opt.mask_id, device=verdict.tokens.device)
         run.block = Block(start, fresh, torch.zeros_like(fresh, dtype=torch.bool), B)
-    else:
-        n_known = sum(known[current])
-        returned = 0
-        while returned < B and known[current][returned]:
-            returned += 1
-        run.block = Block(start, verdict.tokens[current], verdict.known[current], B - n_known,
-                          done[current], returned)
-    info = {"starts": [p.start for p in proposals] + [proposals[-1].start + B], "tokens": tokens,
-            "fate": fate, "drafted": chunk(back[-2 * L * B:-L * B], B), "steps": chunk(back[-L * B:], B),
-            "matched": matched, "new": new}
-    return new, info
-
-
-def chunk(xs, size):
-    return [xs[i:i + size] for i in range(0, len(xs), size)]
+        return new
+    known = seen["known"][current]
+    returned = known.index(False) if False in known else B  # its known prefix was returned
+    done = proposals[current].done + taken[current] if current < L else 0
+    run.block = Block(start, verdict.tokens[current], verdict.known[current], known.count(False),
+                      done, returned)
+    return new
 
 
 def returnable(tokens, known, returned):
@@ -484,29 +456,6 @@ def returnable(tokens, known, returned):
 
 # ----------------------------------------------------------------------------- the loop
 
-def check_pair(target, draft, target_tok, draft_tok):
-    """Raise ValueError unless the draft can propose to the target: an SDAR model with a mask token,
-    giving every token of the target the same id, trained with a diffusion target's block length
-    and mask token."""
-    if draft.config.model_type != "sdar" or draft_tok.mask_id is None:
-        raise ValueError("the draft is not an SDAR model with a mask token; this project drafts with "
-                         "diffusion models")
-    if not draft_tok.covers(target_tok) or draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError("the draft does not give every token of the target the same id; "
-                         "speculation needs one vocabulary")
-    if target.config.model_type != "sdar":
-        return
-    if draft.config.block_size != target.config.block_size:
-        raise ValueError(f"the draft was trained with {describe(draft.config.block_size)} and the "
-                         f"target with {describe(target.config.block_size)}; they must match")
-    if draft.config.mask_token_id != target.config.mask_token_id:
-        raise ValueError("the draft and the target use different mask token ids")
-
-
-def describe(block_size):
-    return "no block_size in its config.json" if block_size is None else f"block {block_size}"
-
-
 def options(target, draft, max_new_tokens, prompt_len, *, block, steps, strategy, threshold,
             sampling, verify, accept, lookahead, eos_min_prob, stop_ids):
     """Check every option against the target's kind; the Options of the decode."""
@@ -518,20 +467,22 @@ def options(target, draft, max_new_tokens, prompt_len, *, block, steps, strategy
     if ar and (verify is not None or accept is not None):
         raise ValueError("verify and accept apply to a diffusion target only; an autoregressive "
                          "target verifies causally, in position order")
-    if ar and strategy == "dynamic" and not sampling.greedy:
-        raise ValueError("strategy='dynamic' reveals drafted tokens by their sampled confidence, "
-                         "which biases an autoregressive target's rejection sampling; use 'static'")
     verify = None if ar else verify or "lossless"
-    if verify not in (None, "lossless", "exact", "simsd"):
-        raise ValueError(f"verify must be 'lossless', 'exact' or 'simsd'; got {verify!r}")
-    if accept not in (None, "step", "position"):
-        raise ValueError(f"accept must be 'step' or 'position'; got {accept!r}")
-    if accept is not None and verify == "lossless":
-        raise ValueError("accept applies to verify='exact' or 'simsd'; lossless verification "
-                         "follows the target's own order")
-    if eos_min_prob > 0 and verify in (None, "lossless"):
-        raise ValueError("eos_min_prob changes the target's output; it applies to verify='exact' "
-                         "or 'simsd' only")
+    refused = [  # (when, why)
+        (ar and strategy == "dynamic" and not sampling.greedy,
+         "strategy='dynamic' reveals drafted tokens by their sampled confidence, which biases an "
+         "autoregressive target's rejection sampling; use 'static'"),
+        (verify not in (None, "lossless", "exact", "simsd"),
+         f"verify must be 'lossless', 'exact' or 'simsd'; got {verify!r}"),
+        (accept not in (None, "step", "position"),
+         f"accept must be 'step' or 'position'; got {accept!r}"),
+        (accept is not None and verify == "lossless",
+         "accept applies to verify='exact' or 'simsd'; lossless follows the target's own order"),
+        (eos_min_prob > 0 and verify in (None, "lossless"),
+         "eos_min_prob changes the target's output; it applies to verify='exact' or 'simsd' only")]
+    for when, why in refused:
+        if when:
+            raise ValueError(why)
     return Options(block, steps, strategy, threshold, sampling, verify, accept or "step", lookahead,
                    eos_min_prob, tuple(stop_ids), decode.diffusion_mask_id(draft),
                    prompt_len + max_new_tokens)
@@ -556,7 +507,7 @@ def start(target, draft, prompt, generator, opt):
 
 @torch.inference_mode()
 def generate(target, draft, prompt_ids, max_new_tokens, *, block=4, steps=None, strategy="static",
-             threshold=0.9, sampling=GREEDY, verify=None, accept=None, lookahead=1,
+             threshold=0.9, sampling=GREEDY, verify=None, accept=None, lookahead=LOOKAHEAD,
              eos_min_prob=0.0, stop_ids=(), generator=None, on_iteration=None):
     """Speculative decoding: SimSD for a diffusion (SDAR) target, SpecDiff for an AR (qwen3) one.
     Returns (new tokens, Stats) as decode.generate does.

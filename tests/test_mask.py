@@ -1,4 +1,5 @@
-"""mask.py against brute-force loops that read the verification rules (mask.verify's docstring) literally."""
+"""mask.py against brute-force loops that read each layout's rules (the docstrings) literally."""
+import itertools
 import random
 import subprocess
 import sys
@@ -9,46 +10,7 @@ import torch
 
 import mask
 
-
-def layouts(seed=0):
-    """(block, n_known, step) for every block 1..16 and known length 0..block-1,
-    each with a step map drawn from 1..m with random ties and a permutation."""
-    rng = random.Random(seed)
-    for block in range(1, 17):
-        for n in range(block):
-            m = block - n
-            yield block, n, [rng.randint(1, m) for _ in range(m)]
-            yield block, n, rng.sample(range(1, m + 1), m)
-
-
-LAYOUTS = list(layouts())
-
-
-def tokens(n, step):
-    """The verify layout as (kind, position, step) per token, for the loops."""
-    return ([("k", i, None) for i in range(n)]
-            + [("r", i, t) for i, t in enumerate(step)]
-            + [("m", i, t) for i, t in enumerate(step)])
-
-
-def brute_verify(n, step):
-    """The SimSD rules, one (query, key) pair at a time."""
-    toks = tokens(n, step)
-    out = []
-    for qk, _, ti in toks:
-        row = []
-        for kk, _, tj in toks:
-            if qk == "k":
-                a = kk == "k"
-            elif kk == "k":
-                a = True
-            elif qk == "r":
-                a = tj <= ti if kk == "r" else tj > ti
-            else:
-                a = tj < ti if kk == "r" else tj >= ti
-            row.append(a)
-        out.append(row)
-    return out
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def T(step):
@@ -93,105 +55,123 @@ def test_training_no_leak():
         assert not M[n:, :n].any()
 
 
-def test_verify_matches_loop():
-    """verify equals the rules read literally, on every known length and many step maps with ties."""
-    for _, n, step in LAYOUTS:
-        assert mask.verify(T(step), n).tolist() == brute_verify(n, step)
+def step_maps(seed=0):
+    """(block, step) for blocks 1..12: known positions (step 0) anywhere, drafted steps from 1..m
+    with random ties and as a permutation."""
+    rng = random.Random(seed)
+    for block in range(1, 13):
+        for _ in range(6):
+            known = [rng.random() < 0.3 for _ in range(block)]
+            m = block - sum(known)
+            steps = rng.sample(range(1, m + 1), m) if rng.random() < 0.5 else [rng.randint(1, max(m, 1)) for _ in range(m)]
+            it = iter(steps)
+            yield block, [0 if k else next(it) for k in known]
 
 
-def test_verify_one_version_per_position():
-    """Every drafted row sees all known tokens and exactly one version (token or mask) of each position."""
-    for _, n, step in LAYOUTS:
-        M, m = mask.verify(T(step), n), len(step)
-        for q in range(n, n + 2 * m):
-            assert M[q, :n].all()
-            for j in range(m):
-                assert int(M[q, n + j]) + int(M[q, n + m + j]) == 1
+STEP_MAPS = list(step_maps())
+
+
+def brute_verify(step):
+    """The SimSD rules read literally over [block | masks], one (query, key) pair at a time: known
+    tokens see the known tokens only; reference i sees reference j iff t_j <= t_i and mask j iff
+    t_j > t_i; mask i sees reference j iff t_j < t_i and mask j iff t_j >= t_i. Rows of the mask
+    tokens at known positions are unused: None."""
+    B = len(step)
+    rows = []
+    for qi in range(2 * B):
+        ti, is_mask = step[qi % B], qi >= B
+        if is_mask and ti == 0:
+            rows.append(None)
+            continue
+        row = []
+        for kj in range(2 * B):
+            tj, key_mask = step[kj % B], kj >= B
+            if ti == 0:  # a known token
+                row.append(not key_mask and tj == 0)
+            elif not is_mask:
+                row.append(tj > ti if key_mask else tj <= ti)
+            else:
+                row.append(tj >= ti if key_mask else tj < ti)
+        rows.append(row)
+    return rows
+
+
+def test_verify_matches_the_rules():
+    """verify equals the rules read literally, for known positions anywhere and step maps with ties."""
+    for _, step in STEP_MAPS:
+        got = mask.verify(T(step)).tolist()
+        for row, want in zip(got, brute_verify(step)):
+            assert want is None or row == want, step
+
+
+def test_verify_one_version_per_position_and_the_unused_masks():
+    """Every drafted row sees all known tokens and exactly one version (token or mask) of each drafted
+    position; the mask tokens at known positions are seen by nobody."""
+    for block, step in STEP_MAPS:
+        M = mask.verify(T(step))
+        drafted = [i for i in range(block) if step[i] > 0]
+        for q in [i for i in drafted] + [block + i for i in drafted]:
+            assert all(M[q, j] for j in range(block) if step[j] == 0)
+            for j in drafted:
+                assert int(M[q, j]) + int(M[q, block + j]) == 1
+        for j in range(block):
+            if step[j] == 0:
+                assert not M[:block, block + j].any() and not M[[block + i for i in drafted], block + j].any()
 
 
 def test_verify_no_peeking():
-    """A mask row never sees the reference of its own position or of any position revealed at its step or later."""
-    for _, n, step in LAYOUTS:
-        M, m = mask.verify(T(step), n), len(step)
-        for i in range(m):
-            assert M[n + i, n + i]                        # a reference sees itself
-            assert not M[n + m + i, n + i]                # mask i never sees reference i
-            for j in range(m):
-                if step[j] >= step[i]:
-                    assert not M[n + m + i, n + j]
-
-
-def test_verify_known_rows_see_known_only():
-    """Known tokens see each other and nothing drafted."""
-    for _, n, step in LAYOUTS:
-        M = mask.verify(T(step), n)
-        assert M[:n, :n].all() and not M[:n, n:].any()
+    """A mask row never sees the reference of its own position, nor any revealed at its step or later."""
+    for block, step in STEP_MAPS:
+        M = mask.verify(T(step))
+        for i in range(block):
+            if step[i] > 0:
+                assert not M[block + i, i]
+                assert not any(M[block + i, j] for j in range(block) if step[j] >= step[i])
 
 
 def test_verify_left_to_right_is_causal():
-    """One position per step, left to right: references are causal (an AR model) and mask i sees references < i, masks >= i."""
-    for m in range(1, 17):
-        for n in (0, 1, 3):
-            M = mask.verify(torch.arange(1, m + 1), n)
-            ref = M[n:n + m, n:n + m]
-            assert torch.equal(ref, torch.ones(m, m, dtype=torch.bool).tril())
-            for i in range(m):
-                assert M[n + m + i, n:n + m].tolist() == [j < i for j in range(m)]
-                assert M[n + m + i, n + m:].tolist() == [j >= i for j in range(m)]
-
-
-def test_verify_exact_matches_loop():
-    """Exact mode: full inside each copy, blind across copies, rows = position i in the copy of step t_i."""
-    for _, n, step in LAYOUTS:
-        M, rows = mask.verify_exact(T(step), n)
-        distinct, size = sorted(set(step)), n + len(step)
-        total = len(distinct) * size
-        assert M.shape == (total, total)
-        assert M.tolist() == [[q // size == k // size for k in range(total)] for q in range(total)]
-        want = [distinct.index(t) * size + n + i for i, t in enumerate(step)]
-        assert rows.tolist() == want
-        for i, r in enumerate(rows.tolist()):
-            assert r // size == distinct.index(step[i]) and r % size == n + i
-
-
-def test_with_store_matches_loop():
-    """Folded store: stored tokens see only themselves, every later token sees them, the rest is unchanged."""
-    rng = random.Random(3)
-    for _ in range(100):
-        n, block, start = rng.randint(0, 12), rng.randint(1, 8), rng.randint(0, 8)
-        inner, s = mask.block_causal(n, block, start), rng.randint(0, 8)
-        M = mask.with_store(inner, s).tolist()
-        for q in range(s + n):
-            for k in range(s + n):
-                if q < s:
-                    want = k < s
-                elif k < s:
-                    want = True
-                else:
-                    want = bool(inner[q - s, k - s])
-                assert M[q][k] == want
-    for _, n, step in LAYOUTS[::7]:
-        inner, s = mask.verify(T(step), n), 4
-        M = mask.with_store(inner, s)
-        assert M[:s, :s].all() and not M[:s, s:].any() and M[s:, :s].all()
-        assert torch.equal(M[s:, s:], inner)
-
-
-def test_positions():
-    """RoPE copy: reference i and mask i share drafted position i's position; known tokens keep
-    their own, wherever they sit in the block (a random subset of the block is known)."""
-    rng = random.Random(0)
-    for block, n, step in LAYOUTS:
-        m, start = len(step), 37
-        where = sorted(rng.sample(range(block), n))  # known slots anywhere in the block
-        kpos = [start + i for i in where]
-        dpos = [start + i for i in range(block) if i not in where]
-        pos = mask.verify_positions(T(kpos), T(dpos)).tolist()
-        assert pos[:n] == kpos
+    """One position per step, left to right: references are causal, as an AR model's tokens, and
+    mask i sees references < i and masks >= i."""
+    for m in range(1, 13):
+        M = mask.verify(torch.arange(1, m + 1))
+        assert torch.equal(M[:m, :m], torch.ones(m, m, dtype=torch.bool).tril())
         for i in range(m):
-            assert pos[n + i] == pos[n + m + i] == dpos[i]
-        ex = mask.verify_exact_positions(T(step), T(kpos), T(dpos)).tolist()
-        assert ex == (kpos + dpos) * len(set(step))
+            assert M[m + i, :m].tolist() == [j < i for j in range(m)]
+            assert M[m + i, m:].tolist() == [j >= i for j in range(m)]
+
+
+def test_copies_matches_loop():
+    """Exact verification: each copy of the block sees itself, whole, and no other copy."""
+    for n, block in itertools.product(range(1, 5), range(1, 6)):
+        want = [[q // block == k // block for k in range(n * block)] for q in range(n * block)]
+        assert mask.copies(n, block).tolist() == want
+
+
+def test_lookahead_matches_loop():
+    """[pending | clean copies | parts]: pending is block-causal and seen by all; clean copy j sees
+    pending and clean copies <= j; part j sees pending, clean copies < j and itself by its own mask."""
+    rng = random.Random(4)
+    for _ in range(60):
+        block, L, n_pending = rng.randint(1, 4), rng.randint(1, 4), rng.choice([0, 1, 2])
+        parts = [mask.copies(rng.randint(1, 3), block) if rng.random() < 0.5
+                 else mask.verify(T([rng.randint(0, 3) for _ in range(block)])) for _ in range(L)]
+        M = mask.lookahead(parts, n_pending * block, block).tolist()
+        kinds = [("p", i // block) for i in range(n_pending * block)]
+        kinds += [("c", j) for j in range(1, L) for _ in range(block)]
+        kinds += [("v", j, r) for j, part in enumerate(parts, 1) for r in range(len(part))]
+        for q, kq in enumerate(kinds):
+            for k, kk in enumerate(kinds):
+                if kq[0] == "p":
+                    want = kk[0] == "p" and kk[1] <= kq[1]
+                elif kq[0] == "c":
+                    want = kk[0] == "p" or (kk[0] == "c" and kk[1] <= kq[1])
+                elif kk[0] == "p":
+                    want = True
+                elif kk[0] == "c":
+                    want = kk[1] < kq[1]
+                else:
+                    want = kk[1] == kq[1] and bool(parts[kq[1] - 1][kq[2], kk[2]])
+                assert M[q][k] == want, (q, k, kinds[q], kinds[k])
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -200,23 +180,25 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_and_dtype(device):
     """Masks are bool and live on the device of their inputs."""
-    step = torch.tensor([2, 1, 3, 1], device=device)
     dev = torch.device(device)
-    masks = [mask.block_causal(5, 4, 2, device=dev), mask.training(6, 2, device=dev),
-             mask.verify(step, 2), mask.verify_exact(step, 2)[0], mask.with_store(mask.verify(step, 2), 4)]
-    for M in masks:
+    step = torch.tensor([0, 2, 1, 3], device=device)
+    made = [mask.block_causal(5, 4, 2, device=dev), mask.training(6, 2, device=dev), mask.verify(step),
+            mask.copies(3, 4, dev), mask.lookahead([mask.verify(step), mask.copies(2, 4, dev)], 4, 4)]
+    for M in made:
         assert M.dtype == torch.bool and M.device.type == dev.type
-    kpos, dpos = torch.tensor([8, 10], device=device), torch.tensor([9, 11, 12, 13], device=device)
-    for x in [mask.verify_exact(step, 2)[1], mask.verify_positions(kpos, dpos),
-              mask.verify_exact_positions(step, kpos, dpos)]:
-        assert x.dtype == torch.long and x.device.type == dev.type
 
 
-def test_main_prints_example():
-    """`python mask.py` runs and draws the verification example."""
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "mask.py"], cwd=root, capture_output=True,
-                         text=True, check=True).stdout
-    for label in ["k0", "r1@2", "r2@1", "r3@3", "m1@2", "m2@1", "m3@3"]:
+def test_main_draws_the_layouts_takes_help_and_ends_quietly_in_a_pipe():
+    """`python mask.py` draws the examples; --help works; a closed pipe ends it without a traceback."""
+    out = subprocess.run([sys.executable, "mask.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for label in ["k0", "r1@2", "r2@1", "r3@3", "m1@2", "m2@1", "m3@3", "Lookahead"]:
         assert label in out
-    assert "m2@1 # | . . . | # # #" in out      # step 1's mask row sees no references
+    assert "m2@1 # | . . . | # # #" in out  # step 1's mask row sees no reference
+    assert "usage: mask.py" in subprocess.run([sys.executable, "mask.py", "--help"], cwd=ROOT,
+                                              capture_output=True, text=True, check=True).stdout
+    proc = subprocess.Popen([sys.executable, "mask.py"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # what `| head -c 10` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -398,3 +398,18 @@ def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw):
     what = "holds JSON that is not an object" if raw == b"[1, 2]" else "is not valid JSON"
     with refuses(ValueError, match=re.escape(str(ckpt / name)) + " " + what):
         model.load(ckpt)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_hidden_layers", -1, "num_hidden_layers must be a positive integer; got -1."),
+    ("hidden_size", 0, "hidden_size must be a positive integer; got 0."),
+    ("vocab_size", 1.5, "vocab_size must be a positive integer; got 1.5."),
+    ("block_size", 0, "block_size must be a positive integer; got 0."),
+    ("num_key_value_heads", 3, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\).")])
+def test_config_values_are_checked(ckpt, key, value, message):
+    """A size that cannot build a model is one sentence naming the file, not a list of tensors."""
+    d = json.loads((ckpt / "config.json").read_text())
+    d[key] = value
+    (ckpt / "config.json").write_text(json.dumps(d))
+    with refuses(ValueError, match=re.escape(str(ckpt / "config.json")) + ": " + message):
+        model.load(ckpt)

@@ -1,5 +1,8 @@
-"""speculative.py: SimSD's and SpecDiff's invariants, each against an independent reference
-(vanilla decoding, separate no-cache forwards, brute-force loops, chi-square tests)."""
+"""speculative.py: each guarantee against an independent reference: the target alone (decode.generate
+and decode.generate_ar), separate no-cache forwards, exact distributions enumerated by brute force,
+and literal loops over the acceptance rules."""
+import collections
+import itertools
 import math
 import random
 
@@ -11,417 +14,542 @@ import mask as masks
 import model
 import speculative
 
-from test_decode import MASK, VOCAB, prompt, random_model  # the same random models as the vanilla tests
+SAMPLED = decode.Sampling(temperature=1.0)
 
 
-def ar_model(seed=0, layers=2):
-    """A random autoregressive (qwen3) target on the same ids as the diffusion models."""
-    torch.manual_seed(seed)
-    c = model.Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, model_type="qwen3")
-    m = model.Transformer(c).eval()
+def noisy_copy(m, scale, seed):
+    """A draft that agrees with the target often but not always: its weights plus noise."""
+    copy = model.Transformer(m.config).eval()
+    copy.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        m.lm_head.weight.mul_(6)
-    return m
+        for p in copy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return copy
 
 
-def favour(m, amount, token=7):
-    """Add `amount` to one token's logit: two random models that both lean to it agree now and then,
-    so runs of accepted tokens, full acceptances and rejections all happen."""
-    bias = torch.zeros(m.config.vocab_size)
-    bias[token] = amount
-    m.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
-    return m
+@pytest.fixture(scope="module")
+def pairs(random_model):
+    """(target, draft) pairs that disagree: a noisy copy (long chains) and an unrelated model."""
+    target = random_model(0, 2)
+    return [(target, noisy_copy(target, 0.3, 1)), (target, random_model(1, 1))]
 
 
-SPEC_DRAFT = favour(random_model(1, 1), 17.0)  # with favour(ar_model(seed), 6.0): half the tokens are 7
-
-
-def run(target, draft, P, n, block, **kw):
-    """speculative.generate on prompt(P, P) with every iteration's info collected."""
+def run(target, draft, prompt_ids, n, **kw):
+    """speculative.generate with every iteration's info collected."""
     seen = []
-    out, stats = speculative.generate(target, draft, prompt(P, P), n, block=block, on_iteration=seen.append, **kw)
+    out, stats = speculative.generate(target, draft, prompt_ids, n, on_iteration=seen.append, **kw)
     return out, stats, seen
 
 
-# ----------------------------------------------------------------------------- SimSD: lossless and valid
+# ----------------------------------------------------------------------------- lossless, greedy
 
-@pytest.mark.parametrize("block", [4, 8])
-@pytest.mark.parametrize("accept", ["step", "position"])
-def test_self_draft_is_lossless_in_exact_mode(block, accept):
-    """Draft == target, exact verification: everything is accepted and the tokens are vanilla decoding's."""
-    for layers in (1, 2, 3):
-        m = random_model(layers, layers)
-        for P in range(1, 2 * block + 2):
-            want, _ = decode.generate(m, prompt(P, P), 3 * block + 2, block=block)
-            got, stats, _ = run(m, m, P, 3 * block + 2, block, verify="exact", accept=accept)
-            assert got == want, (layers, P)
-            assert stats["accepted"] == stats["drafted"] and stats["replaced"] == 0
-            assert stats["iterations"] == stats["target_forwards"] - (P >= block)  # one iteration per block
-
-
-def temporally_valid(info):
-    """Every committed drafted position's earlier-step positions are committed with the draft's token."""
-    steps, status = info["steps"], info["status"]
-    return all(status[j] == "accepted" for i in range(len(steps)) if status[i] in ("accepted", "replaced")
-               for j in range(len(steps)) if 0 < steps[j] < steps[i])
+@pytest.mark.parametrize("block", [2, 4, 8])
+def test_lossless_greedy_is_the_targets_own_decoding(block, pairs, prompt):
+    """Token for token decode.generate's output, for drafts that disagree, steps = block and block/2,
+    static and dynamic, every prompt alignment, lookahead 1-3; never more target forwards than the
+    target alone, and at least one target step per target forward."""
+    matched = 0
+    for steps, strategy in itertools.product((block, block // 2), ("static", "dynamic")):
+        for P in range(1, block + 2):
+            target, draft = pairs[P % 2]
+            kw = dict(block=block, steps=steps, strategy=strategy, threshold=0.6)
+            want, alone = decode.generate(target, prompt(P, P), 2 * block + 1, **kw)
+            got, stats, _ = run(target, draft, prompt(P, P), 2 * block + 1, lookahead=1 + P % 3, **kw)
+            assert got == want, (steps, strategy, P)
+            assert stats.forwards <= alone.forwards and stats.steps >= stats.forwards
+            matched += stats.matched
+    assert matched > 0  # chains went past a first step
 
 
-PAIRS = [(random_model(0, 2), random_model(1, 1)), (random_model(5, 3), random_model(6, 2))]
+def test_lossless_greedy_stops_and_short_answers(pairs, prompt):
+    """A stop token inside the first block, and max_new_tokens below one block, as the target alone."""
+    target, draft = pairs[0]
+    for P in (3, 4, 5):
+        free, _ = decode.generate(target, prompt(P, P), 12, block=4)
+        stop = free[1]
+        want, _ = decode.generate(target, prompt(P, P), 12, block=4, stop_ids=(stop,))
+        got, _, seen = run(target, draft, prompt(P, P), 12, block=4, stop_ids=(stop,), lookahead=2)
+        assert got == want == free[:free.index(stop)] and sum((i["new"] for i in seen), []) == got
+        for n in (1, 2, 3):
+            assert run(target, draft, prompt(P, P), n, block=4)[0] == free[:n]
 
 
-@pytest.mark.parametrize("block", [4, 8])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_step_order_is_temporally_valid_and_position_order_is_not(block, temperature):
-    """Random pairs that disagree: step order never commits a token judged in a context that does not
-    exist; position order does (deterministic seeds), so the check can fail."""
-    invalid = {"step": 0, "position": 0}
-    for accept in invalid:
-        for target, draft in PAIRS:
-            for P in range(1, block + 2):
-                for strategy in ("static", "dynamic"):
-                    _, stats, seen = run(target, draft, P, 24, block, accept=accept, strategy=strategy,
-                                         threshold=0.5, temperature=temperature,
-                                         generator=torch.Generator().manual_seed(P))
-                    invalid[accept] += sum(not temporally_valid(i) for i in seen)
-                    assert stats["replaced"] > 0  # the pair disagrees
-    assert invalid["step"] == 0 and invalid["position"] > 0, invalid
+def test_self_draft_commits_lookahead_blocks_per_forward(random_model, prompt):
+    """Draft = target: every block is accepted whole, and one target forward commits L blocks."""
+    m = random_model(3, 2)
+    for L in (1, 2, 3):
+        out, stats, seen = run(m, m, prompt(8), 12 * L, block=4, lookahead=L)
+        assert out == decode.generate(m, prompt(8), 12 * L, block=4)[0]
+        assert stats.accepted == stats.drafted and stats.matched == stats.steps
+        assert stats.tokens / stats.forwards >= 0.8 * L * 4  # the prompt is aligned: no tail
 
 
-def test_position_order_fails_the_right_to_left_example():
-    """Block 4, step map [4, 3, 2, 1], d_3 rejected: position order commits d_0..d_2 (judged with d_3 in
-    place) and replaces d_3; step order commits only the target's token for d_3."""
-    d, t = torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 2, 1])
-    q = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 0]), 5).float()  # the target disagrees at d_3 only
-    for order, want in ((torch.arange(4), [True, True, True, True]), (t, [False, False, False, True])):
-        tokens, committed, ok = speculative.acceptance(d, torch.zeros(4, 5), q, order, 0.0)
-        assert committed == want and tokens[3] == 0 and ok == [True, True, True, False]
-    info = {"steps": t.tolist(), "status": ["accepted"] * 3 + ["replaced"]}
-    assert not temporally_valid(info)
+# ----------------------------------------------------------------------------- lossless, sampled
+
+def chi_square_sf(x, dof):
+    """P(chi-square with dof degrees of freedom > x): the regularised upper incomplete gamma."""
+    a, x = dof / 2, x / 2
+    if x < a + 1:  # series for the lower part
+        term = total = 1 / a
+        n = 1
+        while term > 1e-15 * total:
+            term *= x / (a + n)
+            total += term
+            n += 1
+        return 1 - total * math.exp(-x + a * math.log(x) - math.lgamma(a))
+    b, c, d = x + 1 - a, 1e300, 1 / (x + 1 - a)  # continued fraction for the upper part
+    h = d
+    for i in range(1, 300):
+        an = -i * (i - a)
+        b += 2
+        d = 1 / (an * d + b)
+        c = b + an / c
+        h *= d * c
+    return math.exp(-x + a * math.log(x) - math.lgamma(a)) * h
+
+
+def p_value(probs, samples):
+    """Chi-square goodness of fit of samples to {outcome: probability}; outcomes expected fewer than
+    five times are pooled into one cell."""
+    n, counts = len(samples), collections.Counter(samples)
+    rare = [o for o in probs if probs[o] * n < 5]
+    cells = [([o], probs[o]) for o in probs if o not in rare] + [(rare, sum(probs[o] for o in rare))]
+    stat = dof = 0
+    for outcomes, p in cells:
+        if p * n >= 5:
+            stat += (sum(counts[o] for o in outcomes) - p * n) ** 2 / (p * n)
+            dof += 1
+    return chi_square_sf(stat, dof - 1)
 
 
 @torch.no_grad()
-def replay(target, prompt_ids, out, seen, block):
-    """Every committed token equals the target's argmax (mask id excluded) on the committed state
-    before its step, computed by a separate no-cache forward. Returns the tokens checked."""
-    full, checked = prompt_ids + out, 0
-    for info in seen:
-        start, steps, status, after = info["start"], info["steps"], info["status"], info["block"]
-        for s in sorted({t for t, st in zip(steps, status) if t > 0 and st != "dropped"}):
-            state = [after[i] if st == "known" or (0 < steps[i] < s) else MASK for i, st in enumerate(status)]
-            seq = torch.tensor(full[:start] + state)
-            logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0, start:]
-            logits[:, MASK] = float("-inf")
+def enumerate_decoding(m, prompt_ids, n, block, strategy, threshold, sampling):
+    """The exact distribution of the target's own sampled block decoding of n tokens, by walking
+    every path: at each state a separate no-cache forward, every combination of picks at the masked
+    positions (each with the product of its probabilities), and SDAR's rule on them."""
+    mask_id, V = m.config.mask_token_id, m.config.vocab_size
+    aligned = len(prompt_ids) - len(prompt_ids) % block
+    tail = prompt_ids[aligned:]
+    out = collections.defaultdict(float)
+
+    def walk(done, state, steps, prob):  # done: the finished blocks (the tail's included)
+        todo = [i for i, x in enumerate(state) if x == mask_id]
+        if not todo:
+            done = done + state
+            if len(done) - len(tail) >= n:
+                out[tuple(done[len(tail):len(tail) + n])] += prob
+            else:
+                walk(done, [mask_id] * block, 0, prob)
+            return
+        seq = torch.tensor(prompt_ids[:aligned] + done + state)
+        logits = m(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0]
+        q = sampling.distribution(logits[-block:], suppress=mask_id)
+        masked = torch.tensor([x == mask_id for x in state])
+        for picks in itertools.product(range(V - 1), repeat=len(todo)):
+            y = torch.tensor(state)
+            y[todo] = torch.tensor(picks)
+            p = prob * math.prod(q[i, t].item() for i, t in zip(todo, picks))
+            revealed = decode.reveal(q, y, masked, decode.quota(steps, block, block), strategy,
+                                     threshold).tolist()
+            new = [int(y[i]) if revealed[i] else state[i] for i in range(block)]
+            walk(done, new, steps + 1, p)
+
+    walk([], tail + [mask_id] * (block - len(tail)), 0, 1.0)
+    return dict(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(random_model):
+    """A 4-token vocabulary (3 tokens and the mask): a target and a noisy-copy draft."""
+    target = random_model(2, 1, vocab=4, sharpen=2.0)
+    return target, noisy_copy(target, 0.5, 3)
+
+
+SAMPLED_CASES = [("static", decode.Sampling(1.0), 1), ("dynamic", decode.Sampling(1.0, top_p=0.9), 2)]
+
+
+@pytest.mark.parametrize("strategy,sampling,lookahead", SAMPLED_CASES)
+def test_lossless_sampling_follows_the_targets_distribution(strategy, sampling, lookahead, tiny_pair):
+    """End to end: 600 outputs of speculative.generate (two blocks of 2 after a one-token tail)
+    against the exact distribution of the target's own sampled decoding, enumerated. The test fails
+    when the chi-square p-value is below 1e-5: falsely, once in 100,000 seeds."""
+    target, draft = tiny_pair
+    prompt_ids, n, block = [1, 2, 0], 3, 2
+    exact = enumerate_decoding(target, prompt_ids, n, block, strategy, 0.6, sampling)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(block=block, strategy=strategy, threshold=0.6, sampling=sampling, generator=g)
+    samples = [tuple(speculative.generate(target, draft, prompt_ids, n, lookahead=lookahead, **kw)[0])
+               for _ in range(600)]
+    assert p_value(exact, samples) > 1e-5
+
+
+def test_the_sampled_test_detects_the_papers_bias(tiny_pair):
+    """The same test on the paper's rule (exact verification, draft-step order) fails: the draft picks
+    which positions to reveal by its own sampled tokens, so its tokens are not distributed as p."""
+    target, draft = tiny_pair
+    prompt_ids, n, block = [1, 2, 0], 3, 2
+    exact = enumerate_decoding(target, prompt_ids, n, block, "static", 0.6, SAMPLED)
+    g = torch.Generator().manual_seed(0)
+    samples = [tuple(speculative.generate(target, draft, prompt_ids, n, block=block, verify="exact",
+                                          sampling=SAMPLED, generator=g)[0]) for _ in range(600)]
+    assert p_value(exact, samples) < 1e-5
+
+
+def test_enumeration_matches_the_target_alone(tiny_pair):
+    """The reference itself: decode.generate's own samples follow the enumerated distribution."""
+    target, _ = tiny_pair
+    exact = enumerate_decoding(target, [1, 2, 0], 3, 2, "static", 0.6, SAMPLED)
+    assert sum(exact.values()) == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(1)
+    samples = [tuple(decode.generate(target, [1, 2, 0], 3, block=2, sampling=SAMPLED, generator=g)[0])
+               for _ in range(600)]
+    assert p_value(exact, samples) > 1e-5
+
+
+# ----------------------------------------------------------------------------- SpecDiff: an AR target
+
+@pytest.fixture
+def ar_target(random_model, favour):
+    """ar_target(seed): a random autoregressive target that leans to token 7, as the draft does."""
+    return lambda seed, **kw: favour(random_model(seed, 2, model_type="qwen3", sharpen=6.0, **kw), 6.0)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4])
+def test_specdiff_greedy_is_the_ar_targets_greedy(block, ar_target, random_model, favour, prompt):
+    """For a draft that disagrees (rejections, whole runs and bonuses all happen), every prompt
+    alignment, lookahead 1-3, with and without a stop token."""
+    draft = favour(random_model(1, 1), 17.0)
+    fates = collections.Counter()
+    for seed in (0, 1):
+        target = ar_target(seed)
+        for P in range(1, block + 3):
+            want, _ = decode.generate_ar(target, prompt(P, P), 3 * block + 1)
+            got, stats, seen = run(target, draft, prompt(P, P), 3 * block + 1, block=block,
+                                   lookahead=1 + P % 3)
+            assert got == want, (seed, P)
+            fates.update(f for info in seen for row in info["fate"] for f in row)
+            stop = want[len(want) // 2]
+            cut, _, _ = run(target, draft, prompt(P, P), 3 * block + 1, block=block, stop_ids=(stop,))
+            assert cut == want[:want.index(stop)]
+    assert fates[1] > 0 and fates[2] > 0 and fates[3] > 0, fates  # accepted, the target's, dropped
+
+
+@torch.no_grad()
+def enumerate_ar(m, prompt_ids, n, sampling):
+    """The exact distribution of n tokens of the AR target's own sampling: every sequence, with the
+    product of its next-token probabilities from separate causal forwards."""
+    out = {}
+
+    def walk(seq, prob):
+        if len(seq) == len(prompt_ids) + n:
+            out[tuple(seq[len(prompt_ids):])] = prob
+            return
+        x = torch.tensor(seq)
+        logits = m(x[None], torch.arange(len(x)), masks.block_causal(len(x), 1))[0, -1]
+        q = sampling.distribution(logits)
+        for token in range(len(q)):
+            if q[token] > 0:
+                walk(seq + [token], prob * q[token].item())
+
+    walk(list(prompt_ids), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_specdiff_sampling_follows_the_ar_targets_distribution(lookahead, random_model, favour):
+    """600 outputs of sampled SpecDiff (the draft reveals the leftmost positions first) against the
+    exact distribution of the AR target's sampling; fails falsely once in 100,000 seeds (p < 1e-5)."""
+    target = favour(random_model(4, 1, model_type="qwen3", vocab=4, sharpen=2.0), -1e4, token=3)
+    draft = random_model(5, 1, vocab=4, sharpen=2.0)  # id 3 is its mask, which the target never says
+    exact = enumerate_ar(target, [1, 0, 2], 3, SAMPLED)
+    g = torch.Generator().manual_seed(0)
+    samples = [tuple(speculative.generate(target, draft, [1, 0, 2], 3, block=2, lookahead=lookahead,
+                                          sampling=SAMPLED, generator=g)[0]) for _ in range(600)]
+    assert p_value(exact, samples) > 1e-5
+
+
+# ----------------------------------------------------------------------------- caches
+
+def assert_cache_is_the_oracle(m, cache, tokens, block):
+    """A cache's committed keys and values equal one block-causal prefill of the committed tokens."""
+    oracle = model.KVCache(m.config, cache.len, 1, "cpu", torch.float32)
+    decode.prefill(m, torch.tensor(tokens[:cache.len]), oracle, block)
+    torch.testing.assert_close(cache.k[:, :, :, :cache.len], oracle.k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.v[:, :, :, :cache.len], oracle.v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def made_caches(monkeypatch):
+    """Every (model, KV cache) that model.Transformer.new_cache makes while the test runs."""
+    made, real = [], model.Transformer.new_cache
+
+    def new_cache(self, max_len, batch_size=1):
+        made.append((self, real(self, max_len, batch_size)))
+        return made[-1][1]
+    monkeypatch.setattr(model.Transformer, "new_cache", new_cache)
+    return made
+
+
+@pytest.mark.parametrize("verify", ["lossless", "exact", "simsd", "ar"])
+def test_caches_equal_the_oracle_after_every_iteration(verify, made_caches, pairs, ar_target, prompt):
+    """After every iteration, each cache holds exactly what a fresh prefill of the committed tokens
+    computes: whole blocks for the draft and a diffusion target, every token but the newest for an
+    AR target; also after later proposed blocks were rolled back, and at block 1, where a bonus
+    fills the next block."""
+    target, draft = pairs[1]
+    if verify == "ar":
+        target = ar_target(0)
+    rolled_back = 0
+    for block, lookahead, P in ((1, 2, 3), (2, 3, 5), (4, 2, 6)):
+        made_caches.clear()
+        committed = prompt(P, P)
+
+        def check(info):
+            (_, tcache), (_, dcache) = made_caches[:2]
+            committed.extend(info["new"])
+            if len(committed) == P + 6 * block:
+                return  # the last iteration: its tokens past max_new_tokens are not returned
+            assert dcache.len % block == 0 and dcache.len <= len(committed)
+            assert_cache_is_the_oracle(draft, dcache, committed, block)
+            if verify == "ar":
+                assert tcache.len == len(committed) - 1
+                assert_cache_is_the_oracle(target, tcache, committed, 1)
+            else:
+                assert_cache_is_the_oracle(target, tcache, committed, block)
+        def check_and_count(info):
+            nonlocal rolled_back
+            check(info)
+            rolled_back += sum(3 in row for row in info["fate"][1:])  # a later block dropped
+        kw = {} if verify == "ar" else dict(verify=verify)
+        speculative.generate(target, draft, prompt(P, P), 6 * block, block=block,
+                             lookahead=lookahead, on_iteration=check_and_count, **kw)
+    assert rolled_back > 0
+
+
+# ----------------------------------------------------------------------------- the layouts
+
+def proposed(target, draft, prompt_ids, lookahead, verify, block=4):
+    """The draft's proposals for lookahead blocks after prompt_ids and the target's logits at the
+    rows that verify them, from one forward on speculative.layout."""
+    opt = speculative.options(target, draft, 32, len(prompt_ids), block=block, steps=None,
+                              strategy="static", threshold=0.9, sampling=decode.GREEDY,
+                              verify=verify, accept=None, lookahead=lookahead, eos_min_prob=0.0,
+                              stop_ids=())
+    run_ = speculative.start(target, draft, torch.tensor(prompt_ids), None, opt)
+    proposals = speculative.propose(run_, lookahead, opt)
+    ids, pos, attend, n_context = speculative.layout(proposals, run_.pending, opt)
+    with torch.no_grad():
+        logits = target(ids[None], pos, attend, run_.tcache)[0, n_context:]
+    return proposals, logits
+
+
+@torch.no_grad()
+def test_exact_copies_equal_separate_forwards(pairs, prompt):
+    """Every copy of every proposed block (lookahead 3): the target's logits equal a separate no-cache
+    forward on the whole sequence in that state, the blocks before it as drafted."""
+    target, draft = pairs[1]
+    for P in (5, 8):
+        prompt_ids = prompt(P, P)
+        proposals, logits = proposed(target, draft, prompt_ids, 3, "lossless")
+        before, row = prompt_ids[:P - P % 4], 0
+        for p in proposals:
+            for state in torch.where(p.masked(), target.config.mask_token_id, p.tokens):
+                seq = torch.tensor(before + state.tolist())
+                want = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), 4))[0]
+                torch.testing.assert_close(logits[row:row + 4], want[-4:], rtol=1e-4, atol=1e-4)
+                row += 4
+            before += p.tokens.tolist()
+
+
+@torch.no_grad()
+def test_simsd_equals_exact_in_one_layer_and_differs_deeper(random_model, prompt, report):
+    """The paper's layout gives each drafted position, of every proposed block, the exact layout's
+    logits when the target has one layer; deeper, mask tokens see later reveals through each other,
+    and the logits differ."""
+    draft = random_model(1, 1)
+    for layers in (1, 2):
+        target = random_model(7, layers)
+        worst = 0.0
+        for P in (5, 6):
+            proposals, simsd = proposed(target, draft, prompt(P, P), 3, "simsd")
+            _, exact = proposed(target, draft, prompt(P, P), 3, "exact")
+            simsd = simsd.view(3, 2, 4, -1)[:, 1]  # the mask tokens
+            offset = 0
+            for j, p in enumerate(proposals):
+                for i in (p.step > 0).nonzero().flatten().tolist():
+                    a, b = simsd[j, i], exact[(offset + p.step[i] - 1) * 4 + i]
+                    worst = max(worst, (a - b).abs().max().item())
+                offset += p.steps
+        report(f"simsd vs exact layout logits, {layers} layer(s): max |diff| = {worst:.3g}")
+        assert worst < 1e-4 if layers == 1 else worst > 1e-3
+
+
+# ----------------------------------------------------------------------------- the paper's rules
+
+def temporally_valid(info):
+    """Every committed drafted token was judged in a state that exists: every position revealed
+    before it, and every earlier proposed block, committed as drafted."""
+    earlier_whole = True
+    for steps, fate in zip(info["steps"], info["fate"]):
+        for i, (t, f) in enumerate(zip(steps, fate)):
+            if f in (1, 2):
+                before = [fate[k] for k in range(len(steps)) if 0 < steps[k] < t]
+                if not earlier_whole or any(b != 1 for b in before):
+                    return False
+        earlier_whole = earlier_whole and all(f in (0, 1) for f in fate)
+    return True
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_step_order_is_temporally_valid_and_position_order_is_not(temperature, pairs, prompt):
+    """Drafts that disagree, lookahead 1 and 2: draft-step order never commits a token judged in a
+    context that does not exist; position order does (so the check can fail)."""
+    invalid, rejected = {"step": 0, "position": 0}, 0
+    for accept, (target, draft), P, strategy in itertools.product(invalid, pairs, (3, 4), ("static", "dynamic")):
+        _, stats, seen = run(target, draft, prompt(P, P), 16, block=4, verify="simsd", accept=accept,
+                             strategy=strategy, threshold=0.5, lookahead=1 + P % 2,
+                             sampling=decode.Sampling(temperature),
+                             generator=torch.Generator().manual_seed(P))
+        invalid[accept] += sum(not temporally_valid(info) for info in seen)
+        rejected += sum(f == 2 for info in seen for row in info["fate"] for f in row)
+    assert invalid["step"] == 0 and invalid["position"] > 0 and rejected > 0, invalid
+
+
+@torch.no_grad()
+def replay(target, prefix, info, block):
+    """Each committed token of one iteration equals the target's argmax (mask excluded) on the
+    committed state before its step, by a separate no-cache forward. Returns the tokens checked."""
+    mask_id, before, checked = target.config.mask_token_id, list(prefix), 0
+    for steps, fate, after in zip(info["steps"], info["fate"], info["tokens"]):
+        known = [f == 0 and t != mask_id for f, t in zip(fate, after)]
+        for s in sorted({t for t, f in zip(steps, fate) if t > 0 and f in (1, 2)}):
+            state = [after[i] if known[i] or 0 < steps[i] < s else mask_id for i in range(block)]
+            seq = torch.tensor(before + state)
+            logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))
+            logits = logits[0, -block:].index_fill(-1, torch.tensor([mask_id]), -math.inf)
             for i in range(block):
-                if steps[i] == s and status[i] != "dropped":
+                if steps[i] == s and fate[i] in (1, 2):
                     assert after[i] == int(logits[i].argmax()), (info, s, i)
                     checked += 1
+        before += after
     return checked
 
 
-@pytest.mark.parametrize("block", [4, 8])
 @pytest.mark.parametrize("strategy", ["static", "dynamic"])
-def test_exact_greedy_is_lossless_along_the_draft_schedule(block, strategy):
-    """Exact mode, greedy, draft != target: replay each iteration with separate target forwards."""
-    for target, draft in PAIRS:
-        checked = replaced = 0
-        for P in range(1, 2 * block + 2):  # every alignment of the prompt
-            out, stats, seen = run(target, draft, P, 3 * block, block, verify="exact", strategy=strategy,
-                                   threshold=0.5)
-            checked += replay(target, prompt(P, P), out, seen, block)
-            replaced += stats["replaced"]
-        assert checked > 0 and replaced > 0
+def test_exact_greedy_commits_the_targets_argmax_along_the_drafts_order(strategy, pairs, prompt):
+    """Exact verification, greedy, drafts that disagree, lookahead 1 and 2: a replay of every
+    iteration with separate target forwards."""
+    checked = 0
+    for (target, draft), P in itertools.product(pairs, range(1, 6)):
+        committed = prompt(P, P)
+
+        def check(info):
+            nonlocal checked
+            checked += replay(target, committed[:info["starts"][0]], info, 4)
+            committed.extend(info["new"])
+        speculative.generate(target, draft, prompt(P, P), 12, block=4, verify="exact", strategy=strategy,
+                             threshold=0.5, lookahead=1 + P % 2, on_iteration=check)
+    assert checked > 0
 
 
-@pytest.mark.parametrize("verify", ["simsd", "exact"])
-@pytest.mark.parametrize("accept", ["step", "position"])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_iterations_commit_and_caches_stay_aligned(verify, accept, temperature, monkeypatch):
-    """Each iteration commits 1..m tokens (histogram and counts add up); both caches hold whole blocks."""
-    target, draft = PAIRS[0]
-    lengths = []
-    real_commit = model.KVCache.commit
-
-    def commit(cache, n):
-        real_commit(cache, n)
-        lengths.append(cache.len)
-    monkeypatch.setattr(model.KVCache, "commit", commit)
-    for P in (3, 8):
-        out, stats, seen = run(target, draft, P, 30, 4, verify=verify, accept=accept, temperature=temperature,
-                               generator=torch.Generator().manual_seed(P))
-        assert len(out) == 30
-        for info in seen:
-            drafted = [s for s in info["status"] if s != "known"]
-            committed = len(drafted) - drafted.count("dropped")
-            assert 1 <= committed <= len(drafted) and drafted.count("replaced") <= 1 + (accept == "step") * 3
-        hist = stats["committed_histogram"]
-        assert sum(hist) == stats["iterations"] == len(seen) and hist[0] == 0
-        assert sum(k * c for k, c in enumerate(hist)) == stats["accepted"] + stats["replaced"]
-        assert stats["accepted"] == sum(i["status"].count("accepted") for i in seen)
-    assert lengths and all(n % 4 == 0 for n in lengths)
-
-
-@pytest.mark.parametrize("accept", ["step", "position"])
-def test_stop_tokens_and_max_new_tokens(accept):
-    """Stops trim and max_new_tokens is exact, as in vanilla decoding; the returned tokens are
-    exactly those handed to on_iteration."""
-    target, draft = PAIRS[0]
-    free, _, seen = run(target, draft, 5, 25, 4, accept=accept)
-    assert len(free) == 25 and sum((i["new"] for i in seen), []) == free
-    stop = free[11]
-    cut, _, seen = run(target, draft, 5, 25, 4, accept=accept, stop_ids=(stop,))
-    assert cut == free[: free.index(stop)] and sum((i["new"] for i in seen), []) == cut
-    for n in (1, 6):
-        got, _, seen = run(target, draft, 5, n, 4, accept=accept)
-        assert got == free[:n] and sum((i["new"] for i in seen), []) == got
-
-
-# ----------------------------------------------------------------------------- verification logits
-
-def verify_logits(m, seq, x, known, d, t, start, mode, block):
-    """Target logits at the verifying rows, through the cache (prefix committed first)."""
-    cache = m.new_cache(256)
-    m(seq[None, :start], torch.arange(start), masks.block_causal(start, block), cache)
-    cache.commit(start)
-    q = speculative.verify_block(m, cache, seq[:0], x, known, d, t, start, mode, MASK,
-                                 dict(temperature=1.0, top_k=0, top_p=1.0))
-    return q.log()
-
-
-def state_logits(m, seq, x, known, d, t, start, block):
-    """Reference: for each drafted i, a separate no-cache forward on the whole sequence with the
-    block as the draft saw it just before step t_i (references with t_j < t_i, known in place)."""
-    D = [i for i, k in enumerate(known) if not k]
-    out = []
-    for i, pos in enumerate(D):
-        state = list(x)
-        for j, other in enumerate(D):
-            state[other] = int(d[j]) if t[j] < t[i] else MASK
-        full = torch.cat([seq[:start], torch.tensor(state)])
-        logits = m(full[None], torch.arange(len(full)), masks.block_causal(len(full), block))[0, start + pos]
-        out.append(decode.distribution(logits, 1.0, suppress=MASK).log())
-    return torch.stack(out)
-
-
-def random_layout(block, seed):
-    """A block with known tokens at random positions (anywhere), drafted tokens and a step map with ties."""
-    rng = random.Random(seed)
-    known = [rng.random() < 0.4 for _ in range(block)]
-    known[rng.randrange(block)] = False  # at least one drafted position
-    m_ = block - sum(known)
-    t = torch.tensor([rng.randint(1, m_) for _ in range(m_)])
-    start = block * rng.randint(1, 3)
-    seq = torch.tensor([rng.randrange(MASK) for _ in range(start)])
-    x = [rng.randrange(MASK) if k else MASK for k in known]
-    return seq, x, known, torch.tensor([rng.randrange(MASK) for _ in range(m_)]), t, start
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("block", [4, 8])
-def test_exact_mode_equals_separate_forwards(block):
-    """Exact-mode logits equal separate target forwards on each intermediate block state."""
-    m = random_model(1, layers=3)
-    for seed in range(16):
-        seq, x, known, d, t, start = random_layout(block, seed)
-        torch.testing.assert_close(verify_logits(m, seq, x, known, d, t, start, "exact", block),
-                                   state_logits(m, seq, x, known, d, t, start, block), rtol=1e-4, atol=1e-4)
-
-
-@torch.no_grad()
-def test_simsd_equals_exact_in_one_layer_and_differs_deeper(report):
-    """With one layer the paper's layout is exact; deeper it approximates (reported, not asserted)."""
-    for layers in (1, 2, 4):
-        m = random_model(2, layers)
-        worst = 0.0
-        for seed in range(12):
-            seq, x, known, d, t, start = random_layout(8, seed)
-            a = verify_logits(m, seq, x, known, d, t, start, "simsd", 8)
-            b = verify_logits(m, seq, x, known, d, t, start, "exact", 8)
-            if layers == 1:
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-            worst = max(worst, (a - b)[:, :MASK].abs().max().item())  # the mask column is -inf in both
-        report(f"simsd vs exact log-probabilities, {layers} layer(s): max |diff| = {worst:.3g}")
-
-
-# ----------------------------------------------------------------------------- the acceptance rule
-
-def brute_acceptance(d, p, q, order, temperature, u, g, stop_ids=(), eos_min_prob=0.0):
-    """The rule read literally, one row at a time, consuming the same uniforms: u (r,) judge the
-    rows, g (r, V) are the Gumbel uniforms of the replacement draws."""
-    r, V = len(q), len(q[0])
-    ok, tokens = [], []
-    for i in range(r):
-        di = d[i] if i < len(d) else None
-        pi = p[i] if i < len(d) else [0.0] * V
-        if di is None:
-            ok.append(False)
-        elif temperature == 0:
-            ok.append(q[i][di] == max(q[i]) and q[i].index(max(q[i])) == di)
+def brute_judge(d, p, q, greedy, u, g, stop_ids, eos_min_prob):
+    """judge() read literally, one row at a time, on the same uniforms: u (r,) judge the rows, g (r, V)
+    are the Gumbel uniforms of the replacement draws."""
+    tokens, ok = [], []
+    for i in range(len(d)):
+        qi, pi = q[i], p[i]
+        ok.append(qi.index(max(qi)) == d[i] if greedy else u[i] * pi[d[i]] < qi[d[i]])
+        gated = [0.0 if v in stop_ids and eos_min_prob > 0 and qi[v] < eos_min_prob else qi[v]
+                 for v in range(len(qi))]
+        gated = gated if sum(gated) > 0 else qi
+        residual = gated if greedy else [max(a - b, 0.0) for a, b in zip(gated, pi)]
+        residual = residual if sum(residual) > 0 else gated
+        if greedy:
+            new = residual.index(max(residual))
         else:
-            ok.append(u[i] * pi[di] < q[i][di])
-        gated = [0.0 if v in stop_ids and eos_min_prob > 0 and q[i][v] < eos_min_prob else q[i][v] for v in range(V)]
-        gated = gated if sum(gated) > 0 else q[i]
-        resid = gated if temperature == 0 else [max(a - b, 0.0) for a, b in zip(gated, pi)]
-        resid = resid if sum(resid) > 0 else gated
-        if temperature == 0:
-            new = resid.index(max(resid))
-        else:
-            keys = [math.log(w) - math.log(-math.log(max(gv, 1e-20))) if w > 0 else -math.inf
-                    for w, gv in zip(resid, g[i])]
+            keys = [math.log(w) - math.log(-math.log(max(x, 1e-20))) if w > 0 else -math.inf
+                    for w, x in zip(residual, g[i])]
             new = keys.index(max(keys))
-        tokens.append(di if ok[-1] else new)
-    committed = [False] * r
+        tokens.append(d[i] if ok[-1] else new)
+    return tokens, ok
+
+
+def brute_in_order(ok, order):
+    committed = [False] * len(ok)
     for rank in sorted(set(order)):  # in time: commit a whole rank, stop after a rejection
-        rows = [i for i in range(r) if order[i] == rank]
+        rows = [i for i in range(len(ok)) if order[i] == rank]
         for i in rows:
             committed[i] = True
         if not all(ok[i] for i in rows):
             break
-    return tokens, committed, ok
+    return committed
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_acceptance_matches_a_brute_force_loop(temperature):
-    """Random step maps with ties, position order and AR bonus rows, EOS gates; a fixed uniform stream."""
-    rng = random.Random(0)
-    for trial in range(300):
-        m, V = rng.randint(1, 8), 6
-        bonus = rng.random() < 0.3
-        r = m + bonus
+def test_judge_and_time_order_match_a_brute_force_loop(temperature):
+    """Random rows with ties in time, EOS gates, greedy and sampled; the same uniform stream."""
+    rng, sampling = random.Random(0), decode.Sampling(temperature)
+    for trial in range(200):
+        r, V = rng.randint(1, 8), 6
         g = torch.Generator().manual_seed(trial)
         q = (torch.rand(r, V, generator=g) * 4).softmax(-1)
-        p = (torch.rand(m, V, generator=g) * 4).softmax(-1)
-        agree = torch.rand(m, generator=g) < 0.6
-        d = torch.where(agree, q[:m].argmax(-1), torch.multinomial(p, 1, generator=g)[:, 0])
-        order = torch.arange(r) if bonus or rng.random() < 0.3 else torch.tensor([rng.randint(1, m) for _ in range(m)])
+        p = (torch.rand(r, V, generator=g) * 4).softmax(-1)
+        agree = torch.rand(r, generator=g) < 0.6
+        d = torch.where(agree, q.argmax(-1), torch.multinomial(p, 1, generator=g)[:, 0])
+        order = torch.tensor([rng.randint(1, r) for _ in range(r)])
         stops, gate = ((rng.randrange(V),), rng.choice([0.0, 0.3])) if rng.random() < 0.5 else ((), 0.0)
-        state = torch.Generator().manual_seed(1000 + trial)
-        got = speculative.acceptance(d, p, q, order, temperature, state, stops, gate)
-        uniforms = torch.Generator().manual_seed(1000 + trial)
+        tokens, ok = speculative.judge(d, p, q, sampling, torch.Generator().manual_seed(trial), stops, gate)
+        uniforms = torch.Generator().manual_seed(trial)
         u = torch.rand(r, generator=uniforms).tolist() if temperature else []
-        gum = torch.rand(r * V, generator=uniforms).view(r, V).tolist() if temperature else []
-        want = brute_acceptance(d.tolist(), p.tolist(), q.tolist(), order.tolist(), temperature, u, gum, stops, gate)
-        assert got == want, trial
-
-
-def chi_square_sf(x, dof):
-    """Survival function of chi-square for odd or even dof (series), enough for small dof."""
-    if dof % 2 == 0:
-        return math.exp(-x / 2) * sum((x / 2) ** k / math.factorial(k) for k in range(dof // 2))
-    term, total = math.sqrt(2 * x / math.pi) * math.exp(-x / 2), 0.0
-    for k in range(1, dof // 2 + 1):
-        total += term
-        term *= x / (2 * k + 1)
-    return math.erfc(math.sqrt(x / 2)) + total
-
-
-def assert_distributed_as(counts, q):
-    """Chi-square goodness of fit; fails when the p-value < 1e-6 (one false failure in a million)."""
-    n = counts.sum()
-    expected = q * n
-    stat = float(((counts - expected) ** 2 / expected).sum())
-    assert chi_square_sf(stat, len(q) - 1) > 1e-6, (counts, expected)
+        gum = torch.rand(r, V, generator=uniforms).tolist() if temperature else []
+        want = brute_judge(d.tolist(), p.tolist(), q.tolist(), temperature == 0, u, gum, stops, gate)
+        assert (tokens.tolist(), ok.tolist()) == want, trial
+        assert speculative.in_time_order(ok, order).tolist() == brute_in_order(ok.tolist(), order.tolist())
 
 
 P_DRAFT = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1], [0.05, 0.05, 0.3, 0.3, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
 Q_TARGET = torch.tensor([[0.1, 0.2, 0.3, 0.05, 0.35], [0.4, 0.1, 0.1, 0.3, 0.1], [0.05, 0.05, 0.6, 0.2, 0.1]])
 
 
-def test_rejection_sampling_with_ties_reproduces_the_target_distribution():
-    """Three positions revealed at one draft step (ties) are all committed, each distributed as its q,
-    whatever p is. 20,000 draws; three tests at p < 1e-6 fail falsely about three times in a million."""
+def test_rejection_sampling_gives_each_row_its_target_distribution():
+    """20,000 judgements of three rows whose drafted tokens are draws from p: every row's token is
+    distributed as its q, whatever p is (three tests at p < 1e-6: a false failure in ~300,000)."""
     g = torch.Generator().manual_seed(1)
-    counts, N = torch.zeros(3, 5), 20000
-    for _ in range(N):
-        d = torch.multinomial(P_DRAFT, 1, generator=g)[:, 0]
-        tokens, committed, _ = speculative.acceptance(d, P_DRAFT, Q_TARGET, torch.ones(3, dtype=torch.long), 1.0, g)
-        assert all(committed)
-        counts[torch.arange(3), torch.tensor(tokens)] += 1
+    N = 20000
+    p, q = P_DRAFT.expand(N, 3, 5), Q_TARGET.expand(N, 3, 5)
+    d = torch.multinomial(P_DRAFT, N, replacement=True, generator=g).T  # (N, 3)
+    tokens, _ = speculative.judge(d, p, q, SAMPLED, g)
     for i in range(3):
-        assert_distributed_as(counts[i], Q_TARGET[i])
-    assert chi_square_sf(40.0, 4) < 1e-6 < chi_square_sf(20.0, 4)  # the test can fail
+        counts = torch.bincount(tokens[:, i], minlength=5).tolist()
+        outcomes = {v: Q_TARGET[i, v].item() for v in range(5)}
+        assert p_value(outcomes, [v for v in range(5) for _ in range(counts[v])]) > 1e-6
 
 
-def test_rejection_sampling_in_position_order_with_a_bonus_row():
-    """SpecDiff: row i is committed only after rows < i were accepted; given that, it is distributed as
-    q_i, and the bonus row (nothing drafted) as q itself. Three tests at p < 1e-6."""
-    g = torch.Generator().manual_seed(2)
-    counts, N = torch.zeros(3, 5), 30000
-    for _ in range(N):
-        d = torch.multinomial(P_DRAFT[:2], 1, generator=g)[:, 0]
-        tokens, committed, _ = speculative.acceptance(d, P_DRAFT[:2], Q_TARGET, torch.arange(3), 1.0, g)
-        for i in range(3):
-            counts[i, tokens[i]] += committed[i]
-    for i in range(3):
-        assert_distributed_as(counts[i], Q_TARGET[i])
-
-
-def test_eos_gate():
-    """A target-chosen stop token below eos_min_prob is replaced; a confident one is kept."""
-    STOP = 3
+def test_the_eos_gate():
+    """A stop token the target chooses below eos_min_prob is replaced; a confident one is kept."""
+    STOP, d = 3, torch.tensor([0])
     q = torch.tensor([[0.05, 0.30, 0.20, 0.45]])  # the target prefers the stop token, at 0.45
-    d, one = torch.tensor([0]), torch.ones(1, dtype=torch.long)
-    assert speculative.acceptance(d, q, q, one, 0.0, stop_ids=(STOP,), eos_min_prob=0.5)[0] == [1]
-    assert speculative.acceptance(d, q, q, one, 0.0, stop_ids=(STOP,), eos_min_prob=0.4)[0] == [STOP]
-    assert speculative.acceptance(d, q, q, one, 0.0, stop_ids=(STOP,))[0] == [STOP]
-    g = torch.Generator().manual_seed(0)
-    p = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    draws = [speculative.acceptance(d, p, q, one, 1.0, g, (STOP,), 0.5) for _ in range(200)]
-    replaced = {tokens[0] for tokens, _, ok in draws if not ok[0]}
-    assert STOP not in replaced and {1, 2} <= replaced
+    assert speculative.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.5)[0].tolist() == [1]
+    assert speculative.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.4)[0].tolist() == [STOP]
+    g, p = torch.Generator().manual_seed(0), torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    tokens, ok = speculative.judge(d.expand(400), p.expand(400, 4), q.expand(400, 4), SAMPLED, g, (STOP,), 0.5)
+    assert STOP not in tokens[~ok].tolist() and {1, 2} <= set(tokens[~ok].tolist())
 
 
-def test_modes_are_checked():
-    target, draft = PAIRS[0]
-    for kw, message in ((dict(verify="fast"), "--verify must be one of simsd, exact"),
-                        (dict(accept="prefix"), "--accept must be one of step, position")):
+def test_options_are_checked_with_pythons_names(pairs, random_model):
+    target, draft = pairs[1]
+    ar = random_model(0, model_type="qwen3")
+    cases = [(target, dict(verify="fast"), "verify must be 'lossless', 'exact' or 'simsd'"),
+             (target, dict(verify="exact", accept="prefix"), "accept must be 'step' or 'position'"),
+             (target, dict(accept="step"), "accept applies to verify='exact' or 'simsd'"),
+             (target, dict(eos_min_prob=0.5), "eos_min_prob changes the target's output"),
+             (target, dict(lookahead=0), "lookahead must be an integer >= 1"),
+             (target, dict(steps=5), r"steps must be an integer from 1 to the block length \(4\)"),
+             (ar, dict(verify="exact"), "verify and accept apply to a diffusion target only"),
+             (ar, dict(strategy="dynamic", sampling=SAMPLED), "strategy='dynamic' reveals drafted")]
+    for t, kw, message in cases:
         with pytest.raises(ValueError, match=message):
-            speculative.generate(target, draft, [1, 2], 4, **kw)
-    for kw in (dict(verify="exact"), dict(accept="step")):
-        with pytest.raises(ValueError, match="apply to a diffusion target only"):
-            speculative.generate(ar_model(), draft, [1, 2], 4, **kw)
+            speculative.generate(t, draft, [1, 2], 4, **kw)
     with pytest.raises(ValueError, match="cannot decode diffusion-style"):
-        speculative.generate(draft, ar_model(), [1, 2], 4)  # an AR draft
-
-
-# ----------------------------------------------------------------------------- SpecDiff: an AR target
-
-@pytest.mark.parametrize("block", [4, 8])
-@pytest.mark.parametrize("strategy", ["static", "dynamic"])
-def test_specdiff_greedy_is_the_ar_targets_greedy(block, strategy):
-    """The classic invariant: greedy SpecDiff returns exactly the AR target's greedy tokens, for drafts that
-    disagree (rejections and full acceptances both happen), every prompt alignment, with and without stops."""
-    draft, hist = SPEC_DRAFT, [0] * (block + 2)
-    for seed in (0, 1):
-        target = favour(ar_model(seed), 6.0)
-        for P in range(1, 2 * block + 2):
-            want, _ = decode.generate_ar(target, prompt(P, P), 3 * block + 1)
-            got, stats, _ = run(target, draft, P, 3 * block + 1, block, strategy=strategy, threshold=0.5)
-            assert got == want, (seed, P)
-            hist = [a + b for a, b in zip(hist, stats["committed_histogram"])]
-            stop = want[len(want) // 2]
-            cut, _, _ = run(target, draft, P, 3 * block + 1, block, strategy=strategy, stop_ids=(stop,))
-            assert cut == want[: want.index(stop)]
-    assert hist[0] == 0 and hist[1] > 0 and hist[block] + hist[block + 1] > 0, hist  # rejections, full runs
-
-
-def test_specdiff_caches_and_tokens_per_forward():
-    """The target's cache holds every committed token but the newest (which it verifies with next); the
-    draft's holds whole blocks; each target forward commits 1..m+1 tokens."""
-    target, draft, block = favour(ar_model(0), 6.0), SPEC_DRAFT, 4
-    caches = {}
-    for name, m in (("target", target), ("draft", draft)):
-        m.new_cache = lambda max_len, name=name, m=m: caches.setdefault(name, model.Transformer.new_cache(m, max_len))
-    for P in (1, 4, 6):
-        caches.clear()
-        committed = []
-
-        def check(info):
-            drafted = [s for s in info["status"] if s != "known"]
-            n = len(drafted) - drafted.count("dropped") + (info["bonus"] is not None)
-            assert 1 <= n <= len(drafted) + 1 and drafted.count("replaced") <= 1
-            committed.append(n)
-            assert caches["target"].len == P - 1 + sum(committed) and caches["draft"].len % block == 0
-        out, stats = speculative.generate(target, draft, prompt(P, P), 20, block=block, on_iteration=check)
-        assert stats["target_forwards"] == stats["iterations"] + (P > 1) and len(out) == 20
-    del target.new_cache, draft.new_cache
+        speculative.generate(draft, ar, [1, 2], 4)  # an AR draft

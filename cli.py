@@ -1,0 +1,373 @@
+"""The command line of `python decode.py`: decode a checkpoint alone or speculatively, or the toys.
+
+It sits above the library (decode, speculative) and the toy world (train_tiny), which never import
+it. Every option is checked before anything loads or trains: a bad value or a flag that cannot act
+in the chosen mode is one sentence on stderr and exit status 2.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import decode
+import model
+import speculative
+import train_tiny
+
+WEIGHTS_HELP = ("download weights with the Hugging Face CLI, e.g. `huggingface-cli download "
+                "JetLM/SDAR-8B-Chat --local-dir SDAR-8B-Chat`, then pass --model SDAR-8B-Chat")
+MAX_FORWARD = 8192  # query tokens in one forward: its (T, T) attention mask must fit in memory
+# Flags a mode cannot act on are refused, not ignored: {mode: (flags, what the mode is)}.
+REFUSED = {
+    "vanilla": ({"verify", "accept", "eos_min_prob", "draft_device", "show", "lookahead"},
+                "decoding without --draft"),
+    "ar": ({"block", "steps", "strategy", "threshold", "verify", "accept", "eos_min_prob",
+            "draft_device", "show", "lookahead"}, "an autoregressive --model decoding alone"),
+    "specdiff": ({"verify", "accept", "eos_min_prob"},
+                 "an autoregressive target, which verifies causally, in position order"),
+    "lossless": ({"accept", "eos_min_prob"},
+                 "--verify lossless, which follows the target's own order and output"),
+    "simsd": (set(), ""),
+}
+
+
+def fail(message):
+    print(f"decode.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Decode with an SDAR (block diffusion) or Qwen3 "
+                                "(autoregressive) checkpoint, alone or speculatively with an SDAR "
+                                "--draft: SimSD for an SDAR target, SpecDiff for a Qwen3 target. "
+                                "Without --model it runs the toy models of train_tiny.py (training "
+                                "them first if they are missing).")
+    add = p.add_argument
+    add("--model", help="checkpoint folder (config.json, safetensors, tokenizer files); default: "
+        "the toy targets")
+    add("--draft", help="SDAR draft folder: decode speculatively (default with the toys: the toy "
+        f"{train_tiny.DEFAULT_DRAFT} draft)")
+    add("--vanilla", action="store_true", help="decode with the target alone")
+    add("--verify", choices=["lossless", "exact", "simsd"], help="how an SDAR target verifies "
+        "(default lossless: exactly the target's own decoding; exact and simsd: the paper's "
+        "acceptance, along the draft's order, on one copy per draft step or the paper's layout)")
+    add("--accept", choices=["step", "position"], help="exact/simsd acceptance order (default "
+        "step: draft-step order, temporally valid; position: the paper's longest agreeing prefix)")
+    add("--lookahead", type=int, help="blocks the draft proposes to one target forward "
+        f"(default {speculative.LOOKAHEAD})")
+    add("--show", action="store_true", help="draw every speculative iteration's blocks")
+    add("--prompt", help="user message, chat template applied (default: held-out prompts of the "
+        "toys, else 'Write a haiku about the sea.')")
+    add("--system", help="system message (real checkpoints)")
+    add("--no-think", action="store_true", help="append the chat template's empty think block "
+        "(enable_thinking=False; real checkpoints)")
+    add("--max-new-tokens", type=int, default=256, help="default 256")
+    add("--block", type=int, help="block length (default: the checkpoint's block_size, else 4)")
+    add("--steps", type=int, help="denoising steps per block, 1..block (default: the block length)")
+    add("--strategy", choices=["static", "dynamic"], help="static (default): reveal each step's "
+        "quota of most confident positions; dynamic: also every one above --threshold")
+    add("--threshold", type=float, help="confidence threshold of --strategy dynamic (default 0.9)")
+    add("--temperature", type=float, default=0.0, help="default 0 = argmax")
+    add("--top-k", type=int, default=0, help="default 0 = off")
+    add("--top-p", type=float, default=1.0, help="in (0, 1], default 1 = off")
+    add("--eos-min-prob", type=float, help="exact/simsd: a stop token chosen by the target needs "
+        "this target probability (default 0 = off)")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add("--draft-device", choices=["cpu", "cuda"], help="device of the draft (default: --device)")
+    add("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, else float32")
+    add("--seed", type=int, default=0, help="seed of sampling (default 0)")
+    add("--threads", type=int, help="CPU threads (default: 1 for models under 100M parameters, "
+        "which are dispatch-bound, where one thread is as fast on a quiet machine and far faster "
+        "on a busy one; else torch's default)")
+    return p.parse_args(argv)
+
+
+def check_flags(args):
+    """Each value in its range and each combination meaningful, before anything loads."""
+    for name in ("max_new_tokens", "block", "lookahead", "temperature", "top_k", "top_p",
+                 "threshold", "eos_min_prob"):
+        value = getattr(args, name)
+        valid, allowed = decode.RANGES[name]
+        if value is not None and not valid(value):
+            fail(f"{flag(name)} must be {allowed}; got {value}")
+    if not 0 <= args.seed < 2 ** 64:
+        fail(f"--seed must be an integer from 0 to 2**64 - 1; got {args.seed}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        fail(f"--threads must be an integer from 1 to this machine's {cores} cores; got {args.threads}")
+    for name in ("model", "draft", "prompt"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            fail(f"{flag(name)} is empty")
+    if args.vanilla and args.draft:
+        fail("--vanilla decodes without a draft; drop --draft or --vanilla")
+    if args.draft and not args.model:
+        fail("--draft needs --model; the toy models bring their own drafts")
+    if args.model is None and (args.system is not None or args.no_think):
+        which = "--system" if args.system is not None else "--no-think"
+        fail(f"{which} does not apply to the toy models, which were trained without system messages "
+             "or think blocks; it is for real chat checkpoints (--model)")
+    if args.strategy != "dynamic" and args.threshold is not None:
+        fail("--threshold applies to --strategy dynamic only")
+
+
+def pick_device(name, flag_name):
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail(f"{flag_name} cuda was asked for but this machine has no CUDA GPU "
+             "(or torch was built without CUDA)")
+    return device
+
+
+def load_checkpoint(path, device, dtype, flag_name):
+    """Model and tokenizer from a checkpoint folder; a sentence instead of a traceback."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f"{flag_name} {path} is not a folder; {WEIGHTS_HELP}.")
+    try:
+        return model.load(path, device, dtype), model.load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        fail(f"{flag_name} {path} cannot be loaded: {e}")
+
+
+def jobs(args):
+    """[(target folder, draft folder or None, [(prompt, answer or None)])] to decode."""
+    if args.model:
+        tasks = train_tiny.tasks_of(args.model) if args.prompt is None else None
+        if tasks:  # a toy folder: its tasks' held-out prompts
+            prompts = [p for task in tasks for p in train_tiny.examples(3, "heldout", task=task)]
+        else:
+            prompts = [(args.prompt or "Write a haiku about the sea.", None)]
+        return [(args.model, args.draft, prompts)]
+    train_tiny.ensure_trained()
+    if args.prompt is not None:
+        note = train_tiny.outside_training(args.prompt)
+        if note:
+            print(f"note: {note}", flush=True)
+        tasks, prompts = [train_tiny.task_of(args.prompt)], [(args.prompt, None)]
+    else:
+        tasks, prompts = train_tiny.TASKS, None
+    out = []
+    for task in tasks:
+        folders = train_tiny.folders(task)
+        draft = None if args.vanilla else folders[train_tiny.DEFAULT_DRAFT]
+        out.append((folders["target"], draft, prompts or train_tiny.examples(3, "heldout", task=task)))
+    return out
+
+
+def load_models(args, target_dir, draft_dir, devices):
+    """Target, draft (or None), tokenizer and mode; every pair checked before decoding."""
+    def dtype_of(device):
+        return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+
+    target, tok = load_checkpoint(target_dir, devices[0], dtype_of(devices[0]), "--model")
+    ar = target.config.model_type == "qwen3"
+    if not ar and tok.mask_id is None:
+        fail(f"--model {target_dir} is an SDAR model but its tokenizer defines no mask token "
+             "(<|MASK|>); a diffusion model cannot decode without one")
+    if draft_dir is None:
+        return target, None, tok, "ar" if ar else "vanilla"
+    draft, draft_tok = load_checkpoint(draft_dir, devices[1], dtype_of(devices[1]), "--draft")
+    try:
+        model.check_pair(target, draft, tok, draft_tok)
+    except ValueError as e:
+        fail(f"--draft {draft_dir} with --model {target_dir}: {e}")
+    if ar:
+        return target, draft, draft_tok, "specdiff"
+    return target, draft, tok, "lossless" if args.verify in (None, "lossless") else "simsd"
+
+
+def check_mode(args, mode, target, draft):
+    """The flags the mode cannot act on, the block against the checkpoints, and the forward's size.
+    Returns the block length."""
+    flags, what = REFUSED[mode]
+    given = sorted(name for name in flags if getattr(args, name) not in (None, False))
+    if given:
+        fail(f"{flag(given[0])} does not apply to {what}")
+    if mode == "specdiff" and args.strategy == "dynamic" and args.temperature > 0:
+        fail("--strategy dynamic drafts by the confidence of sampled tokens, which biases an "
+             "autoregressive target's rejection sampling; use static (the draft then reveals from "
+             "the left)")
+    trained = (draft or target).config.block_size
+    block = args.block or trained or 4
+    if trained is not None and block != trained:
+        advice = " (block 8 needs the -b8 checkpoints, e.g. SDAR-8B-Chat-b8)" if block == 8 else ""
+        fail(f"block {block} requested but this checkpoint was trained with block {trained}; "
+             f"use --block {trained} or leave it out{advice}")
+    steps = block if args.steps is None else args.steps
+    if not (1 <= steps <= block):
+        fail(f"--steps must be an integer from 1 to the block length ({block}); got {steps}")
+    lookahead = args.lookahead or speculative.LOOKAHEAD
+    size = {"vanilla": 2 * block, "ar": 1, "specdiff": 1 + lookahead * block,
+            "lossless": (lookahead + 1) * block + lookahead * block * steps}
+    if mode == "simsd":
+        size[mode] = (lookahead + 1) * block + lookahead * block * (steps if args.verify == "exact" else 2)
+    if size[mode] > MAX_FORWARD:
+        fail(f"one target forward would hold {size[mode]} tokens (block {block}, steps {steps}, "
+             f"lookahead {lookahead}), more than the {MAX_FORWARD} whose attention mask this "
+             "command builds; use a smaller --block, --steps or --lookahead")
+    return block
+
+
+def decode_main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    devices = (pick_device(args.device, "--device"),
+               pick_device(args.draft_device or args.device,
+                           "--draft-device" if args.draft_device else "--device"))
+    for target_dir, draft_dir, prompts in jobs(args):
+        target, draft, tok, mode = load_models(args, target_dir, draft_dir, devices)
+        block = check_mode(args, mode, target, draft)
+        params = sum(p.numel() for m in (target, draft) if m is not None for p in m.parameters())
+        small = params < 100e6 and "cuda" not in devices
+        torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
+        for text, answer in prompts:
+            ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
+            room = target.config.max_position_embeddings
+            if len(ids) + args.max_new_tokens + block > room:
+                fail(f"the prompt ({len(ids)} tokens), --max-new-tokens {args.max_new_tokens} and "
+                     f"one block ({block}) exceed the model's max_position_embeddings {room}")
+            decode_one(target, draft, tok, ids, text, answer, block, mode, args)
+    print("\n(tok/s is rough here, and the first prompt includes warm-up: python bench.py measures "
+          "speed)")
+
+
+def decode_one(target, draft, tok, ids, text, answer, block, mode, args):
+    out = Printer(tok, sys.stdout.isatty(), mode)
+    device = decode.device_of(draft if draft is not None else target)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p)
+    common = dict(sampling=sampling, stop_ids=tok.stop_ids, generator=generator)
+    rule = dict(block=block, steps=args.steps, strategy=args.strategy or "static",
+                threshold=0.9 if args.threshold is None else args.threshold)
+    print(f"\n>>> {text}\n", flush=True)
+    if mode == "ar":
+        tokens, stats = decode.generate_ar(target, ids, args.max_new_tokens, callback=out.stream, **common)
+    elif mode == "vanilla":
+        tokens, stats = decode.generate(target, ids, args.max_new_tokens, callback=out.stream,
+                                        **rule, **common)
+    else:
+        if args.show:
+            out.legend()
+        on_iteration = out.show if args.show else lambda info: out.stream(info["new"])
+        if mode == "specdiff":
+            rule = dict(block=block, steps=args.steps, strategy=args.strategy or "static")
+        tokens, stats = speculative.generate(target, draft, ids, args.max_new_tokens,
+                                             verify=args.verify, accept=args.accept,
+                                             lookahead=args.lookahead or speculative.LOOKAHEAD,
+                                             eos_min_prob=args.eos_min_prob or 0.0,
+                                             on_iteration=on_iteration, **rule, **common)
+    text_out = tok.decode(tokens)
+    print("\n" + text_out if args.show else text_out[len(out.shown):])
+    if answer is not None:
+        print(f"[{verdict(text, text_out, answer, len(tokens), args.max_new_tokens)}]")
+    print(f"[{summary(stats, mode, block, args, device)}]")
+
+
+def verdict(prompt, output, answer, n_tokens, max_new_tokens):
+    if train_tiny.score(prompt, output, answer):
+        return "correct"
+    if n_tokens == max_new_tokens:
+        return f"truncated at --max-new-tokens {max_new_tokens}"
+    return f"wrong; one right answer: {answer}"
+
+
+def summary(stats, mode, block, args, device):
+    forwards = max(stats.forwards, 1)
+    what = "forward" if mode in ("ar", "vanilla") else "target forward"
+    parts = [f"{stats.tokens} tokens", f"{stats.tokens / forwards:.2f} tokens per {what}"]
+    if mode not in ("ar", "vanilla"):
+        parts.append(f"{stats.matched / forwards:.2f} draft steps matched per target forward")
+        parts.append(f"acceptance {stats.accepted / max(stats.drafted, 1):.0%}")
+    parts.append(mode if mode != "simsd" else f"{args.verify}, {args.accept or 'step'} order")
+    if mode != "ar":
+        parts.append(f"block {block}")
+    if mode not in ("ar", "vanilla"):
+        parts.append(f"lookahead {args.lookahead or speculative.LOOKAHEAD}")
+    parts.append(f"{device.type}, {torch.get_num_threads()} thread(s)")
+    return ", ".join(parts) + f"; {stats.tokens / max(stats.seconds, 1e-9):.0f} tok/s"
+
+
+class Printer:
+    """Streams decoded text, holding back a split UTF-8 character; draws --show iterations."""
+    STYLE = {"known": ("2", "({})"), "accepted": ("32", "[{}]"), "target": ("31", "{{{}}}"),
+             "dropped": ("9;90", "~{}~"), "bonus": ("1;33", "<{}>")}  # colour, marker without
+
+    def __init__(self, tok, color, mode=None):
+        self.tok, self.tokens, self.shown, self.color, self.mode = tok, [], "", color, mode
+
+    def stream(self, tokens):
+        self.tokens += tokens
+        text = self.tok.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def paint(self, kind, text):
+        code, marker = self.STYLE[kind]
+        return f"\033[{code}m{text}\033[0m" if self.color else marker.format(text)
+
+    def word(self, token):
+        return repr(self.tok.decode([token]))[1:-1]
+
+    def legend(self):
+        target = "t@s>u@k the target's u at its step k" if self.mode == "lossless" else \
+            "t@s>u the target's u instead"
+        kinds = [("known", "known"), ("accepted", "t@s committed as drafted"), ("target", target),
+                 ("dropped", "t@s dropped"), ("bonus", "u the AR target's bonus")]
+        print("  every proposed block after verification; t@s = the draft's token t, revealed at its "
+              "step s:\n  " + "  ".join(self.paint(kind, words) for kind, words in kinds), flush=True)
+
+    def cell(self, fate, token, drafted, step, taken):
+        if fate == 0:
+            return self.paint("known", self.word(token))
+        proposal = f"{self.word(drafted)}@{step}"
+        if fate == 1:
+            return self.paint("accepted", proposal)
+        if fate == 3:
+            return self.paint("dropped", proposal)
+        if step == 0:  # the target's token where nothing was drafted: an AR target's bonus
+            return self.paint("bonus", self.word(token))
+        own = f"@{taken}" if self.mode == "lossless" else ""
+        return self.paint("target", f"{proposal}>{self.word(token)}{own}")
+
+    def tally(self, fate, taken):
+        if self.mode != "lossless":
+            counts = [f"{fate.count(f)} {name}" for f, name in ((1, "accepted"), (2, "the target's"),
+                                                                (3, "dropped"))]
+            return "(" + ", ".join(counts) + ")"
+        if 2 in fate:
+            return f"({taken - 1} step(s) matched, then the target's own step {taken}: the chain stops)"
+        if taken == 0:
+            return "(not reached: the chain stopped before this block)"
+        return f"({taken} step(s) matched)"
+
+    def show(self, info):
+        B, L = len(info["tokens"][0]), len(info["drafted"])
+        rows = zip(info["starts"], info["tokens"], info["fate"], info["drafted"] + [[0] * B],
+                   info["steps"] + [[0] * B], info["taken"] + [0])
+        for j, (start, tokens, fate, drafted, steps, taken) in enumerate(rows):
+            if j == L and 2 not in fate:
+                continue  # the block after the proposed ones holds nothing new
+            cells = [self.cell(f, t, d, s, taken) for f, t, d, s in zip(fate, tokens, drafted, steps)
+                     if f != 0 or t != self.tok.mask_id]
+            lead = "  @" if j == 0 else " +@"  # a block proposed by lookahead: the same forward
+            print(f"{lead}{start:<4} {' '.join(cells)}   {self.tally(fate, taken)}", flush=True)
+
+
+def run(main):
+    """main(), ending quietly when the reader goes away (e.g. `| head`)."""
+    try:
+        main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

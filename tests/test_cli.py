@@ -1,0 +1,192 @@
+"""`python decode.py` (cli.py): every bad input is one sentence and exit 2, every mode decodes, the
+stream is exactly the returned tokens, and the toy default routes prompts to their task's models."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+import decode
+import model
+import speculative
+import train_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, micro_checkpoint):
+    """Named micro checkpoints: a target and a draft (block 4), a block-8 draft, a draft without
+    block_size, an AR target, and broken folders."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {"target": micro_checkpoint(root / "target"), "draft": micro_checkpoint(root / "draft", 1),
+           "b8": micro_checkpoint(root / "b8", 2, block_size=8),
+           "free": micro_checkpoint(root / "free", 5, block_size=None),
+           "ar": micro_checkpoint(root / "ar", 3, model_type="qwen3")}
+    (root / "weightless").mkdir()
+    (root / "weightless" / "config.json").write_text((root / "target" / "config.json").read_text())
+    out["weightless"] = str(root / "weightless")
+    out["notjson"] = micro_checkpoint(root / "notjson")
+    (root / "notjson" / "config.json").write_text("{ this is not json")
+    out["layers"] = micro_checkpoint(root / "layers")
+    config = json.loads((root / "layers" / "config.json").read_text())
+    (root / "layers" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -1}))
+    out["nomask"] = micro_checkpoint(root / "nomask")
+    model.write_byte_tokenizer(root / "nomask", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    out["othervocab"] = micro_checkpoint(root / "othervocab", 4)
+    model.write_byte_tokenizer(root / "othervocab",
+                               specials=("<|im_start|>", "<|endoftext|>", "<|im_end|>", "<|MASK|>"))
+    return out
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "decode.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def bad_inputs(c):
+    """(arguments, the sentence expected on stderr); each must exit 2 with no traceback."""
+    m = ["--model", c["target"], "--device", "cpu", "--prompt", "hi"]
+    free = ["--model", c["free"], "--device", "cpu", "--prompt", "hi"]
+    spec = m + ["--draft", c["draft"]]
+    cases = [
+        (m + ["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = argmax); got -1.0"),
+        (m + ["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+        (m + ["--top-p", "0"], "--top-p must be in (0, 1] (1 = off); got 0.0"),
+        (m + ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (m + ["--top-k", "-3"], "--top-k must be an integer >= 0"),
+        (m + ["--block", "0"], "--block must be an integer >= 1; got 0"),
+        (m + ["--steps", "0"], "--steps must be an integer from 1 to the block length (4); got 0"),
+        (m + ["--steps", "5"], "--steps must be an integer from 1 to the block length (4); got 5"),
+        (m + ["--strategy", "dynamic", "--threshold", "2"], "--threshold must be in [0, 1]; got 2.0"),
+        (m + ["--threshold", "0.5"], "--threshold applies to --strategy dynamic only"),
+        (m + ["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1; got 0"),
+        (m + ["--max-new-tokens", "60"], "exceed the model's max_position_embeddings 64"),
+        (m + ["--prompt", "  "], "--prompt is empty"),
+        (["--model", ""], "--model is empty"),
+        (m + ["--seed", "1180591620717411303424"], "--seed must be an integer from 0 to 2**64 - 1"),
+        (m + ["--threads", "0"], "--threads must be an integer from 1 to this machine's"),
+        (m + ["--threads", "100000"], "--threads must be an integer from 1 to this machine's"),
+        (m + ["--strategy", "sometimes"], "invalid choice: 'sometimes'"),
+        (m + ["--block", "8"], "block 8 requested but this checkpoint was trained with block 4; use "
+                               "--block 4 or leave it out (block 8 needs the -b8 checkpoints"),
+        (["--model", c["b8"], "--block", "4"], "trained with block 8; use --block 8 or leave it out"),
+        (free + ["--block", "1000000"], "one target forward would hold 2000000 tokens"),
+        (free + ["--block", "100"], "exceed the model's max_position_embeddings 64"),
+        (spec + ["--lookahead", "0"], "--lookahead must be an integer >= 1; got 0"),
+        (spec + ["--eos-min-prob", "5"], "--eos-min-prob must be in [0, 1]"),
+        (spec + ["--accept", "step"], "--accept does not apply to --verify lossless"),
+        (spec + ["--eos-min-prob", "0.5"], "--eos-min-prob does not apply to --verify lossless"),
+        (spec + ["--vanilla"], "--vanilla decodes without a draft"),
+        (m + ["--verify", "exact"], "--verify does not apply to decoding without --draft"),
+        (m + ["--show"], "--show does not apply to decoding without --draft"),
+        (m + ["--draft", c["b8"]], "the draft was trained with block 8 and the target with block 4"),
+        (m + ["--draft", c["free"]], "the draft was trained with no block_size in its config.json"),
+        (m + ["--draft", c["ar"]], "this project drafts with diffusion models"),
+        (m + ["--draft", c["othervocab"]], "does not give every token of the target the same id"),
+        (["--model", c["ar"], "--draft", c["draft"], "--accept", "step"],
+         "--accept does not apply to an autoregressive target"),
+        (["--model", c["ar"], "--draft", c["draft"], "--temperature", "1", "--strategy", "dynamic"],
+         "--strategy dynamic drafts by the confidence of sampled tokens"),
+        (["--model", c["ar"], "--block", "4"], "--block does not apply to an autoregressive --model"),
+        (["--model", c["nomask"]], "defines no mask token (<|MASK|>); a diffusion model cannot"),
+        (["--model", c["layers"]], "num_hidden_layers must be a positive integer; got -1."),
+        (["--model", "/no/such/folder"], "is not a folder; download weights with the Hugging Face CLI"),
+        (["--model", c["weightless"]], "the weights are missing."),
+        (["--model", c["notjson"]], "config.json is not valid JSON"),
+        (["--system", "be brief"], "--system does not apply to the toy models"),
+        (["--no-think"], "--no-think does not apply to the toy models"),
+        (["--model", c["target"], "--draft-device", "cuda"], "--draft-device cuda was asked for"),
+        (["--device", "cuda"], "--device cuda was asked for but this machine has no CUDA GPU")]
+    return [case for case in cases if "cuda" not in case[0] or not torch.cuda.is_available()]
+
+
+def test_bad_input_is_one_sentence_and_exit_2(ckpt, run_scripts):
+    """Every bad input: exit 2, the sentence on stderr, no traceback, no doubled punctuation, and the
+    download hint only where the folder is missing."""
+    cases = bad_inputs(ckpt)
+    for (args, sentence), proc in zip(cases, run_scripts("decode.py", [a for a, _ in cases])):
+        err = proc.stderr
+        assert proc.returncode == 2 and sentence in err and "Traceback" not in err, (args, err)
+        line = err.strip().splitlines()[-1]  # ours, after argparse's usage lines if any
+        assert line.startswith("decode.py: error: ") and not any(p in line for p in ("..", ".;", ";.", "  ")), err
+        assert ("huggingface-cli" in err) == ("/no/such/folder" in args), err
+
+
+def test_every_mode_decodes(ckpt):
+    """A checkpoint decodes alone (SDAR and AR), speculatively (SimSD's three verifications and
+    SpecDiff) and with --show."""
+    cases = [([ckpt["target"]], ["tokens per forward", "vanilla"]),
+             ([ckpt["ar"], "--no-think"], ["1.00 tokens per forward", "ar,"]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--show", "--lookahead", "2"],
+              ["tokens per target forward", "lossless", "lookahead 2", "draft step(s) matched"]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd", "--accept", "position"],
+              ["simsd, position order"]),
+             ([ckpt["ar"], "--draft", ckpt["draft"], "--show", "--temperature", "1"], ["specdiff"])]
+    for args, words in cases:
+        r = run_cli("--model", *args, "--prompt", "hi", "--max-new-tokens", "8", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        assert all(w in r.stdout for w in words), (args, r.stdout)
+
+
+def test_the_stream_is_exactly_the_returned_tokens(ckpt):
+    """The streamed text is the decoded output, cut at --max-new-tokens, in every mode."""
+    tok = model.load_tokenizer(ckpt["target"])
+    target, draft, ar = (model.load(ckpt[k]) for k in ("target", "draft", "ar"))
+    ids = tok.chat("hi")
+    cases = [([ckpt["target"]], decode.generate(target, ids, 5, stop_ids=tok.stop_ids)[0]),
+             ([ckpt["ar"]], decode.generate_ar(ar, ids, 5, stop_ids=tok.stop_ids)[0]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd"],
+              speculative.generate(target, draft, ids, 5, stop_ids=tok.stop_ids, verify="simsd")[0])]
+    for args, tokens in cases:
+        r = run_cli("--model", *args, "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu")
+        body = r.stdout.split(">>> hi\n\n", 1)[1].split("\n[", 1)[0]
+        assert body == tok.decode(tokens) and f"[{len(tokens)} tokens" in r.stdout, (args, r.stdout)
+
+
+def test_help_shows_defaults_and_a_closed_pipe_is_quiet(ckpt):
+    r = run_cli("--help")
+    for name, default in (("--max-new-tokens", "default 256"), ("--top-k", "default 0"),
+                          ("--seed", "default 0"), ("--threshold", "default 0.9"),
+                          ("--verify", "default lossless"), ("--threads", "default: 1 for models")):
+        assert default in " ".join(r.stdout.split()), name
+    proc = subprocess.Popen([sys.executable, "decode.py", "--model", ckpt["target"], "--prompt", "hi",
+                             "--max-new-tokens", "40", "--device", "cpu"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(4)
+    proc.stdout.close()  # what `| head -c 4` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.fixture
+def toys(ckpt, monkeypatch):
+    """The toy default, pointed at micro checkpoints (the real toys take minutes to train): sort runs
+    target + draft, walk runs draft + target, so the output says which pair ran."""
+    folders = {"sort": {"target": ckpt["target"], "data": ckpt["draft"], "distilled": ckpt["draft"]},
+               "walk": {"target": ckpt["draft"], "data": ckpt["target"], "distilled": ckpt["target"]}}
+    monkeypatch.setattr(train_tiny, "folders", folders.get)
+    monkeypatch.setattr(train_tiny, "ensure_trained", lambda quiet=False: None)
+    loaded = []
+    real = cli.load_checkpoint
+    monkeypatch.setattr(cli, "load_checkpoint", lambda path, *a: (loaded.append(Path(path).name), real(path, *a))[1])
+    return loaded
+
+
+def test_the_toy_default_routes_prompts_to_their_tasks_models(toys, capsys):
+    """--prompt picks its task's pair and notes a prompt outside the toys' training; --vanilla drops
+    the draft; without --prompt each task's held-out prompts run on that task's pair."""
+    cli.decode_main(["--prompt", "walk 3 to 5 in 4 steps within 2-6", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count(">>> ") == 1 and ">>> walk 3 to 5" in out and "lossless" in out
+    assert "note: " in out and toys == ["draft", "target"]
+    toys.clear()
+    cli.decode_main(["--vanilla", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    prompts = [p for task in train_tiny.TASKS for p, _ in train_tiny.examples(3, "heldout", task=task)]
+    assert [line[4:] for line in out.splitlines() if line.startswith(">>> ")] == prompts
+    assert "vanilla" in out and "lossless" not in out and "truncated at --max-new-tokens 4" in out
+    assert toys == ["target", "draft"]  # each task's target, no drafts
