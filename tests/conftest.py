@@ -1,9 +1,11 @@
 """Shared test plumbing: model and checkpoint factories (as fixtures, so no test file imports
 another), one thread per test run, and `report(line)`: measurements a test prints for a reader
 (not assertions), shown once at the end of the run instead of among pytest's progress dots."""
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,27 @@ def run_scripts():
         with ThreadPoolExecutor(4) as pool:
             return list(pool.map(one, argvs))
     return run
+
+
+@pytest.fixture(scope="session")
+def sdar_files():
+    """The real, weight-free SDAR-8B-Chat files (config, tokenizer), which sit beside the repository
+    in ../shared and are not part of it; the tests that need them skip, saying why, without them."""
+    if not (SHARED / "vocab.json").is_file():
+        pytest.skip("needs ../shared/sdar-8b-chat, the real SDAR-8B-Chat config and tokenizer files "
+                    "kept beside the repository (not part of it)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def refuses():
+    """refuses(exc, match): pytest.raises that also holds the message to its form: whole sentences
+    on one line, ending with a period, as a command line prints it after a prefix."""
+    @contextmanager
+    def check(exc, match):
+        with pytest.raises(exc, match=match) as e:
+            yield
+        msg = str(e.value)
+        assert msg.endswith(".") and msg == msg.strip() and "\n" not in msg, msg
+        assert "  " not in msg and not re.search(r"[.,;:!?]{2}", msg), msg
+    return check

@@ -1,7 +1,6 @@
 """model.py: checkpoints round-trip, the cache equals no-cache forwards, RoPE is what the maths says."""
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 import model
 from model import Config, Transformer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "sdar-8b-chat"
 
 
 def tiny(tie=False, seed=0, **kw):
@@ -30,17 +28,6 @@ def logits(m, idx):
     with torch.no_grad():
         T = idx.shape[1]
         return m(idx, torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril())
-
-
-@contextmanager
-def refuses(exc, match):
-    """pytest.raises that also holds the message to its form: whole sentences on one line,
-    ending with a period, as a CLI prints it after a prefix."""
-    with pytest.raises(exc, match=match) as e:
-        yield
-    msg = str(e.value)
-    assert msg.endswith(".") and msg == msg.strip() and "\n" not in msg, msg
-    assert "  " not in msg and not re.search(r"[.,;:!?]{2}", msg), msg
 
 
 def block_mask(pos, block):
@@ -127,7 +114,7 @@ def test_scratch_tokens_are_invisible():
     assert cache.len == 8
 
 
-def test_cache_errors():
+def test_cache_errors(refuses):
     """Overflow, over-commit and a wrong batch size raise with a sentence that says what to do."""
     m = tiny()
     cache = m.new_cache(8)
@@ -180,7 +167,7 @@ def test_positions_drive_attention():
     assert not torch.allclose(out[0, 0], m(idx, torch.tensor([3, 4, 9, 5]))[0, 0])
 
 
-def test_config_reads_real_and_nested_keys():
+def test_config_reads_real_and_nested_keys(refuses):
     """from_json ignores unknown keys, fills head_dim, reads rope_theta nested or not."""
     d = {"vocab_size": 10, "hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1, "model_type": "sdar",
          "num_attention_heads": 4, "num_key_value_heads": 2, "rope_parameters": {"rope_theta": 5e5}, "foo": 1}
@@ -191,18 +178,25 @@ def test_config_reads_real_and_nested_keys():
         Config.from_json({k: v for k, v in d.items() if k != "hidden_size"})
 
 
-def test_presets():
-    """Presets hold the released configs' facts: SDAR-4B-Chat stores its own lm_head (untied)."""
-    assert model.PRESETS["sdar-4b"] is model.SDAR_4B and model.SDAR_4B.tie_word_embeddings is False
-    assert (model.SDAR_4B.hidden_size, model.SDAR_4B.intermediate_size) == (2560, 9728)
-    for c in model.PRESETS.values():
-        assert (c.model_type, c.mask_token_id, c.block_size) == ("sdar", 151669, 4)
+# The released SDAR-Chat configs, written out by hand: hidden, intermediate, layers, heads, kv heads.
+RELEASED = {"sdar-8b": (4096, 12288, 36, 32, 8), "sdar-4b": (2560, 9728, 36, 32, 8),
+            "sdar-1.7b": (2048, 6144, 28, 16, 8)}
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/sdar-8b-chat is absent")
-def test_real_8b_config_on_meta_device():
+def test_presets_hold_the_released_shapes():
+    """Each preset has its release's shape, block 4, the mask id and an lm_head of its own."""
+    assert set(model.PRESETS) == set(RELEASED)
+    for name, c in model.PRESETS.items():
+        shape = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                 c.num_key_value_heads)
+        assert shape == RELEASED[name], name
+        assert (c.model_type, c.mask_token_id, c.block_size, c.tie_word_embeddings) == ("sdar", 151669, 4, False)
+        assert (c.vocab_size, c.head_dim, c.rope_theta) == (151936, 128, 1e6)
+
+
+def test_real_8b_config_on_meta_device(sdar_files):
     """The 8B model built from the real config has the checkpoint's 399 tensors and 8,190,735,360 parameters."""
-    c = Config.from_json(SHARED / "config.json")
+    c = Config.from_json(sdar_files / "config.json")
     assert c == model.SDAR_8B
     with torch.device("meta"):
         m = Transformer(c)
@@ -303,13 +297,13 @@ def ckpt(tmp_path):
     return tmp_path
 
 
-def test_folder_without_config(tmp_path):
+def test_folder_without_config(tmp_path, refuses):
     """A folder without config.json names the folder and says what it needs."""
     with refuses(FileNotFoundError, match="no config.json.*checkpoint folder"):
         model.load(tmp_path)
 
 
-def test_folder_without_weights(ckpt):
+def test_folder_without_weights(ckpt, refuses):
     """config.json without weights says the weights are missing."""
     (ckpt / "model.safetensors").unlink()
     with refuses(FileNotFoundError, match="weights are missing"):
@@ -321,7 +315,7 @@ def test_folder_without_weights(ckpt):
     (lambda s: s.update(extra=torch.zeros(2)), r"unexpected \['extra'\]"),
     (lambda s: s.update({"model.norm.weight": torch.zeros(5)}), r"mis-shaped \['model.norm.weight \(5,\) != \(48,\)'\]"),
 ])
-def test_wrong_tensors_are_listed(ckpt, edit, message):
+def test_wrong_tensors_are_listed(ckpt, edit, message, refuses):
     """Missing, unexpected and mis-shaped tensors are named in the error."""
     state = model.read_safetensors(ckpt / "model.safetensors")
     edit(state)
@@ -335,14 +329,14 @@ def raw_file(path, header, data=b""):
     path.write_bytes(len(head).to_bytes(8, "little") + head + data)
 
 
-def test_unsupported_dtype(tmp_path):
+def test_unsupported_dtype(tmp_path, refuses):
     """An unsupported dtype is named, with what to do."""
     raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"ab")
     with refuses(ValueError, match="F8_E4M3.*not support"):
         model.read_safetensors(tmp_path / "x.safetensors")
 
 
-def test_truncated_file(ckpt):
+def test_truncated_file(ckpt, refuses):
     """A file cut short (data or header) is reported as truncated."""
     f = ckpt / "model.safetensors"
     data = f.read_bytes()
@@ -354,21 +348,21 @@ def test_truncated_file(ckpt):
         model.load(ckpt)
 
 
-def test_header_not_json(tmp_path):
+def test_header_not_json(tmp_path, refuses):
     """A header that is not JSON says so."""
     (tmp_path / "x.safetensors").write_bytes((5).to_bytes(8, "little") + b"{nope" + b"\0" * 8)
     with refuses(ValueError, match="header is not JSON"):
         model.read_safetensors(tmp_path / "x.safetensors")
 
 
-def test_offsets_outside_the_file(tmp_path):
+def test_offsets_outside_the_file(tmp_path, refuses):
     """Offsets past the end of the data are refused."""
     raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
     with refuses(ValueError, match=r"bytes \[0, 16\) of 8.*outside the file"):
         model.read_safetensors(tmp_path / "x.safetensors")
 
 
-def test_missing_shard(ckpt):
+def test_missing_shard(ckpt, refuses):
     """An index naming an absent shard says which file is missing."""
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with refuses(FileNotFoundError, match="model-1.safetensors.*missing"):
@@ -379,7 +373,7 @@ def test_missing_shard(ckpt):
     (lambda d: d.pop("model_type"), "has no model_type; only 'sdar' .* and 'qwen3' .* are accepted"),
     (lambda d: d.update(model_type="llama"), "has model_type 'llama'; only 'sdar' .* and 'qwen3' .* are accepted"),
 ])
-def test_config_without_a_known_model_type_is_refused(ckpt, edit, message):
+def test_config_without_a_known_model_type_is_refused(ckpt, edit, message, refuses):
     """Nothing guesses the kind: a config.json without model_type, or with another one, is refused by name."""
     d = json.loads((ckpt / "config.json").read_text())
     edit(d)
@@ -392,7 +386,7 @@ def test_config_without_a_known_model_type_is_refused(ckpt, edit, message):
 
 @pytest.mark.parametrize("name,raw", [("config.json", b"{nope"), ("config.json", b"\xff{"), ("config.json", b"[1, 2]"),
                                       ("model.safetensors.index.json", b'{"weight_map": ')])
-def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw):
+def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw, refuses):
     """A config.json or index that is not a JSON object (bad syntax, not UTF-8, a list) is named in a ValueError."""
     (ckpt / name).write_bytes(raw)
     what = "holds JSON that is not an object" if raw == b"[1, 2]" else "is not valid JSON"
@@ -406,7 +400,7 @@ def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw):
     ("vocab_size", 1.5, "vocab_size must be a positive integer; got 1.5."),
     ("block_size", 0, "block_size must be a positive integer; got 0."),
     ("num_key_value_heads", 3, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\).")])
-def test_config_values_are_checked(ckpt, key, value, message):
+def test_config_values_are_checked(ckpt, key, value, message, refuses):
     """A size that cannot build a model is one sentence naming the file, not a list of tensors."""
     d = json.loads((ckpt / "config.json").read_text())
     d[key] = value

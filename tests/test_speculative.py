@@ -47,16 +47,17 @@ def run(target, draft, prompt_ids, n, **kw):
 @pytest.mark.parametrize("block", [2, 4, 8])
 def test_lossless_greedy_is_the_targets_own_decoding(block, pairs, prompt):
     """Token for token decode.generate's output, for drafts that disagree, steps = block and block/2,
-    static and dynamic, every prompt alignment, lookahead 1-3; never more target forwards than the
-    target alone, and at least one target step per target forward."""
+    static and dynamic, every prompt alignment, lookahead 1-3 (at block 8, one per alignment); never
+    more target forwards than the target alone, and at least one target step per target forward."""
     matched = 0
-    for steps, strategy in itertools.product((block, block // 2), ("static", "dynamic")):
+    lookaheads = (1, 2, 3) if block < 8 else (None,)
+    for steps, strategy, L in itertools.product((block, block // 2), ("static", "dynamic"), lookaheads):
         for P in range(1, block + 2):
             target, draft = pairs[P % 2]
             kw = dict(block=block, steps=steps, strategy=strategy, threshold=0.6)
             want, alone = decode.generate(target, prompt(P, P), 2 * block + 1, **kw)
-            got, stats, _ = run(target, draft, prompt(P, P), 2 * block + 1, lookahead=1 + P % 3, **kw)
-            assert got == want, (steps, strategy, P)
+            got, stats, _ = run(target, draft, prompt(P, P), 2 * block + 1, lookahead=L or 1 + P % 3, **kw)
+            assert got == want, (steps, strategy, L, P)
             assert stats.forwards <= alone.forwards and stats.steps >= stats.forwards
             matched += stats.matched
     assert matched > 0  # chains went past a first step
@@ -166,7 +167,8 @@ def tiny_pair(random_model):
     return target, noisy_copy(target, 0.5, 3)
 
 
-SAMPLED_CASES = [("static", decode.Sampling(1.0), 1), ("dynamic", decode.Sampling(1.0, top_p=0.9), 2)]
+SAMPLED_CASES = [("static", decode.Sampling(1.0), 1), ("dynamic", decode.Sampling(1.0, top_p=0.9), 2),
+                 ("static", decode.Sampling(0.8, top_k=2), 3)]
 
 
 @pytest.mark.parametrize("strategy,sampling,lookahead", SAMPLED_CASES)
@@ -259,7 +261,8 @@ def enumerate_ar(m, prompt_ids, n, sampling):
 @pytest.mark.parametrize("lookahead", [1, 2])
 def test_specdiff_sampling_follows_the_ar_targets_distribution(lookahead, random_model, favour):
     """600 outputs of sampled SpecDiff (the draft reveals the leftmost positions first) against the
-    exact distribution of the AR target's sampling; fails falsely once in 100,000 seeds (p < 1e-5)."""
+    exact distribution of the AR target's sampling, itself checked against decode.generate_ar's
+    samples; each test fails falsely once in 100,000 seeds (p < 1e-5)."""
     target = favour(random_model(4, 1, model_type="qwen3", vocab=4, sharpen=2.0), -1e4, token=3)
     draft = random_model(5, 1, vocab=4, sharpen=2.0)  # id 3 is its mask, which the target never says
     exact = enumerate_ar(target, [1, 0, 2], 3, SAMPLED)
@@ -267,6 +270,10 @@ def test_specdiff_sampling_follows_the_ar_targets_distribution(lookahead, random
     samples = [tuple(speculative.generate(target, draft, [1, 0, 2], 3, block=2, lookahead=lookahead,
                                           sampling=SAMPLED, generator=g)[0]) for _ in range(600)]
     assert p_value(exact, samples) > 1e-5
+    if lookahead == 1:  # the reference itself
+        alone = [tuple(decode.generate_ar(target, [1, 0, 2], 3, sampling=SAMPLED, generator=g)[0])
+                 for _ in range(600)]
+        assert p_value(exact, alone) > 1e-5
 
 
 # ----------------------------------------------------------------------------- caches

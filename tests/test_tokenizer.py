@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 
 from model import bytes_to_unicode, load_tokenizer, write_byte_tokenizer
-from test_model import refuses
 
-SDAR = Path(__file__).resolve().parents[2] / "shared" / "sdar-8b-chat"
-needs_sdar = pytest.mark.skipif(not (SDAR / "vocab.json").is_file(), reason=f"{SDAR} not present")
 
 MULTILINGUAL = [
     "Café naïve façade, Ångström, Œuvre, straße, İstanbul",
@@ -30,8 +27,8 @@ MULTILINGUAL = [
 
 
 @pytest.fixture(scope="module")
-def sdar():
-    return load_tokenizer(SDAR)
+def sdar(sdar_files):
+    return load_tokenizer(sdar_files)
 
 
 @pytest.fixture
@@ -40,12 +37,10 @@ def toy(tmp_path):
     return load_tokenizer(tmp_path)
 
 
-@needs_sdar
 def test_known_encoding(sdar):
     assert sdar.encode("Hello world!") == [9707, 1879, 0]
 
 
-@needs_sdar
 def test_chat_prompt(sdar):
     ids = sdar.chat("hi")
     assert ids[:3] == [151644, 872, 198]  # <|im_start|>user\n
@@ -56,25 +51,21 @@ def test_chat_prompt(sdar):
     assert with_system[-len(ids):] == ids
 
 
-@needs_sdar
 def test_added_tokens_in_text_are_single_ids(sdar):
     assert 151669 in sdar.encode("a<|MASK|>b")
     assert sdar.encode("<think>") == [151667]
     assert sdar.encode("x<|im_end|>y") == [sdar.encode("x")[0], 151645, sdar.encode("y")[0]]
 
 
-@needs_sdar
 def test_nfc(sdar):
     assert sdar.encode("e\u0301") == sdar.encode("\u00e9")
 
 
-@needs_sdar
 @pytest.mark.parametrize("text", MULTILINGUAL)
 def test_round_trip(sdar, text):
     assert sdar.decode(sdar.encode(text)) == unicodedata.normalize("NFC", text)
 
 
-@needs_sdar
 def test_specials_stop_and_mask(sdar):
     assert sdar.stop_ids == (151645, 151643)
     assert sdar.mask_id == 151669
@@ -88,7 +79,6 @@ def test_specials_stop_and_mask(sdar):
     assert sdar.decode([151667, 151645]) == "<think><|im_end|>"
 
 
-@needs_sdar
 def test_pattern_splits(sdar):
     pieces = lambda text: [sdar.decode([i]) for i in sdar.encode(text)]
     assert pieces("12345") == ["1", "2", "3", "4", "5"]  # \p{N} is one digit
@@ -97,7 +87,6 @@ def test_pattern_splits(sdar):
     assert pieces("DON'T") == ["DON", "'T"]  # contractions are case-insensitive
 
 
-@needs_sdar
 def test_invalid_utf8_decodes_to_replacement(sdar):
     ids = sdar.encode("\U00013000")  # a hieroglyph: 4 UTF-8 bytes over 3 tokens
     assert len(ids) == 3 and sdar.decode(ids) == "\U00013000"
@@ -138,7 +127,7 @@ def test_byte_specials(toy):
     assert toy.decode([0xC3]) == "\ufffd"
 
 
-def test_missing_vocab_raises(tmp_path):
+def test_missing_vocab_raises(tmp_path, refuses):
     with refuses(FileNotFoundError, match="vocab.json"):
         load_tokenizer(tmp_path)
 
@@ -151,14 +140,14 @@ def test_tokenizer_without_mask_loads(tmp_path):
     assert tok.encode("a<|im_end|>") == [ord("a"), 257]
 
 
-def test_missing_stop_raises(tmp_path):
+def test_missing_stop_raises(tmp_path, refuses):
     write_byte_tokenizer(tmp_path, specials=("<|MASK|>",), stop=())
     with refuses(ValueError, match="no stop token.*generation_config.json"):
         load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json", "generation_config.json"])
-def test_file_that_is_not_json_is_named(tmp_path, name):
+def test_file_that_is_not_json_is_named(tmp_path, name, refuses):
     write_byte_tokenizer(tmp_path)
     (tmp_path / name).write_text('{"eos_token_id": ')
     with refuses(ValueError, match=re.escape(str(tmp_path / name)) + " is not valid JSON"):
@@ -182,14 +171,14 @@ def test_byte_tokenizers_cover(tmp_path):
     assert not draft.covers(traded) and not traded.covers(draft)
 
 
-def sdar_folder_with(path, edit):
+def sdar_folder_with(sdar_files, path, edit):
     """The SDAR tokenizer folder with its tokenizer_config.json edited (the large files linked, not copied)."""
     path.mkdir()
-    config = json.loads((SDAR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = json.loads((sdar_files / "tokenizer_config.json").read_text(encoding="utf-8"))
     edit(config)
     (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     for name in ("vocab.json", "generation_config.json"):
-        (path / name).symlink_to(SDAR / name)
+        (path / name).symlink_to(sdar_files / name)
     return path
 
 
@@ -201,11 +190,10 @@ def drop_mask(config):
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return load_tokenizer(sdar_folder_with(tmp_path_factory.mktemp("q") / "qwen3", drop_mask))
+def qwen3(sdar_files, tmp_path_factory):
+    return load_tokenizer(sdar_folder_with(sdar_files, tmp_path_factory.mktemp("q") / "qwen3", drop_mask))
 
 
-@needs_sdar
 def test_sdar_covers_qwen3_not_the_reverse(sdar, qwen3):
     """SDAR's tokens are Qwen3's (specials 151643..151668) plus <|MASK|> = 151669."""
     assert qwen3.mask_id is None and sorted(qwen3.specials.values()) == list(range(151643, 151669))
@@ -213,18 +201,16 @@ def test_sdar_covers_qwen3_not_the_reverse(sdar, qwen3):
     assert not qwen3.covers(sdar)  # <|MASK|> is not a Qwen3 token
 
 
-@needs_sdar
-def test_a_moved_special_breaks_cover(sdar, qwen3, tmp_path):
+def test_a_moved_special_breaks_cover(sdar, qwen3, tmp_path, sdar_files):
     """One special at another id is enough to refuse, whichever side has it."""
     def move_think(config):
         drop_mask(config)
         config["added_tokens_decoder"]["151670"] = config["added_tokens_decoder"].pop("151667")
-    moved = load_tokenizer(sdar_folder_with(tmp_path / "moved", move_think))
+    moved = load_tokenizer(sdar_folder_with(sdar_files, tmp_path / "moved", move_think))
     assert moved.id_of("<think>") == 151670
     assert not sdar.covers(moved) and not moved.covers(qwen3) and not qwen3.covers(moved)
 
 
-@needs_sdar
 def test_byte_tokenizer_and_sdar_do_not_cover(sdar, toy):
     assert not sdar.covers(toy) and not toy.covers(sdar)
 
@@ -244,11 +230,10 @@ def render(expr, names):
 
 
 @pytest.fixture(scope="module")
-def template():
-    return json.loads((SDAR / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+def template(sdar_files):
+    return json.loads((sdar_files / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
 
 
-@needs_sdar
 def test_template_has_the_pieces(template):
     """The template writes these pieces as given, and the empty think block right after the prompt."""
     assert "{{- " + SYSTEM + " }}" in template and "{{- " + TURN + " }}" in template
@@ -257,7 +242,6 @@ def test_template_has_the_pieces(template):
     assert re.search(r"\s*".join(map(re.escape, generation)), template)
 
 
-@needs_sdar
 @pytest.mark.parametrize("system", [None, "Be brief."])
 @pytest.mark.parametrize("thinking", [True, False])
 def test_chat_follows_the_template(sdar, system, thinking):
