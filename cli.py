@@ -100,7 +100,8 @@ def check_flags(args):
         fail(f"--seed must be an integer from 0 to 2**64 - 1; got {args.seed}")
     cores = os.cpu_count() or 1
     if args.threads is not None and not 1 <= args.threads <= cores:
-        fail(f"--threads must be an integer from 1 to this machine's {cores} cores; got {args.threads}")
+        fail(f"--threads must be an integer from 1 to this machine's {cores} cores; "
+             f"got {args.threads}")
     for name in ("model", "draft", "prompt"):
         value = getattr(args, name)
         if value is not None and not value.strip():
@@ -111,8 +112,8 @@ def check_flags(args):
         fail("--draft needs --model; the toy models bring their own drafts")
     if args.model is None and (args.system is not None or args.no_think):
         which = "--system" if args.system is not None else "--no-think"
-        fail(f"{which} does not apply to the toy models, which were trained without system messages "
-             "or think blocks; it is for real chat checkpoints (--model)")
+        fail(f"{which} does not apply to the toy models, which were trained without system "
+             "messages or think blocks; it is for real chat checkpoints (--model)")
     if args.strategy != "dynamic" and args.threshold is not None:
         fail("--threshold applies to --strategy dynamic only")
 
@@ -157,7 +158,8 @@ def jobs(args):
     for task in tasks:
         folders = train_tiny.folders(task)
         draft = None if args.vanilla else folders[train_tiny.DEFAULT_DRAFT]
-        out.append((folders["target"], draft, prompts or train_tiny.examples(3, "heldout", task=task)))
+        held_out = train_tiny.examples(3, "heldout", task=task)
+        out.append((folders["target"], draft, prompts or held_out))
     return out
 
 
@@ -207,7 +209,8 @@ def check_mode(args, mode, target, draft):
     size = {"vanilla": 2 * block, "ar": 1, "specdiff": 1 + lookahead * block,
             "lossless": (lookahead + 1) * block + lookahead * block * steps}
     if mode == "simsd":
-        size[mode] = (lookahead + 1) * block + lookahead * block * (steps if args.verify == "exact" else 2)
+        copies = steps if args.verify == "exact" else 2
+        size[mode] = (lookahead + 1) * block + lookahead * block * copies
     if size[mode] > MAX_FORWARD:
         fail(f"one target forward would hold {size[mode]} tokens (block {block}, steps {steps}, "
              f"lookahead {lookahead}), more than the {MAX_FORWARD} whose attention mask this "
@@ -248,7 +251,8 @@ def decode_one(target, draft, tok, ids, text, answer, block, mode, args):
                 threshold=0.9 if args.threshold is None else args.threshold)
     print(f"\n>>> {text}\n", flush=True)
     if mode == "ar":
-        tokens, stats = decode.generate_ar(target, ids, args.max_new_tokens, callback=out.stream, **common)
+        tokens, stats = decode.generate_ar(target, ids, args.max_new_tokens, callback=out.stream,
+                                           **common)
     elif mode == "vanilla":
         tokens, stats = decode.generate(target, ids, args.max_new_tokens, callback=out.stream,
                                         **rule, **common)
@@ -321,8 +325,9 @@ class Printer:
             "t@s>u the target's u instead"
         kinds = [("known", "known"), ("accepted", "t@s committed as drafted"), ("target", target),
                  ("dropped", "t@s dropped"), ("bonus", "u the AR target's bonus")]
-        print("  every proposed block after verification; t@s = the draft's token t, revealed at its "
-              "step s:\n  " + "  ".join(self.paint(kind, words) for kind, words in kinds), flush=True)
+        painted = "  ".join(self.paint(kind, words) for kind, words in kinds)
+        print("  every proposed block after verification; t@s = the draft's token t, revealed at "
+              f"its step s:\n  {painted}", flush=True)
 
     def cell(self, fate, token, drafted, step, taken):
         if fate == 0:
@@ -339,11 +344,12 @@ class Printer:
 
     def tally(self, fate, taken):
         if self.mode != "lossless":
-            counts = [f"{fate.count(f)} {name}" for f, name in ((1, "accepted"), (2, "the target's"),
-                                                                (3, "dropped"))]
+            names = ((1, "accepted"), (2, "the target's"), (3, "dropped"))
+            counts = [f"{fate.count(f)} {name}" for f, name in names]
             return "(" + ", ".join(counts) + ")"
         if 2 in fate:
-            return f"({taken - 1} step(s) matched, then the target's own step {taken}: the chain stops)"
+            return (f"({taken - 1} step(s) matched, then the target's own step {taken}: "
+                    "the chain stops)")
         if taken == 0:
             return "(not reached: the chain stopped before this block)"
         return f"({taken} step(s) matched)"
@@ -355,8 +361,9 @@ class Printer:
         for j, (start, tokens, fate, drafted, steps, taken) in enumerate(rows):
             if j == L and 2 not in fate:
                 continue  # the block after the proposed ones holds nothing new
-            cells = [self.cell(f, t, d, s, taken) for f, t, d, s in zip(fate, tokens, drafted, steps)
-                     if f != 0 or t != self.tok.mask_id]
+            cells = [self.cell(f, t, d, s, taken)
+                     for f, t, d, s in zip(fate, tokens, drafted, steps)
+                     if f != 0 or t != self.tok.mask_id]  # never-drafted positions stay blank
             lead = "  @" if j == 0 else " +@"  # a block proposed by lookahead: the same forward
             print(f"{lead}{start:<4} {' '.join(cells)}   {self.tally(fate, taken)}", flush=True)
 

@@ -1,4 +1,4 @@
-"""Vanilla decoding: SDAR block diffusion with a KV cache, its no-cache oracle, and plain AR decoding.
+"""Vanilla decoding: SDAR block diffusion with a KV cache, its no-cache oracle, and AR decoding.
 
 An SDAR model writes B positions at a time: a block at absolute positions [kB, (k+1)B) starts as its
 known tokens (the prompt's tail) and mask tokens. Each of `steps` forwards predicts every masked
@@ -47,7 +47,8 @@ def check(**options):
 
 def check_steps(steps, block):
     if not (is_int(steps) and 1 <= steps <= block):
-        raise ValueError(f"steps must be an integer from 1 to the block length ({block}); got {steps!r}")
+        raise ValueError(f"steps must be an integer from 1 to the block length ({block}); "
+                         f"got {steps!r}")
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,15 @@ class Sampling:
         top-p (the smallest set of most likely tokens whose mass reaches top_p)."""
         logits = logits.float() / (self.temperature or 1.0)
         if suppress is not None:
-            logits = logits.index_fill(-1, torch.tensor([suppress], device=logits.device), -math.inf)
+            never = torch.tensor([suppress], device=logits.device)
+            logits = logits.index_fill(-1, never, -math.inf)
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[..., -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
         if self.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
             p = sorted_logits.softmax(-1)
-            drop = p.cumsum(-1) - p >= self.top_p  # the mass before this token already reaches top_p
+            drop = p.cumsum(-1) - p >= self.top_p  # the mass before this token reaches top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
         return logits.softmax(-1)
 
@@ -236,8 +238,8 @@ def diffusion_mask_id(model):
     config = model.config
     if config.model_type != "sdar" or config.mask_token_id is None:
         raise ValueError(f"a {config.model_type} model without a mask token cannot decode "
-                         "diffusion-style; use an SDAR checkpoint (mask_token_id in its config.json) "
-                         "or decode it autoregressively")
+                         "diffusion-style; use an SDAR checkpoint (mask_token_id in its "
+                         "config.json) or decode it autoregressively")
     return config.mask_token_id
 
 

@@ -116,8 +116,10 @@ def examples():
     shown = [0, 1, 2, 3, 5, 6, 7]  # the mask token of the known position is unused: left out
     labels = ["k0"] + [f"{kind}{i}@{s}" for kind in "rm" for i, s in enumerate(step.tolist()) if s]
     simsd = render(verify(step)[shown][:, shown], labels)
-    kinds = {True: "r", False: "m"}
-    labels = [f"{s}{'k' if t == 0 else kinds[t < s]}{i}" for s in (1, 2, 3) for i, t in enumerate(step.tolist())]
+    def label(s, i, t):  # in the copy before step s, position i revealed at step t (0: known)
+        kind = "k" if t == 0 else "r" if t < s else "m"
+        return f"{s}{kind}{i}"
+    labels = [label(s, i, t) for s in (1, 2, 3) for i, t in enumerate(step.tolist())]
     exact = render(copies(3, 4), labels)
     parts = [copies(2, 2), copies(2, 2)]  # block 2: two blocks of two steps each
     labels = ["c0", "c1"] + [f"{name}{s}{i}" for name in "ab" for s in (1, 2) for i in (0, 1)]
@@ -126,10 +128,11 @@ def examples():
         ("SimSD verification, block 4: position 0 known, 1, 2, 3 drafted at steps 2, 1, 3.\n"
          "rN@t / mN@t = reference / mask token of position N; mask row mN@t sees the block as\n"
          "the draft saw it just before step t.", simsd),
-        ("Exact (and lossless) verification: one copy per proposed state; sR/sM/sK = in the copy\n"
-         "before step s, a revealed / masked / known position.", exact),
+        ("Exact (and lossless) verification: one copy per proposed state; label s + r/m/k + i:\n"
+         "in the copy before step s, position i is revealed / masked / known.", exact),
         ("Lookahead, block 2, two proposed blocks of two steps: c = the clean copy of block a,\n"
-         "stored as drafted; a1 a2 = the copies of block a, b1 b2 = of block b, which sees c.", ahead)]
+         "stored as drafted; a1 a2 = the copies of block a, b1 b2 = of block b, which sees c.",
+         ahead)]
 
 
 def main(argv=None):

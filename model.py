@@ -66,7 +66,8 @@ class Config:
             raise ValueError(f"{where} lacks {missing}, which every Qwen3 or SDAR config.json has.")
         if d.get("model_type") not in ARCHITECTURES:
             has = f"model_type {d['model_type']!r}" if "model_type" in d else "no model_type"
-            raise ValueError(f"{where} has {has}; only 'sdar' (block diffusion) and 'qwen3' (autoregressive) "
+            raise ValueError(f"{where} has {has}; only 'sdar' (block diffusion) and 'qwen3' "
+                             "(autoregressive) "
                              "are accepted, and nothing guesses which kind a model is.")
         names = {f.name for f in fields(cls)}
         try:
@@ -81,9 +82,9 @@ SDAR_8B = Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, n
 SDAR_4B = Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                  mask_token_id=151669, block_size=4)  # untied: SDAR-4B-Chat stores lm_head
-SDAR_1_7B = Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                   mask_token_id=151669, block_size=4)
+SDAR_1_7B = Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                   head_dim=128, rope_theta=1e6, mask_token_id=151669, block_size=4)
 PRESETS = {"sdar-8b": SDAR_8B, "sdar-4b": SDAR_4B, "sdar-1.7b": SDAR_1_7B}
 
 
@@ -130,8 +131,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B,H,T,D)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B,Hkv,T,D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -176,7 +177,8 @@ class KVCache:
 
     def start(self, batch_size, T):
         if batch_size != self.k.shape[1]:
-            raise ValueError(f"a batch of {batch_size} was given to a KV cache built for {self.k.shape[1]}; "
+            raise ValueError(f"a batch of {batch_size} was given to a KV cache built for "
+                             f"{self.k.shape[1]}; "
                              "make one with model.new_cache(max_len, batch_size).")
         if self.len + T > self.max_len:
             raise ValueError(f"KV cache overflow: {self.len} committed + {T} new tokens > max_len "
@@ -196,7 +198,7 @@ class KVCache:
         self.written -= n
 
     def rewind(self, length):
-        """Forget the committed slots past `length` (speculation stores drafted blocks tentatively)."""
+        """Forget the committed slots past `length` (speculation stores drafts tentatively)."""
         if not 0 <= length <= self.len:
             raise ValueError(f"cannot rewind to {length}: {self.len} slots are committed.")
         self.len, self.written = length, 0
@@ -242,7 +244,7 @@ class Transformer(nn.Module):
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
-assert sys.byteorder == "little", "safetensors data is little-endian; this reader assumes a little-endian host"
+assert sys.byteorder == "little", "safetensors data is little-endian, and so must this host be"
 
 
 def read_safetensors(path, device="cpu", dtype=None):
@@ -258,19 +260,22 @@ def read_safetensors(path, device="cpu", dtype=None):
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the header is not JSON ({e}); point at a .safetensors file.") from None
+            raise ValueError(f"{path}: the header is not JSON ({e}); point at a .safetensors "
+                             "file.") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
     header.pop("__metadata__", None)
     out, data = {}, size - 8 - n
     for name, info in header.items():
         if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this loader does "
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this loader "
+                             "does "
                              f"not support ({', '.join(DTYPES)}); convert the checkpoint to bf16.")
         t_dtype, (b, e) = DTYPES[info["dtype"]], info["data_offsets"]
         numel = torch.Size(info["shape"]).numel()
         if not 0 <= b <= e <= data or e - b != numel * t_dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} claims bytes [{b}, {e}) of {data} data bytes for shape "
-                             f"{info['shape']}; the offsets fall outside the file (truncated or corrupt).")
+            raise ValueError(f"{path}: tensor {name} claims bytes [{b}, {e}) of {data} data bytes "
+                             f"for shape {info['shape']}; the offsets fall outside the file "
+                             "(truncated or corrupt).")
         t = torch.frombuffer(buf, dtype=t_dtype, count=numel, offset=8 + n + b) if numel else \
             torch.empty(0, dtype=t_dtype)
         out[name] = t.reshape(info["shape"]).to(device=device, dtype=dtype or t_dtype, copy=True)
@@ -324,8 +329,9 @@ def load(path, device="cpu", dtype=None) -> Transformer:
     model.safetensors.index.json) straight onto `device`, in eval mode."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: point at an SDAR or Qwen3 checkpoint folder "
-                                "(config.json + model.safetensors or model.safetensors.index.json).")
+        raise FileNotFoundError(f"{path} has no config.json: point at an SDAR or Qwen3 checkpoint "
+                                "folder (config.json + model.safetensors or "
+                                "model.safetensors.index.json).")
     config = Config.from_json(path / "config.json")
     if (path / "model.safetensors.index.json").is_file():
         weight_map = _read_json(path / "model.safetensors.index.json")["weight_map"]
@@ -337,7 +343,8 @@ def load(path, device="cpu", dtype=None) -> Transformer:
                                 "model.safetensors.index.json; the weights are missing.")
     for f in files:
         if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} is listed in model.safetensors.index.json but missing.")
+            raise FileNotFoundError(f"{path / f} is listed in model.safetensors.index.json but "
+                                    "missing.")
     with torch.device("meta"):
         model = Transformer(config)  # no memory: the checkpoint's tensors are assigned below
     state = {}
@@ -349,7 +356,8 @@ def load(path, device="cpu", dtype=None) -> Transformer:
                 if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    bad = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in set(state) & set(expected)
+    shared = set(state) & set(expected)
+    bad = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in shared
                  if state[k].shape != expected[k])
     if missing or unexpected or bad:
         raise ValueError(f"checkpoint {path} does not match its config.json: missing {missing}, "
@@ -407,13 +415,15 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table that vocab.json is written in:
     printable bytes stand for themselves, the other 68 become chr(256 + k) in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(others)}}
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the SDAR facts around it: mask id (None for Qwen3's), stop ids, chat prompt."""
+    """A tiktoken Encoding and the SDAR facts around it: the mask id (None for Qwen3's), stop ids,
+    the chat prompt."""
 
     def __init__(self, enc, specials, mask_id, stop_ids, ranks):
         self.enc = enc
@@ -424,7 +434,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self):
-        return self.enc.n_vocab  # ids the tokenizer knows; the model's embedding may be padded larger
+        return self.enc.n_vocab  # ids the tokenizer knows; a model's embedding may be larger
 
     def id_of(self, name):
         return self.specials[name]
@@ -439,13 +449,15 @@ class Tokenizer:
         return self.enc.decode(list(ids), errors="replace")
 
     def chat(self, user, system=None, enable_thinking=True):
-        """Qwen3/SDAR chat template, add_generation_prompt=True (no BOS); thinking off = empty think block."""
+        """The Qwen3/SDAR chat template, add_generation_prompt=True (no BOS); thinking off adds the
+        empty think block."""
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         return self.encode(text if enable_thinking else text + "<think>\n\n</think>\n\n")
 
     def covers(self, other):
-        """True when each token of `other` has the same id here; extra specials here (SDAR's <|MASK|>) are fine."""
+        """True when each token of `other` has the same id here; extra specials here (SDAR's
+        <|MASK|>) are fine."""
         same_specials = all(self.specials.get(name) == i for name, i in other.specials.items())
         return self.ranks == other.ranks and same_specials
 
@@ -458,10 +470,13 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"{path / 'vocab.json'} not found; pass a model folder holding "
                                 "the HF tokenizer files (vocab.json, tokenizer_config.json).")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in _read_json(path / "vocab.json").items()}
+    vocab = _read_json(path / "vocab.json")
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
 
     # added_tokens_decoder is the authoritative list; added_tokens.json is the older spelling.
-    config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    config = {}
+    if (path / "tokenizer_config.json").is_file():
+        config = _read_json(path / "tokenizer_config.json")
     specials = {t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()}
     if not specials and (path / "added_tokens.json").is_file():
         specials = _read_json(path / "added_tokens.json")
@@ -474,7 +489,8 @@ def load_tokenizer(path):
         eos = [specials[n] for n in ("<|im_end|>", "<|endoftext|>") if n in specials]
     stop_ids = [eos] if isinstance(eos, int) else eos
     if not stop_ids:
-        raise ValueError(f"{path} defines no stop token; set eos_token_id in its generation_config.json.")
+        raise ValueError(f"{path} defines no stop token; set eos_token_id in its "
+                         "generation_config.json.")
     enc = tiktoken.Encoding(path.name or "tokenizer", pat_str=QWEN2_PATTERN,
                             mergeable_ranks=ranks, special_tokens=specials)
     return Tokenizer(enc, specials, mask, stop_ids, ranks)

@@ -307,9 +307,9 @@ def accept_lossless(proposals, q, run, opt):
 
 def accept_paper(proposals, q, run, opt):
     """The paper's acceptance (exact, simsd): each drafted token judged against the target at the
-    row that verifies it (simsd: its mask token; exact: its position in the copy before its step), in
-    time order: draft steps (accept="step"), or positions ("position"). Every row up to the first
-    rejected rank is committed, a rejected one with the target's token."""
+    row that verifies it (simsd: its mask token; exact: its position in the copy before its
+    step), in time order: draft steps (accept="step"), or positions ("position"). Every row up to
+    the first rejected rank is committed, a rejected one with the target's token."""
     B, L = opt.block, len(proposals)
     d = torch.stack([p.tokens for p in proposals])  # (L, B)
     t = torch.stack([p.step for p in proposals])
