@@ -43,11 +43,11 @@ def flag(name):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Decode with an SDAR (block diffusion) or Qwen3 "
-                                "(autoregressive) checkpoint, alone or speculatively with an SDAR "
-                                "--draft: SimSD for an SDAR target, SpecDiff for a Qwen3 target. "
-                                "Without --model it runs the toy models of train_tiny.py (training "
-                                "them first if they are missing).")
+    about = ("Decode with an SDAR (block diffusion) or Qwen3 (autoregressive) checkpoint, alone or "
+             "speculatively with an SDAR --draft: SimSD for an SDAR target, SpecDiff for a Qwen3 "
+             "target. Without --model it runs the toy models of train_tiny.py (training them first "
+             "if they are missing).")
+    p = argparse.ArgumentParser(prog="decode.py", description=about)
     add = p.add_argument
     add("--model", help="checkpoint folder (config.json, safetensors, tokenizer files); default: "
         "the toy targets")

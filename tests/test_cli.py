@@ -104,16 +104,28 @@ def bad_inputs(c):
     return [case for case in cases if "cuda" not in case[0] or not torch.cuda.is_available()]
 
 
-def test_bad_input_is_one_sentence_and_exit_2(ckpt, run_scripts):
-    """Every bad input: exit 2, the sentence on stderr, no traceback, no doubled punctuation, and the
-    download hint only where the folder is missing."""
-    cases = bad_inputs(ckpt)
-    for (args, sentence), proc in zip(cases, run_scripts("decode.py", [a for a, _ in cases])):
-        err = proc.stderr
-        assert proc.returncode == 2 and sentence in err and "Traceback" not in err, (args, err)
+def test_bad_input_is_one_sentence_and_exit_2(ckpt, capsys):
+    """Every bad input: exit 2, the sentence on stderr, no doubled punctuation, and the download
+    hint only where the folder is missing. In-process (an exception other than the exit would fail
+    the test); the command itself, run as a process, is checked below."""
+    for args, sentence in bad_inputs(ckpt):
+        with pytest.raises(SystemExit) as exit_:
+            cli.decode_main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and sentence in err, (args, err)
         line = err.strip().splitlines()[-1]  # ours, after argparse's usage lines if any
-        assert line.startswith("decode.py: error: ") and not any(p in line for p in ("..", ".;", ";.", "  ")), err
+        assert line.startswith("decode.py: error: "), err
+        assert not any(p in line for p in ("..", ".;", ";.", "  ")), err
         assert ("huggingface-cli" in err) == ("/no/such/folder" in args), err
+
+
+def test_the_command_refuses_without_a_traceback(ckpt, run_scripts):
+    """As processes: a range, a loading and a pairing error end with one line and exit 2."""
+    cases = [case for case in bad_inputs(ckpt) if case[1].startswith(("--temperature must",
+             "num_hidden_layers", "the draft was trained with block 8"))]
+    for (args, sentence), proc in zip(cases, run_scripts("decode.py", [a for a, _ in cases])):
+        assert proc.returncode == 2 and sentence in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_every_mode_decodes(ckpt):
@@ -122,7 +134,7 @@ def test_every_mode_decodes(ckpt):
     cases = [([ckpt["target"]], ["tokens per forward", "vanilla"]),
              ([ckpt["ar"], "--no-think"], ["1.00 tokens per forward", "ar,"]),
              ([ckpt["target"], "--draft", ckpt["draft"], "--show", "--lookahead", "2"],
-              ["tokens per target forward", "lossless", "lookahead 2", "draft step(s) matched"]),
+              ["tokens per target forward", "lossless", "lookahead 2", "steps matched per target"]),
              ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd", "--accept", "position"],
               ["simsd, position order"]),
              ([ckpt["ar"], "--draft", ckpt["draft"], "--show", "--temperature", "1"], ["specdiff"])]

@@ -188,17 +188,17 @@ def test_device_and_dtype(device):
         assert M.dtype == torch.bool and M.device.type == dev.type
 
 
-def test_main_draws_the_layouts_takes_help_and_ends_quietly_in_a_pipe():
+def test_main_draws_the_layouts_takes_help_and_ends_quietly_in_a_pipe(run_scripts):
     """`python mask.py` draws the examples; --help works; a closed pipe ends it without a traceback."""
-    out = subprocess.run([sys.executable, "mask.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    pipe = subprocess.Popen([sys.executable, "mask.py"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    drawn, helped = run_scripts("mask.py", [[], ["--help"]])
     for label in ["k0", "r1@2", "r2@1", "r3@3", "m1@2", "m2@1", "m3@3", "Lookahead"]:
-        assert label in out
-    assert "m2@1 # | . . . | # # #" in out  # step 1's mask row sees no reference
-    assert "usage: mask.py" in subprocess.run([sys.executable, "mask.py", "--help"], cwd=ROOT,
-                                              capture_output=True, text=True, check=True).stdout
-    proc = subprocess.Popen([sys.executable, "mask.py"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.read(10)
-    proc.stdout.close()  # what `| head -c 10` does
-    err = proc.stderr.read().decode()
-    proc.wait(timeout=60)
+        assert label in drawn.stdout
+    assert "m2@1 # | . . . | # # #" in drawn.stdout  # step 1's mask row sees no reference
+    assert helped.returncode == 0 and "usage: mask.py" in helped.stdout
+    pipe.stdout.read(10)
+    pipe.stdout.close()  # what `| head -c 10` does
+    err = pipe.stderr.read().decode()
+    pipe.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
