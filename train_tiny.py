@@ -16,8 +16,9 @@ loses its sorting); and one AR target of the SDAR target's shape for both tasks.
 SDAR training: [x_t ; x_0] (noisy half, clean half) at shared positions under mask.training, each
 response token of x_t masked with probability p ~ U(1e-3, 1), cross-entropy at the masked x_t
 positions weighted by 1/p; block length 4 or 8 per batch, so one checkpoint decodes with either.
-Distillation: the target decodes the prompts as DISTILL says, many at once; the draft learns the
-states its decode passed through, with the target's picks as labels (trajectory_loss).
+Distillation: the target decodes training prompts as DISTILL says, many at once; the draft learns
+the states its decodes passed through, the target's picks their labels (trajectory_loss), at
+DISTILL's block length only: at another block it proposes without having learned the order.
 AR training: next-token cross-entropy under a causal mask on the answer and its stop token.
 
 `python train_tiny.py` writes out/tiny-<preset> (config.json, model.safetensors, byte-level
@@ -450,17 +451,17 @@ def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
     return model.eval()
 
 
-def evaluate(model, tok, n=100, block=4, seed=0, task="sort"):
-    """Held-out score of greedy decoding: vanilla block diffusion with one token per step for an
-    SDAR model, next-token decoding for an AR one (block unused)."""
+def evaluate(model, tok, n=100, block=4, seed=0, task="sort", strategy="static"):
+    """Held-out score of greedy decoding: vanilla block diffusion for an SDAR model (static: one
+    token per step; or dynamic, as DISTILL), next-token decoding for an AR one (block unused)."""
     import decode
     hits = 0
     for prompt, answer in examples(n, "heldout", seed, task):
         if model.config.model_type == "qwen3":
             ids, _ = decode.generate_ar(model, tok.chat(prompt), 48, stop_ids=tok.stop_ids)
         else:
-            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block,
-                                     stop_ids=tok.stop_ids)
+            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, strategy=strategy,
+                                     threshold=DISTILL["threshold"], stop_ids=tok.stop_ids)
         hits += score(prompt, tok.decode(ids), answer)
     return hits / n
 
@@ -500,7 +501,8 @@ def run_preset(name, args):
     write(m, args.out / f"tiny-{name}")
     seconds = time.perf_counter() - t0
     blocks = [None] if m.config.model_type == "qwen3" else args.eval_blocks
-    scores = {(task, block): evaluate(m, tok, args.eval, block, task=task)
+    strategy = DISTILL["strategy"] if preset.teacher else "static"  # a distilled draft's own
+    scores = {(task, block): evaluate(m, tok, args.eval, block, task=task, strategy=strategy)
               for task in tasks for block in blocks if args.eval}
     return seconds, scores
 
@@ -584,8 +586,9 @@ def describe(name, args):
 
 
 def finished(name, seconds, scores, args):
+    decoding = "greedy, dynamic" if PRESETS[name].teacher else "greedy"
     held_out = [f"held-out {task} {acc:.1%} of {args.eval} ({f'block {block}' if block else 'AR'}"
-                ", greedy)" for (task, block), acc in scores.items()]
+                f", {decoding})" for (task, block), acc in scores.items()]
     return "; ".join([f"{name}: trained in {seconds:.0f}s"] + held_out)
 
 

@@ -210,7 +210,8 @@ def test_trajectory_loss_matches_a_per_state_reference(tok, random_model, favour
         for r in range(len(data)):
             taken = [int(step[r, 4 * b:4 * b + 4].max()) for b in range(n_blocks)]
             state = [int(draws[r, b] * taken[b]) + 1 for b in range(n_blocks)]  # 1..taken
-            masked = [i for i in range(x0.shape[1]) if taken[i // 4] and step[r, i] >= state[i // 4]]
+            masked = [i for i in range(x0.shape[1])
+                      if taken[i // 4] and step[r, i] >= state[i // 4]]
             xt = x0[r].index_fill(0, torch.tensor(masked, dtype=torch.long), tok.mask_id)
             logp = F.log_softmax(full_logits(draft, xt, x0[r], 4), -1)
             for i in masked:
@@ -348,11 +349,13 @@ def test_presets_and_folders():
     for task in tt.TASKS:  # per task a target and two drafts of one shape; one AR model for all
         folders = tt.folders(task)
         assert set(folders) == {"target", "data", "distilled", "ar"}
-        preset = {role: tt.PRESETS[path.name.removeprefix("tiny-")] for role, path in folders.items()}
+        preset = {role: tt.PRESETS[path.name.removeprefix("tiny-")]
+                  for role, path in folders.items()}
         assert preset["target"].shape == tt.TARGET and preset["target"].tasks == (task,)
         for role in tt.DRAFTS:
             assert preset[role].shape == tt.DRAFT and preset[role].tasks == (task,)
-        assert folders["distilled"].parent / f"tiny-{preset['distilled'].teacher}" == folders["target"]
+        teacher = folders["distilled"].parent / f"tiny-{preset['distilled'].teacher}"
+        assert teacher == folders["target"]
         assert preset["data"].teacher is None and preset["ar"].tasks == tt.TASKS
         assert all(tt.tasks_of(path) == preset[role].tasks for role, path in folders.items())
     assert tt.tasks_of(tt.ROOT) is None
@@ -381,7 +384,8 @@ def test_checkpoint_round_trip(tok, tmp_path):
         expected = ([start] + list(b"user\n") + list(prompt.encode()) + [end] + list(b"\n")
                     + [start] + list(b"assistant\n"))
         assert t.chat(prompt) == expected
-        assert t.decode(expected) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        assert t.decode(expected) == text
 
 
 def test_ar_checkpoint_round_trip(tok, tmp_path):
@@ -404,7 +408,8 @@ def test_ar_checkpoint_round_trip(tok, tmp_path):
     specials = {256: "<|endoftext|>", 257: "<|im_start|>", 258: "<|im_end|>"}
     assert {int(i): t["content"] for i, t in added.items()} == specials
     t = sdar.load_tokenizer(tmp_path)
-    assert t.mask_id is None and t.stop_ids == tok.stop_ids and t.chat("sort 1") == tok.chat("sort 1")
+    assert t.mask_id is None and t.stop_ids == tok.stop_ids
+    assert t.chat("sort 1") == tok.chat("sort 1")
 
 
 def test_a_rewritten_folder_is_incomplete_until_its_weights_are_written(tok, tmp_path, monkeypatch):
@@ -420,23 +425,25 @@ def test_a_rewritten_folder_is_incomplete_until_its_weights_are_written(tok, tmp
     assert not tt.complete(tmp_path)
 
 
-@pytest.mark.parametrize("ar", [False, True])
-def test_evaluate_scores_the_held_out_decodes(tok, monkeypatch, ar):
-    """evaluate() decodes each held-out prompt with the model's own decoder at the given block
-    and scores what comes back: with decoders that answer every other prompt right (and
-    record how they were called), the score is exactly one half."""
+@pytest.mark.parametrize("kind, strategy", [("sdar", "static"), ("sdar", "dynamic"),
+                                            ("qwen3", None)])
+def test_evaluate_scores_the_held_out_decodes(tok, monkeypatch, kind, strategy):
+    """evaluate() decodes each held-out prompt with the model's own decoder (at the given block
+    and strategy) and scores what comes back: with decoders that answer every other prompt
+    right and record how they were called, the score is exactly one half."""
     answers = {tuple(tok.chat(p)): a for task in tt.TASKS for p, a in tt.examples(4, task=task)}
     calls = []
 
     def fake(model, prompt_ids, max_new_tokens, **kw):
-        calls.append(kw.get("block"))
+        calls.append((kw.get("block"), kw.get("strategy")))
         right = len(calls) % 2 == 0
         return tok.encode(answers[tuple(prompt_ids)] if right else "[]"), None
-    monkeypatch.setattr(decode, "generate_ar" if ar else "generate", fake)
-    model = micro_ar(tok) if ar else micro(tok)
+    monkeypatch.setattr(decode, "generate_ar" if kind == "qwen3" else "generate", fake)
+    model = micro_ar(tok) if kind == "qwen3" else micro(tok)
+    options = {"strategy": strategy} if strategy else {}
     for task in tt.TASKS:
-        assert tt.evaluate(model, tok, n=4, block=8, task=task) == 0.5
-    assert calls == [None if ar else 8] * 8
+        assert tt.evaluate(model, tok, n=4, block=8, task=task, **options) == 0.5
+    assert calls == [(8, strategy) if strategy else (None, None)] * 8
 
 
 # ----------------------------------------------------------------------------- first runs
@@ -575,8 +582,8 @@ def test_bad_options_are_one_sentence_and_exit_2_in_process(argv, message, capsy
 
 def test_bad_options_from_the_command_line(run_scripts):
     """The script itself: one line on stderr, exit status 2, no traceback, nothing trained."""
-    argvs = [["--workers", "0"], ["--lr", "nan"], ["--out", "README.md"], ["--steps", "0"],
-             ["--preset", "distilled", "--out", "no-such-folder"]]
+    argvs = [["--workers", "0"], ["--lr", "nan"], ["--out", "README.md"],
+             ["--preset", "distilled", "--out", "no-such-folder"]]  # one wave of run_scripts
     for argv, done in zip(argvs, run_scripts("train_tiny.py", argvs)):
         assert done.returncode == 2 and "Traceback" not in done.stderr, (argv, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and done.stdout == "", (argv, done.stderr)
