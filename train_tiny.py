@@ -175,7 +175,7 @@ DRAFT = dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120)
 PRESETS = {
     "walk-target": Preset(TARGET, 900, 5e-3, ("walk",)),
     "target": Preset(TARGET, 600, 5e-3, ("sort",)),
-    "walk-distilled": Preset(DRAFT, 1300, 1e-2, ("walk",), teacher="walk-target"),
+    "walk-distilled": Preset(DRAFT, 1100, 1e-2, ("walk",), teacher="walk-target"),
     "distilled": Preset(DRAFT, 650, 1e-2, ("sort",), teacher="target"),
     "walk-draft": Preset(DRAFT, 2600, 1e-2, ("walk",)),
     "ar": Preset({**TARGET, "model_type": "qwen3"}, 600, 5e-3, TASKS),
@@ -285,7 +285,7 @@ def trajectories(rows, n, device="cpu"):
 # The decoding a distilled draft learns: its target's strongest alone that keeps its accuracy on
 # both tasks (greedy; the most confident position per step, and every other above the threshold).
 DISTILL = dict(block=4, strategy="dynamic", threshold=0.9)
-DISTILL_PROMPTS = 8192  # the most distinct training prompts a target decodes for its draft
+DISTILL_PROMPTS = 4096  # the most distinct training prompts a target decodes for its draft
 UNSURE = 0.5  # a trajectory label's weight on the target's pick where the target did not reveal it
 
 
@@ -334,10 +334,10 @@ def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
                                                max_new_tokens)
             tokens, step, picks = tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]
             is_stop = torch.isin(tokens, torch.tensor(tok.stop_ids))  # (N, R)
-            last = torch.where(is_stop.any(1), is_stop.float().argmax(1), tokens.shape[1] - 1)
-            ends = ((T + last) // B + 1) * B - T  # the end of that token's block
-            out += [Row(prompt, tokens[r, :end].tolist(), step[r, :end], picks[r, :, :end])
-                    for r, (prompt, end) in enumerate(zip(chunk, ends.tolist()))]
+            first_stop = is_stop.float().argmax(1).masked_fill(~is_stop.any(1), tokens.shape[1] - 1)
+            ends = ((T + first_stop) // B + 1) * B - T  # the end of that token's block
+            for r, (prompt, end) in enumerate(zip(chunk, ends.tolist())):
+                out.append(Row(prompt, tokens[r, :end].tolist(), step[r, :end], picks[r, :, :end]))
     return out
 
 
@@ -501,7 +501,7 @@ def run_preset(name, args):
     write(m, args.out / f"tiny-{name}")
     seconds = time.perf_counter() - t0
     blocks = [None] if m.config.model_type == "qwen3" else args.eval_blocks
-    strategy = DISTILL["strategy"] if preset.teacher else "static"  # a distilled draft's own
+    strategy = DISTILL["strategy"] if preset.teacher else "static"  # as a distilled draft learned
     scores = {(task, block): evaluate(m, tok, args.eval, block, task=task, strategy=strategy)
               for task in tasks for block in blocks if args.eval}
     return seconds, scores
@@ -587,9 +587,11 @@ def describe(name, args):
 
 def finished(name, seconds, scores, args):
     decoding = "greedy, dynamic" if PRESETS[name].teacher else "greedy"
-    held_out = [f"held-out {task} {acc:.1%} of {args.eval} ({f'block {block}' if block else 'AR'}"
-                f", {decoding})" for (task, block), acc in scores.items()]
-    return "; ".join([f"{name}: trained in {seconds:.0f}s"] + held_out)
+    parts = [f"{name}: trained in {seconds:.0f}s"]
+    for (task, block), acc in scores.items():
+        how = f"block {block}, {decoding}" if block else "AR, greedy"
+        parts.append(f"held-out {task} {acc:.1%} of {args.eval} ({how})")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- entry points
