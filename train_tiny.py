@@ -652,7 +652,8 @@ def parse(argv):
     add("--lr", type=float, help=f"peak learning rate, > 0 (default: {lrs})")
     add("--seed", type=int, default=0, help="seed of the weights, data and noise (default 0)")
     add("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains under bf16 autocast")
-    add("--out", type=Path, default=OUT, help="writes OUT/tiny-<preset> (default: ./out)")
+    add("--out", type=Path, default=OUT, help="writes OUT/tiny-<preset> (default: out/ beside "
+        "this script)")
     add("--workers", type=int, help=f"models trained at once, one process each, 1 to {CORES} "
         "(default: one per core, at most one per model)")
     add("--threads", type=int, default=1, help=f"torch threads per worker, 1 to {CORES} (default "
