@@ -4,42 +4,44 @@
 sort: one right answer, scored by exact match. Answers are 24-36 bytes: 6-9 blocks of 4.
     user: sort 31415926                       assistant: [1, 1, 2, 3, 4, 5, 6, 9]<|im_end|>
 walk: many right answers, scored by validity: n steps of +-1 from a to b that never leave lo-hi,
-written as moves. Answers are 21-29 bytes (mean 25); training draws one uniformly among the valid.
+written as moves. Answers are 21-29 bytes; training draws one uniformly among the valid.
     user: walk 3 to 5 in 6 steps within 2-6   assistant: 3+4-3+4-3+4+5<|im_end|>
-A confident model writes a sort in parallel for free: the target alone, revealing every position
-above 0.9 confidence per step, writes 3.3 tokens per forward at block 4 and loses nothing. Like
-chat text, a walk has many plausible continuations: each move is a free choice, and a sign and the
-digit after it are uncertain jointly but sharp given each other, so parallel decoding has a price.
-The walk target (block 4, greedy, 200 held-out prompts) is valid 97.0% of the time at one position
-per step, 96.0% revealing above 0.9 confidence (1.23 tokens per forward), 76.5% above 0.7 (1.68).
+A confident model writes a sort in parallel for free. Like chat text, a walk has many plausible
+continuations: each move is a free choice, and a sign and the digit after it are uncertain jointly
+but sharp given each other, so parallel decoding has a price.
 
+Per task an SDAR target (6 layers) and two 1-layer drafts: "data", trained on the task, and
+"distilled", trained on the target's own decodes of training prompts (one draft for both tasks
+loses its sorting); and one AR target of the SDAR target's shape for both tasks.
 SDAR training: [x_t ; x_0] (noisy half, clean half) at shared positions under mask.training, each
 response token of x_t masked with probability p ~ U(1e-3, 1), cross-entropy at the masked x_t
 positions weighted by 1/p; block length 4 or 8 per batch, so one checkpoint decodes with either.
+Distillation: the target decodes training prompts as DISTILL says, many at once; the draft learns
+the states its decodes passed through, the target's picks their labels (trajectory_loss), at
+DISTILL's block length only: at another block it proposes without having learned the order.
 AR training: next-token cross-entropy under a causal mask on the answer and its stop token.
 
-One SDAR pair per task, a 6-layer target and a 1-layer draft, whose forward costs ~1/4.5 of the
-target's (~0.45 ms per layer plus ~0.2 ms, nearly whatever the width); a draft trained on both
-tasks got 6-37% of sorts right, against 76% alone. One AR model, the target's shape, for both.
-Held-out greedy scores (200 prompts, block 4): sort target 95.5%, draft 75.5%; walk target 97.0%,
-draft 44.5%; AR 98% on each task.
-
-`python train_tiny.py` (about 4 minutes on 2 CPU cores) writes out/tiny-{target, draft,
-walk-target, walk-draft, ar}: config.json, model.safetensors and byte-level tokenizer files, read
-by model.load and model.load_tokenizer; tiny-ar is a Qwen3 folder, without a mask token.
+`python train_tiny.py` writes out/tiny-<preset> (config.json, model.safetensors, byte-level
+tokenizer files), read by model.load and model.load_tokenizer; tiny-ar is a Qwen3 folder.
 """
 import argparse
 import fcntl
 import functools
 import math
 import multiprocessing
+import os
+import queue
 import random
 import re
+import signal
+import sys
 import tempfile
 import time
+import traceback
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +50,10 @@ import mask as masks
 import model as sdar
 
 ROOT = Path(__file__).parent
-TARGET_DIR = ROOT / "out" / "tiny-target"  # the sort pair
-DRAFT_DIR = ROOT / "out" / "tiny-draft"
-WALK_TARGET_DIR = ROOT / "out" / "tiny-walk-target"  # the walk pair
-WALK_DRAFT_DIR = ROOT / "out" / "tiny-walk-draft"
-AR_DIR = ROOT / "out" / "tiny-ar"  # the AR target of both tasks
+OUT = ROOT / "out"  # the toy folders: OUT/tiny-<preset>
 BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
+MAX_EVAL = 300  # held-out prompts per task at most: walk has ~380
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -71,7 +71,9 @@ def _walks(x, k, b, lo, hi):
     """How many walks of k steps of +-1 go from x to b without leaving lo..hi."""
     if not lo <= x <= hi:
         return 0
-    return int(x == b) if k == 0 else _walks(x - 1, k - 1, b, lo, hi) + _walks(x + 1, k - 1, b, lo, hi)
+    if k == 0:
+        return int(x == b)
+    return _walks(x - 1, k - 1, b, lo, hi) + _walks(x + 1, k - 1, b, lo, hi)
 
 
 def _draw_walk(rng):
@@ -109,12 +111,13 @@ def examples(n, split="heldout", seed=0, task="sort"):
         raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
     # A str seed is hashed with sha512: stable across runs. sort keeps its original stream.
     rng = random.Random(f"{split}:{seed}" if task == "sort" else f"{task}:{split}:{seed}")
+    heldout = split == "heldout"
     out, seen = [], set()
     for _ in range(100 * n + 10_000):  # bounded: there are only ~380 held-out walk prompts
         if len(out) == n:
             return out
         prompt, answer = DRAW[task](rng)
-        if _is_heldout(prompt) == (split == "heldout") and not (split == "heldout" and prompt in seen):
+        if _is_heldout(prompt) == heldout and not (heldout and prompt in seen):
             seen.add(prompt)
             out.append((prompt, answer))
     if len(out) < n:
@@ -136,33 +139,72 @@ def score(prompt, prediction, answer):
     return prediction.strip() == answer.strip()
 
 
+WALK_PROMPT = re.compile(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)")
+
+
 def _valid_walk(prompt, prediction):
     """'3+4-3+4+5' answers 'walk 3 to 5 in 4 steps within 2-6': n moves from a ending on b,
     each sign agreeing with its step of exactly 1, every digit within lo..hi."""
-    a, b, n, lo, hi = map(int, re.fullmatch(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)", prompt).groups())
+    a, b, n, lo, hi = map(int, WALK_PROMPT.fullmatch(prompt).groups())
     s = prediction.strip()
     if not re.fullmatch(r"\d([+-]\d)*", s):
         return False
     xs = [int(c) for c in s[::2]]
-    return (len(xs) == n + 1 and xs[0] == a and xs[-1] == b and all(lo <= x <= hi for x in xs)
-            and all(y - x == (1 if sign == "+" else -1) for sign, x, y in zip(s[1::2], xs, xs[1:])))
+    steps_ok = all(y - x == (1 if sign == "+" else -1) for sign, x, y in zip(s[1::2], xs, xs[1:]))
+    ends_ok = len(xs) == n + 1 and xs[0] == a and xs[-1] == b
+    return ends_ok and steps_ok and all(lo <= x <= hi for x in xs)
 
 
 # ----------------------------------------------------------------------------- models
 
-# name: (shape, default steps, default learning rate, tasks). Heads 4 (kv 2), head_dim = width / 4.
-# One pair per task: mixing both tasks costs the one-layer draft its sorting (see the docstring).
-# "ar" is the target's shape trained as a Qwen3 (next-token, causal), on both tasks at once.
+@dataclass(frozen=True)
+class Preset:
+    """A toy model: its shape, default steps and peak learning rate, the tasks it learns, and
+    the preset whose decodes it learns from (None: the task's data)."""
+    shape: dict
+    steps: int
+    lr: float
+    tasks: tuple
+    teacher: str | None = None
+
+
+# Heads 4 (kv 2), head_dim = width / 4. "ar" is the target's shape trained as a Qwen3. Listed in
+# the order workers take them up: the 6-layer models first (distilled drafts wait for theirs).
 TARGET = dict(num_hidden_layers=6, hidden_size=48, intermediate_size=144)
 DRAFT = dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120)
 PRESETS = {
-    "target": (TARGET, 600, 5e-3, ("sort",)),  # the 6-layer models first: see main
-    "walk-target": (TARGET, 900, 5e-3, ("walk",)),
-    "ar": ({**TARGET, "model_type": "qwen3"}, 600, 5e-3, TASKS),
-    "draft": (DRAFT, 1300, 1e-2, ("sort",)),
-    "walk-draft": (DRAFT, 2600, 1e-2, ("walk",)),
+    "walk-target": Preset(TARGET, 900, 5e-3, ("walk",)),
+    "target": Preset(TARGET, 600, 5e-3, ("sort",)),
+    "walk-distilled": Preset(DRAFT, 1100, 1e-2, ("walk",), teacher="walk-target"),
+    "distilled": Preset(DRAFT, 650, 1e-2, ("sort",), teacher="target"),
+    "walk-draft": Preset(DRAFT, 2600, 1e-2, ("walk",)),
+    "ar": Preset({**TARGET, "model_type": "qwen3"}, 600, 5e-3, TASKS),
+    "draft": Preset(DRAFT, 1300, 1e-2, ("sort",)),
 }
+DRAFTS = ("data", "distilled")  # each task's drafts, by role in folders()
 AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokenizer has no <|MASK|>
+
+
+def folders(task):
+    """A task's toy folders by role: "target" (SDAR), its drafts "data" and "distilled", and
+    "ar" (the AR target of every task)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
+    prefix = "" if task == "sort" else f"{task}-"
+    names = {"target": f"{prefix}target", "data": f"{prefix}draft",
+             "distilled": f"{prefix}distilled", "ar": "ar"}
+    return {role: OUT / f"tiny-{name}" for role, name in names.items()}
+
+
+def tasks_of(folder):
+    """The tasks a toy folder was trained on, or None for any other folder."""
+    trained = {(OUT / f"tiny-{name}").resolve(): p.tasks for name, p in PRESETS.items()}
+    return trained.get(Path(folder).resolve())
+
+
+def complete(folder):
+    files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
+    return all((Path(folder) / f).is_file() for f in files)
 
 
 def config(name, tok):
@@ -170,10 +212,11 @@ def config(name, tok):
     260 embedding rows (as Qwen3 pads its embedding past its tokenizer): one id space for all."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
-    ar = PRESETS[name][0].get("model_type") == "qwen3"
+    shape = PRESETS[name].shape
+    mask_id = None if shape.get("model_type") == "qwen3" else tok.mask_id
     return sdar.Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
-                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=None if ar else tok.mask_id,
-                       block_size=None, **PRESETS[name][0])
+                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=mask_id,
+                       block_size=None, **shape)
 
 
 def init_model(config, seed=0):
@@ -190,27 +233,131 @@ def init_model(config, seed=0):
     return m
 
 
-# ----------------------------------------------------------------------------- objectives
+# ----------------------------------------------------------------------------- data
 
-def batch(pairs, tok, device="cpu"):
-    """x0 (B, n) token ids and is_resp (B, n) bool. Row: chat prompt, answer bytes, <|im_end|>,
-    then <|endoftext|> up to the longest row. Pads count as response, as in SDAR (it pads with
-    EOS and trains on it): decoding fills the rest of the stop token's block the same way, so the
+class Row(NamedTuple):
+    """A training sequence: the chat prompt's ids and the response's (the answer and its stop
+    token; a target's decode keeps the rest of the stop token's block as it wrote it). A decode
+    also keeps its trajectory: step (R,), the step of its block that revealed each response
+    position, and picks (S, R), the target's pick at each one in the state before each step."""
+    prompt: list
+    response: list
+    step: torch.Tensor | None = None
+    picks: torch.Tensor | None = None
+
+
+def rows(pairs, tok):
+    stop = tok.id_of("<|im_end|>")
+    return [Row(tok.chat(p), tok.encode(a) + [stop]) for p, a in pairs]
+
+
+def mixed(tasks, n, seed):
+    """n training pairs (rounded up to a multiple of len(tasks)), the tasks taking turns."""
+    streams = [examples(-(-n // len(tasks)), "train", seed, task) for task in tasks]
+    return [pair for group in zip(*streams) for pair in group]
+
+
+def batch(rows, tok, device="cpu"):
+    """x0 (N, n) token ids and is_resp (N, n) bool: each row's prompt and response, then
+    <|endoftext|> up to the longest row. Pads count as response, as in SDAR (it pads with EOS
+    and trains on it): decoding fills the rest of the stop token's block the same way, so the
     model learns what follows a stop instead of seeing never-trained context there."""
-    stop, pad = tok.id_of("<|im_end|>"), tok.id_of("<|endoftext|>")
-    rows = [(tok.chat(p), tok.encode(a) + [stop]) for p, a in pairs]
-    n = max(len(p) + len(r) for p, r in rows)
-    x0 = torch.tensor([p + r + [pad] * (n - len(p) - len(r)) for p, r in rows], device=device)
-    starts = torch.tensor([len(p) for p, _ in rows], device=device)
-    return x0, torch.arange(n, device=device)[None] >= starts[:, None]
+    pad = tok.id_of("<|endoftext|>")
+    n = max(len(r.prompt) + len(r.response) for r in rows)
+    ids = [r.prompt + r.response + [pad] * (n - len(r.prompt) - len(r.response)) for r in rows]
+    starts = torch.tensor([len(r.prompt) for r in rows], device=device)
+    return torch.tensor(ids, device=device), torch.arange(n, device=device)[None] >= starts[:, None]
 
+
+def trajectories(rows, n, device="cpu"):
+    """step (N, n) and picks (N, S, n) of decoded rows where batch() puts them; step 0 (known)
+    outside the responses."""
+    step = torch.zeros(len(rows), n, dtype=torch.long)
+    picks = torch.zeros(len(rows), DISTILL["block"], n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(len(r.prompt), len(r.prompt) + len(r.response))
+        step[i, span], picks[i, :, span] = r.step, r.picks
+    return step.to(device), picks.to(device)
+
+
+# ----------------------------------------------------------------------------- the target's decodes
+
+# The decoding a distilled draft learns: its target's strongest alone that keeps its accuracy on
+# both tasks (greedy; the most confident position per step, and every other above the threshold).
+DISTILL = dict(block=4, strategy="dynamic", threshold=0.9)
+DISTILL_PROMPTS = 4096  # the most distinct training prompts a target decodes for its draft
+UNSURE = 0.5  # a trajectory label's weight on the target's pick where the target did not reveal it
+
+
+@torch.inference_mode()
+def decode_batch(target, ids, stop_ids, max_new_tokens):
+    """decode.generate's DISTILL decoding of N prompts of one length at once, ids (N, T): one
+    batched KV cache, each block denoised for all rows together (a row whose block is full takes
+    no more reveals), until every row has a stop token or max_new_tokens are written. From the
+    prompt's last block on: tokens (N, L), step (N, L) and picks (N, S, L) as in Row."""
+    import decode  # decode imports model and mask only; imported late, this file stands alone
+    (N, T), B = ids.shape, DISTILL["block"]
+    aligned = T - T % B
+    cache = target.new_cache(T + max_new_tokens + 2 * B, batch_size=N)
+    decode.prefill(target, ids[:, :aligned], cache, B)
+    tail, pending, stops = ids[:, aligned:], ids[:, :0], torch.tensor(stop_ids)
+    done, out = torch.zeros(N, dtype=torch.bool), []
+    for start in range(aligned, T + max_new_tokens, B):
+        n_known = tail.shape[1]
+        x = torch.cat([tail, tail.new_full((N, B - n_known), target.config.mask_token_id)], 1)
+        known = (torch.arange(B) < n_known).expand(N, B)
+        quotas = decode.schedule(B - n_known, B, B)
+        d = decode.denoise(target, x, known, start, quotas, cache=cache, pending=pending,
+                           strategy=DISTILL["strategy"], threshold=DISTILL["threshold"],
+                           record=True)
+        unused = d.tokens[None].expand(B - len(d.picks), N, B)  # steps the block did not take
+        out.append((d.tokens, d.step, torch.cat([d.picks, unused]).transpose(0, 1)))
+        done |= torch.isin(d.tokens[:, n_known:], stops).any(1)
+        if done.all():
+            break
+        tail, pending = tail[:, :0], d.tokens
+    tokens, step, picks = zip(*out)
+    return torch.cat(tokens, 1), torch.cat(step, 1), torch.cat(picks, 2)
+
+
+def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
+    """The target's decodes of prompts as Rows, each response up to the end of the block of its
+    first stop token (all of it if none). Prompts of one token length are decoded together."""
+    by_length, out, B = {}, [], DISTILL["block"]
+    for prompt in prompts:
+        ids = tok.chat(prompt)
+        by_length.setdefault(len(ids), []).append(ids)
+    for T, group in sorted(by_length.items()):
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            tokens, step, picks = decode_batch(target, torch.tensor(chunk), tok.stop_ids,
+                                               max_new_tokens)
+            tokens, step, picks = tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]
+            is_stop = torch.isin(tokens, torch.tensor(tok.stop_ids))  # (N, R)
+            first_stop = is_stop.float().argmax(1).masked_fill(~is_stop.any(1), tokens.shape[1] - 1)
+            ends = ((T + first_stop) // B + 1) * B - T  # the end of that token's block
+            for r, (prompt, end) in enumerate(zip(chunk, ends.tolist())):
+                out.append(Row(prompt, tokens[r, :end].tolist(), step[r, :end], picks[r, :, :end]))
+    return out
+
+
+def distillation_rows(teacher, tok, tasks, n, seed):
+    """The teacher's decodes of the distinct prompts among n training pairs (DISTILL_PROMPTS at
+    most), shuffled: decoded by length, they must not come in runs."""
+    prompts = list(dict.fromkeys(p for p, _ in mixed(tasks, n, seed)))[:DISTILL_PROMPTS]
+    data = target_rows(teacher, tok, prompts)
+    random.Random(seed).shuffle(data)
+    return data
+
+
+# ----------------------------------------------------------------------------- objectives
 
 def noise(x0, is_resp, mask_id, generator=None):
     """x_t: each response token masked with probability p ~ U(1e-3, 1), one p per row; a row
     left with no masked token gets one uniformly chosen response token masked.
     Returns x_t (B, n), masked (B, n) bool, p (B, 1)."""
     B, n = x0.shape
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=x0.device)  # noqa: E731
+    rand = functools.partial(torch.rand, generator=generator, device=x0.device)
     p = 1e-3 + (1 - 1e-3) * rand(B, 1)
     masked = (rand(B, n) < p) & is_resp
     fallback = rand(B, n).masked_fill(~is_resp, -1.0).argmax(1)  # a random response position
@@ -218,21 +365,48 @@ def noise(x0, is_resp, mask_id, generator=None):
     return torch.where(masked, mask_id, x0), masked, p
 
 
+def denoising_logits(model, xt, x0, is_resp, block):
+    """(logits (B, n - cut, V) of x_t from position cut on, cut) in one forward of [x_t ; x_0]
+    (mask.training): x_t block b sees x_t block b and x_0 blocks < b, the context it is decoded
+    in. x_t blocks holding only prompt tokens (in every row) carry no loss and no other x_t
+    block sees them: dropping them changes nothing but saves a quarter of the work."""
+    n = x0.shape[1]
+    cut = int(is_resp.float().argmax(1).min()) // block * block
+    pos = torch.cat([torch.arange(cut, n), torch.arange(n)]).to(x0.device)  # shared positions
+    attn = masks.training(n, block, x0.device)[cut:, cut:]
+    return model(torch.cat([xt[:, cut:], x0], 1), pos, attn)[:, :n - cut], cut
+
+
 def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
     """Sum over masked x_t positions of cross-entropy / p, divided by the number of response
     tokens in the batch (pads included). No shift: the logits at i predict x0[i]."""
     xt, masked, p = noise(x0, is_resp, mask_id, generator)
-    n = x0.shape[1]
-    # x_t blocks holding only prompt tokens (in every row) have no loss and no other x_t block
-    # sees them (x_t block b sees x_t block b and x_0 blocks < b): dropping them changes nothing
-    # but saves a quarter of the work.
-    cut = int(is_resp.float().argmax(1).min()) // block * block
-    pos = torch.cat([torch.arange(cut, n), torch.arange(n)]).to(x0.device)  # x_t, x_0 share positions
-    attn = masks.training(n, block, x0.device)[cut:, cut:]
-    logits = model(torch.cat([xt[:, cut:], x0], 1), pos, attn)[:, :n - cut]  # (B, n - cut, V)
+    logits, cut = denoising_logits(model, xt, x0, is_resp, block)
     sel = masked[:, cut:]
     ce = F.cross_entropy(logits[sel].float(), x0[:, cut:][sel], reduction="none")  # (masked,)
-    return (ce / p.expand(-1, n)[:, cut:][sel]).sum() / is_resp.sum()
+    return (ce / p.expand_as(masked)[:, cut:][sel]).sum() / is_resp.sum()
+
+
+def trajectory_loss(model, x0, is_resp, step, picks, mask_id, generator=None):
+    """The target's own steps: in each block of each row one state its decode passed through,
+    drawn uniformly among its steps (state s: the positions revealed at steps >= s are masked).
+    Each masked position is labelled with the target's pick in that state: all the weight on it
+    where the target revealed it at step s, UNSURE where it left it masked (the rest spread
+    evenly), since a position left masked was less sure than the threshold and the one revealed:
+    the draft learns which positions its target reveals, not only what it writes. Cross-entropy,
+    averaged. step (B, n) and picks (B, S, n) as trajectories() lays them out."""
+    (N, n), B = x0.shape, DISTILL["block"]
+    per_block = F.pad(step, (0, -n % B)).view(N, -1, B).amax(-1)  # (N, blocks): steps taken
+    draw = torch.rand(per_block.shape, generator=generator, device=x0.device)
+    s = ((draw * per_block).long() + 1).repeat_interleave(B, 1)[:, :n]  # (N, n), 1..taken
+    masked = step >= s  # a known position (step 0) never is
+    labels = picks.gather(1, (s - 1).clamp(max=picks.shape[1] - 1)[:, None])[:, 0]
+    logits, cut = denoising_logits(model, x0.masked_fill(masked, mask_id), x0, is_resp, B)
+    sel = masked[:, cut:]
+    logp = logits[sel].float().log_softmax(-1)  # (masked, V)
+    weight = torch.where(step[:, cut:][sel] == s[:, cut:][sel], 1.0, UNSURE)
+    on_pick = -logp.gather(-1, labels[:, cut:][sel][:, None])[:, 0]
+    return (weight * on_pick - (1 - weight) * logp.mean(-1)).mean()
 
 
 def ar_loss(model, x0, is_resp, pad_id):
@@ -240,61 +414,54 @@ def ar_loss(model, x0, is_resp, pad_id):
     at i predict x0[i + 1] under a causal mask. Pads after the stop are left out: AR decoding
     ends at the stop token, so nothing is ever generated after it."""
     n = x0.shape[1]
-    logits = model(x0[:, :-1], torch.arange(n - 1, device=x0.device),
-                   masks.block_causal(n - 1, 1, device=x0.device))  # (B, n - 1, V)
+    causal = masks.block_causal(n - 1, 1, device=x0.device)
+    logits = model(x0[:, :-1], torch.arange(n - 1, device=x0.device), causal)  # (B, n - 1, V)
     sel = (is_resp & (x0 != pad_id))[:, 1:]
     return F.cross_entropy(logits[sel].float(), x0[:, 1:][sel])
 
 
 # ----------------------------------------------------------------------------- training
 
-def train(model, tok, *, steps, batch_size, lr, seed=0, tasks=TASKS, device="cpu", log_every=5.0, name="model"):
-    """AdamW, 5% warmup then cosine decay to lr/10. Every batch mixes the tasks evenly; an SDAR
-    model draws one block length per batch. The objective follows config.model_type. Prints a
-    progress line every log_every seconds (None: silent). Returns the model in eval mode."""
+def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
+    """AdamW, 5% warmup then cosine decay to lr/10, on batches of data (Rows, in order, cycled).
+    The objective follows the model and the rows: next-token for an AR model; else SDAR's (one
+    block length per batch), or trajectory_loss on a target's decodes. Returns it in eval mode."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    per_task = -(-steps * batch_size // len(tasks))
-    data = [ex for group in zip(*(examples(per_task, "train", seed, t) for t in tasks)) for ex in group]
     gen, rng = torch.Generator(device).manual_seed(seed), random.Random(seed)
     ar, pad = model.config.model_type == "qwen3", tok.id_of("<|endoftext|>")
-    t0 = last = time.perf_counter()
-    tokens, losses = 0, []
     for step in range(steps):
         warmup = min(1.0, (step + 1) / (0.05 * steps))
         for g in opt.param_groups:
             g["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        x0, is_resp = batch(data[step * batch_size:(step + 1) * batch_size], tok, device)
+        chosen = [data[(step * batch_size + i) % len(data)] for i in range(batch_size)]
+        x0, is_resp = batch(chosen, tok, device)
         with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            loss = ar_loss(model, x0, is_resp, pad) if ar else \
-                sdar_loss(model, x0, is_resp, rng.choice(BLOCKS), tok.mask_id, gen)
+            if ar:
+                loss = ar_loss(model, x0, is_resp, pad)
+            elif chosen[0].step is not None:  # a target's decodes
+                step_map, picks = trajectories(chosen, x0.shape[1], device)
+                loss = trajectory_loss(model, x0, is_resp, step_map, picks, tok.mask_id, gen)
+            else:
+                loss = sdar_loss(model, x0, is_resp, rng.choice(BLOCKS), tok.mask_id, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # 1/p weights make rare huge steps
         opt.step()
-        tokens += x0.numel() * (1 if ar else 2)  # SDAR's [x_t ; x_0], trimmed prompt blocks included
-        losses.append(loss.item())
-        now = time.perf_counter()
-        if log_every is not None and (now - last > log_every or step + 1 == steps):
-            el = now - t0
-            print(f"  {name} step {step + 1:4d}/{steps}  loss {sum(losses) / len(losses):.3f}  "
-                  f"{tokens / el:6.0f} tok/s  {el:4.0f}s elapsed  eta {el / (step + 1) * (steps - step - 1):3.0f}s",
-                  flush=True)
-            last, losses = now, []
     return model.eval()
 
 
-def evaluate(model, tok, n=100, block=4, seed=0, task="sort"):
-    """Held-out score of greedy decoding: vanilla block diffusion with one token per step for an
-    SDAR model, next-token decoding for an AR one (block unused)."""
-    import decode  # decode imports model and mask only; importing it late keeps this file standalone
+def evaluate(model, tok, n=100, block=4, seed=0, task="sort", strategy="static"):
+    """Held-out score of greedy decoding: vanilla block diffusion for an SDAR model (static: one
+    token per step; or dynamic, as DISTILL), next-token decoding for an AR one (block unused)."""
+    import decode
     hits = 0
     for prompt, answer in examples(n, "heldout", seed, task):
         if model.config.model_type == "qwen3":
             ids, _ = decode.generate_ar(model, tok.chat(prompt), 48, stop_ids=tok.stop_ids)
         else:
-            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, stop_ids=tok.stop_ids,
-                                     mask_id=tok.mask_id)
+            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, strategy=strategy,
+                                     threshold=DISTILL["threshold"], stop_ids=tok.stop_ids)
         hits += score(prompt, tok.decode(ids), answer)
     return hits / n
 
@@ -307,111 +474,240 @@ def byte_tokenizer():
 
 
 def write(model, folder):
-    """A checkpoint folder: tokenizer files, then model.safetensors, then config.json (each
-    written atomically), so a folder with config.json holds a finished model. An AR model gets
-    a tokenizer without <|MASK|>, like a real Qwen3."""
-    ar = model.config.model_type == "qwen3"
-    sdar.write_byte_tokenizer(folder, **({"specials": AR_SPECIALS} if ar else {}))
+    """A checkpoint folder: its config.json removed, then tokenizer files, model.safetensors and
+    config.json (each written atomically), so that a folder with config.json holds a finished
+    model. An AR model gets a tokenizer without <|MASK|>, like a real Qwen3."""
+    (Path(folder) / "config.json").unlink(missing_ok=True)
+    specials = AR_SPECIALS if model.config.model_type == "qwen3" else AR_SPECIALS + ("<|MASK|>",)
+    sdar.write_byte_tokenizer(folder, specials=specials)
     sdar.save(model, folder)
 
 
-def pair(task):
-    """(target folder, draft folder) of the SDAR pair trained on task, one of TASKS."""
-    return {"sort": (TARGET_DIR, DRAFT_DIR), "walk": (WALK_TARGET_DIR, WALK_DRAFT_DIR)}[task]
+# ----------------------------------------------------------------------------- workers
+
+def run_preset(name, args):
+    """Train one preset, write its folder, score it. Returns (seconds, {(task, block or None):
+    held-out score})."""
+    tok, preset = byte_tokenizer(), PRESETS[name]
+    steps, lr, tasks = args.steps or preset.steps, args.lr or preset.lr, args.tasks or preset.tasks
+    t0 = time.perf_counter()
+    if preset.teacher:
+        teacher = sdar.load(args.out / f"tiny-{preset.teacher}")
+        data = distillation_rows(teacher, tok, tasks, steps * args.batch_size, args.seed)
+    else:
+        data = rows(mixed(tasks, steps * args.batch_size, args.seed), tok)
+    m = train(init_model(config(name, tok), args.seed), tok, data, steps=steps, lr=lr,
+              batch_size=args.batch_size, seed=args.seed, device=args.device).cpu()
+    write(m, args.out / f"tiny-{name}")
+    seconds = time.perf_counter() - t0
+    blocks = [None] if m.config.model_type == "qwen3" else args.eval_blocks
+    strategy = DISTILL["strategy"] if preset.teacher else "static"  # as a distilled draft learned
+    scores = {(task, block): evaluate(m, tok, args.eval, block, task=task, strategy=strategy)
+              for task in tasks for block in blocks if args.eval}
+    return seconds, scores
 
 
-def tasks_of(folder):
-    """The tasks a toy folder was trained on, or None for any other folder."""
-    trained = {TARGET_DIR: ("sort",), DRAFT_DIR: ("sort",), WALK_TARGET_DIR: ("walk",), WALK_DRAFT_DIR: ("walk",),
-               AR_DIR: TASKS}
-    return {Path(k).resolve(): v for k, v in trained.items()}.get(Path(folder).resolve())
+def worker(args, jobs, events):
+    """A worker process: trains the presets the parent sends, one at a time, and sends back each
+    result (or its traceback). It serves many: a process start costs seconds of imports."""
+    torch.set_num_threads(args.threads)
+    while True:
+        name = jobs.get()
+        try:
+            events.put(("done", name, run_preset(name, args)))
+        except Exception:  # noqa: BLE001  the parent raises it
+            events.put(("failed", name, traceback.format_exc()))
 
 
-def complete(folder):
-    files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
-    return all((Path(folder) / f).is_file() for f in files)
+def train_all(names, args):
+    """Train presets in args.workers worker processes, a distilled draft after its teacher. The
+    parent alone prints: a line when a model starts and when it finishes."""
+    ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
+    jobs, events = ctx.Queue(), ctx.Queue()
+    workers = start_workers(ctx, args, jobs, events)
+    todo, running = list(names), set()
+    try:
+        while todo or running:
+            for name in ready(todo, running, args.workers):
+                jobs.put(name)
+                todo.remove(name)
+                running.add(name)
+                say(args, f"{name}: {describe(name, args)}...")
+            try:
+                kind, name, payload = events.get(timeout=1.0)
+            except queue.Empty:
+                kind = None
+            if kind == "failed":
+                raise RuntimeError(f"training {name} failed:\n{payload}")
+            if kind == "done":
+                running.remove(name)
+                say(args, finished(name, *payload, args), always=bool(args.eval))
+            if any(process.exitcode is not None for process in workers):
+                raise RuntimeError(f"a worker process died while training {', '.join(running)}")
+    finally:
+        for process in workers:  # done, interrupted or failed: stop them all
+            process.terminate()
+            process.join()
+
+
+def ready(todo, running, workers):
+    """The presets to start now: as many as there are free workers, none whose teacher is still
+    to train."""
+    unfinished = set(todo) | running
+    startable = [name for name in todo if PRESETS[name].teacher not in unfinished]
+    return startable[:max(workers - len(running), 0)]
+
+
+def start_workers(ctx, args, jobs, events):
+    """The worker processes, started with Ctrl-C ignored (the setting survives their exec, so it
+    holds while they import torch): the parent alone answers Ctrl-C, by stopping them."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        workers = [ctx.Process(target=worker, args=(args, jobs, events), daemon=True)
+                   for _ in range(args.workers)]
+        for process in workers:
+            process.start()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return workers
+
+
+def say(args, line, always=False):
+    if always or not args.quiet:
+        print(line, flush=True)
+
+
+def describe(name, args):
+    preset = PRESETS[name]
+    tasks = "+".join(args.tasks or preset.tasks)
+    source = f"tiny-{preset.teacher}'s decodes of {tasks}" if preset.teacher else tasks
+    return (f"{preset.shape['num_hidden_layers']} layer(s), width {preset.shape['hidden_size']}, "
+            f"{args.steps or preset.steps} steps of {args.batch_size} on {source}")
+
+
+def finished(name, seconds, scores, args):
+    decoding = "greedy, dynamic" if PRESETS[name].teacher else "greedy"
+    parts = [f"{name}: trained in {seconds:.0f}s"]
+    for (task, block), acc in scores.items():
+        how = f"block {block}, {decoding}" if block else "AR, greedy"
+        parts.append(f"held-out {task} {acc:.1%} of {args.eval} ({how})")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- entry points
 
+def missing(out):
+    return [name for name in PRESETS if not complete(Path(out) / f"tiny-{name}")]
+
+
 def ensure_trained(quiet=False):
-    """Train every toy with the defaults of `python train_tiny.py` unless each folder holds a
-    complete checkpoint (a folder left half-written by an interrupted run does not). A lock file
-    in out/ serialises first runs started together: the second waits, then finds the models.
-    quiet: print only the one line saying that it trains."""
-    folders = (TARGET_DIR, DRAFT_DIR, WALK_TARGET_DIR, WALK_DRAFT_DIR, AR_DIR)
-    if all(map(complete, folders)):
+    """Train the toys without a complete folder in OUT (one left half-written by an interrupted
+    run is not complete), as `python train_tiny.py` does. A lock file in OUT serialises first
+    runs started together: the second says that it waits, then trains whatever is still missing.
+    quiet: print only that it waits and what it trains."""
+    if not missing(OUT):
         return
-    out = TARGET_DIR.parent
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "train_tiny.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if all(map(complete, folders)):
-            return
-        print(f"training the toy models into {out} (about 4 minutes on 2 CPU cores)...", flush=True)
-        main(["--eval", "0", "--out", str(out)] + (["--quiet"] if quiet else []))
+    OUT.mkdir(parents=True, exist_ok=True)
+    lock_path = OUT / "train_tiny.lock"
+    with open(lock_path, "w") as lock:  # unlocked when the file closes, also if the process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("waiting for another process that is training the toy models "
+                  f"(lock {lock_path})...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        names = missing(OUT)
+        if names:
+            print(f"training the toy models {', '.join(names)} into {OUT} (minutes on a CPU)...",
+                  flush=True)
+            quiet_flag = ["--quiet"] if quiet else []
+            main(["--eval", "0", "--out", str(OUT), "--preset", *names, *quiet_flag])
 
 
-def run_preset(name, args):
-    """Train one preset, write its folder, score it; runs in a worker process.
-    Returns (training seconds, {(task, block or None): held-out score})."""
-    torch.set_num_threads(1)
-    tok = byte_tokenizer()
-    shape, steps, lr, tasks = PRESETS[name]
-    steps, lr, tasks = args.steps or steps, args.lr or lr, args.tasks or tasks
-    m = init_model(config(name, tok), args.seed)
-    if not args.quiet:
-        print(f"{name}: {shape['num_hidden_layers']} layer(s), width {shape['hidden_size']}, "
-              f"{sum(p.numel() for p in m.parameters()) / 1e3:.0f}k parameters, {steps} steps of "
-              f"{args.batch_size} on {'+'.join(tasks)}", flush=True)
-    t0 = time.perf_counter()
-    m = train(m, tok, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed, tasks=tasks,
-              device=args.device, log_every=None if args.quiet else 5.0, name=name)
-    seconds = time.perf_counter() - t0
-    write(m.cpu(), args.out / f"tiny-{name}")
-    blocks = [None] if m.config.model_type == "qwen3" else args.eval_blocks
-    return seconds, {(task, block): evaluate(m.cpu(), tok, args.eval, block, task=task)
-                     for task in tasks for block in blocks if args.eval}
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence, no usage block
+        fail(message)
+
+
+def fail(message):
+    print(f"train_tiny.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse(argv):
+    steps = ", ".join(f"{name} {p.steps}" for name, p in PRESETS.items())
+    lrs = ", ".join(f"{name} {p.lr:g}" for name, p in PRESETS.items())
+    ap = Parser(prog="train_tiny.py", description="Train the toy models (per task an SDAR target "
+                "and two drafts, one trained on the data and one distilled from the target; one AR "
+                "Qwen3 target for both tasks) and write them as checkpoint folders.")
+    add = ap.add_argument
+    add("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
+        help=f"models to train (default: all, i.e. {' '.join(PRESETS)}); a distilled draft needs "
+        "its target, trained in the same run or already in --out")
+    add("--tasks", nargs="+", choices=TASKS, help="train every chosen preset on these tasks, mixed "
+        "evenly in each batch (default: each preset's own)")
+    add("--steps", type=int, help=f"optimizer steps, >= 1, of each chosen preset (default: "
+        f"{steps})")
+    add("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    add("--lr", type=float, help=f"peak learning rate, > 0 (default: {lrs})")
+    add("--seed", type=int, default=0, help="seed of the weights, data and noise (default 0)")
+    add("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains under bf16 autocast")
+    add("--out", type=Path, default=OUT, help="writes OUT/tiny-<preset> (default: out/ beside "
+        "this script)")
+    add("--workers", type=int, help=f"models trained at once, one process each, 1 to {CORES} "
+        "(default: one per core, at most one per model)")
+    add("--threads", type=int, default=1, help=f"torch threads per worker, 1 to {CORES} (default "
+        "1: at the toys' sizes per-operation overhead dominates, so one single-threaded worker per "
+        "core is fastest, and threads that wait on each other stall when anything else runs)")
+    add("--eval", type=int, default=100, metavar="N", help="held-out prompts per task to score "
+        f"after training, 0 to {MAX_EVAL} (default 100; 0: skip)")
+    add("--eval-blocks", type=int, nargs="+", default=[4], metavar="B",
+        help="block lengths to score the SDAR models at (default: 4)")
+    add("--quiet", action="store_true", help="print only the held-out scores")
+    args = ap.parse_args(argv)
+    check(args)
+    return args
+
+
+def check(args):
+    """Exit with one sentence (status 2) at the first option out of range."""
+    ranges = {"--workers": (args.workers, 1, CORES), "--threads": (args.threads, 1, CORES),
+              "--steps": (args.steps, 1, None), "--batch-size": (args.batch_size, 1, None),
+              "--eval": (args.eval, 0, MAX_EVAL), "--eval-blocks": (min(args.eval_blocks), 1, None)}
+    for flag, (value, low, high) in ranges.items():
+        in_range = value is None or (low <= value and (high is None or value <= high))
+        if not in_range:
+            allowed = f">= {low}" if high is None else f"from {low} to {high}"
+            fail(f"{flag} must be an integer {allowed}; got {value}")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        fail(f"--lr must be a finite number > 0; got {args.lr}")
+    if args.out.exists() and not args.out.is_dir():
+        fail(f"--out {args.out} is a file; give a folder to write tiny-<preset> folders into")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: torch sees no CUDA device here; use --device cpu")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train the toy models (an SDAR target and draft per task, one "
-                                 "AR Qwen3 target for both) and write them as checkpoint folders.")
-    ap.add_argument("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
-                    help=f"models to train (default: all, i.e. {' '.join(PRESETS)})")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, help="train every chosen preset on these tasks, "
-                    "mixed evenly in each batch (default: each preset's own)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: " +
-                    ", ".join(f"{k} {v[1]}" for k, v in PRESETS.items()) + ")")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    ap.add_argument("--lr", type=float, help="peak learning rate (default: " +
-                    ", ".join(f"{k} {v[2]:g}" for k, v in PRESETS.items()) + ")")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, data and noise (default 0)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains under bf16 autocast")
-    ap.add_argument("--out", type=Path, default=ROOT / "out", help="writes OUT/tiny-<preset> (default: ./out)")
-    ap.add_argument("--workers", type=int, default=2, help="models trained at once, one process each (default 2)")
-    ap.add_argument("--eval", type=int, default=100, metavar="N",
-                    help="held-out prompts per task to score after training (default 100; 0: skip)")
-    ap.add_argument("--eval-blocks", type=int, nargs="+", default=[4], metavar="B",
-                    help="block lengths to score the SDAR models at (default: 4)")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = ap.parse_args(argv)
-    names = [n for n in PRESETS if "all" in args.preset or n in args.preset]
-    # One single-threaded process per model: at these sizes a second thread buys ~10% (per-op
-    # overhead dominates), and threads that wait on each other slow down manyfold when anything
-    # else runs on the machine. PRESETS lists the 6-layer models first (an SDAR step costs ~2x
-    # an AR step: twice the tokens), so the short draft jobs fill in at the end.
-    # spawn, not fork: fork after torch's threads start can hang.
+    args = parse(argv)
+    names = [name for name in PRESETS if "all" in args.preset or name in args.preset]
+    for name in names:
+        teacher = PRESETS[name].teacher
+        if teacher and teacher not in names and not complete(args.out / f"tiny-{teacher}"):
+            fail(f"--preset {name} learns from tiny-{teacher}, which {args.out} lacks; "
+                 f"train both: --preset {teacher} {name}")
+    args.workers = args.workers or min(CORES, len(names))
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(min(args.workers, len(names)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {name: pool.submit(run_preset, name, args) for name in names}
-        results = {name: job.result() for name, job in jobs.items()}
-    for name, (seconds, scores) in results.items():
-        print(f"{name}: trained in {seconds:.0f}s" + "".join(
-            f"; held-out {task} {acc:.1%} of {args.eval} ({'AR' if block is None else f'block {block}'}, greedy)"
-            for (task, block), acc in scores.items()))
-    if not args.quiet:
-        print(f"wrote {', '.join(str(args.out / f'tiny-{n}') for n in names)} in {time.perf_counter() - t0:.0f}s")
+    try:
+        train_all(names, args)
+    except KeyboardInterrupt:
+        kept = [name for name in names if complete(args.out / f"tiny-{name}")]
+        rest = " ".join(name for name in names if name not in kept)
+        print(f"\ninterrupted: kept {', '.join(kept) or 'no model'}; train the rest with "
+              f"python train_tiny.py --preset {rest} (a toy's next use does it too)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    say(args, f"wrote {', '.join(f'tiny-{n}' for n in names)} into {args.out} "
+        f"in {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":
