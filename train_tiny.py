@@ -1,28 +1,18 @@
-"""Toy models trained on a CPU in minutes: SDAR (block-diffusion) targets and drafts and a Qwen3
-(autoregressive) target, on two chat tasks. Bytes are tokens (the tokenizer is byte-level).
+"""Toy models trained on a CPU in minutes, on two chat tasks; bytes are tokens.
 
-sort: one right answer, scored by exact match. Answers are 24-36 bytes: 6-9 blocks of 4.
-    user: sort 31415926                       assistant: [1, 1, 2, 3, 4, 5, 6, 9]<|im_end|>
-walk: many right answers, scored by validity: n steps of +-1 from a to b that never leave lo-hi,
-written as moves. Answers are 21-29 bytes; training draws one uniformly among the valid.
-    user: walk 3 to 5 in 6 steps within 2-6   assistant: 3+4-3+4-3+4+5<|im_end|>
+sort: one right answer, scored by exact match (answers of 24-36 bytes: 6-9 blocks of 4).
+    user: sort 31415926                               assistant: [1, 1, 2, 3, 4, 5, 6, 9]
+walk: many right answers, scored by validity: n steps of +-1 from a to b that never leave lo-hi.
+    user: walk 3 to 5 in 10 steps within 2-6          assistant: 3+4-3+4-3+4-3+4-3+4+5
 A confident model writes a sort in parallel for free. Like chat text, a walk has many plausible
-continuations: each move is a free choice, and a sign and the digit after it are uncertain jointly
-but sharp given each other, so parallel decoding has a price.
+continuations (a sign and the digit after it are uncertain jointly, sharp given each other), so
+parallel decoding has a price.
 
-Per task an SDAR target (6 layers) and two 1-layer drafts: "data", trained on the task, and
-"distilled", trained on the target's own decodes of training prompts (one draft for both tasks
-loses its sorting); and one AR target of the SDAR target's shape for both tasks.
-SDAR training: [x_t ; x_0] (noisy half, clean half) at shared positions under mask.training, each
-response token of x_t masked with probability p ~ U(1e-3, 1), cross-entropy at the masked x_t
-positions weighted by 1/p; block length 4 or 8 per batch, so one checkpoint decodes with either.
-Distillation: the target decodes training prompts as DISTILL says, many at once; the draft learns
-the states its decodes passed through, the target's picks their labels (trajectory_loss), at
-DISTILL's block length only: at another block it proposes without having learned the order.
-AR training: next-token cross-entropy under a causal mask on the answer and its stop token.
-
-`python train_tiny.py` writes out/tiny-<preset> (config.json, model.safetensors, byte-level
-tokenizer files), read by model.load and model.load_tokenizer; tiny-ar is a Qwen3 folder.
+Per task an SDAR target (6 layers) and two 1-layer drafts: "data", trained on the task (SDAR's
+objective, sdar_loss), and "distilled", trained on the states its target passed through while
+decoding training prompts, with the target's picks as labels (trajectory_loss); and one AR (Qwen3)
+target for both tasks. `python train_tiny.py` writes out/tiny-<preset>, checkpoint folders that
+model.load reads like real ones.
 """
 import argparse
 import fcntl
@@ -30,14 +20,12 @@ import functools
 import math
 import multiprocessing
 import os
-import queue
 import random
 import re
 import signal
 import sys
 import tempfile
 import time
-import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +34,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import decode
 import mask as masks
-import model as sdar
+from model import Config, Transformer, load, load_tokenizer, save, write_byte_tokenizer
 
 ROOT = Path(__file__).parent
 OUT = ROOT / "out"  # the toy folders: OUT/tiny-<preset>
@@ -214,7 +203,7 @@ def config(name, tok):
         raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
     shape = PRESETS[name].shape
     mask_id = None if shape.get("model_type") == "qwen3" else tok.mask_id
-    return sdar.Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
+    return Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
                        rope_theta=1e4, max_position_embeddings=1024, mask_token_id=mask_id,
                        block_size=None, **shape)
 
@@ -225,7 +214,7 @@ def init_model(config, seed=0):
     Qwen's std 0.02 is meant for width 4096: at width 48 it starves the signal, and the deep
     target sat on a plateau for hundreds of steps."""
     torch.manual_seed(seed)
-    m = sdar.Transformer(config)
+    m = Transformer(config)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -295,7 +284,6 @@ def decode_batch(target, ids, stop_ids, max_new_tokens):
     batched KV cache, each block denoised for all rows together (a row whose block is full takes
     no more reveals), until every row has a stop token or max_new_tokens are written. From the
     prompt's last block on: tokens (N, L), step (N, L) and picks (N, S, L) as in Row."""
-    import decode  # decode imports model and mask only; imported late, this file stands alone
     (N, T), B = ids.shape, DISTILL["block"]
     aligned = T - T % B
     cache = target.new_cache(T + max_new_tokens + 2 * B, batch_size=N)
@@ -454,7 +442,6 @@ def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
 def evaluate(model, tok, n=100, block=4, seed=0, task="sort", strategy="static"):
     """Held-out score of greedy decoding: vanilla block diffusion for an SDAR model (static: one
     token per step; or dynamic, as DISTILL), next-token decoding for an AR one (block unused)."""
-    import decode
     hits = 0
     for prompt, answer in examples(n, "heldout", seed, task):
         if model.config.model_type == "qwen3":
@@ -470,7 +457,7 @@ def byte_tokenizer():
     """The toys' tokenizer: ids 0-255 are bytes, then <|endoftext|> <|im_start|> <|im_end|>
     <|MASK|> (256-259). Every preset trains with it; the AR folder is written without the mask."""
     with tempfile.TemporaryDirectory() as folder:
-        return sdar.load_tokenizer(sdar.write_byte_tokenizer(folder))
+        return load_tokenizer(write_byte_tokenizer(folder))
 
 
 def write(model, folder):
@@ -479,8 +466,8 @@ def write(model, folder):
     model. An AR model gets a tokenizer without <|MASK|>, like a real Qwen3."""
     (Path(folder) / "config.json").unlink(missing_ok=True)
     specials = AR_SPECIALS if model.config.model_type == "qwen3" else AR_SPECIALS + ("<|MASK|>",)
-    sdar.write_byte_tokenizer(folder, specials=specials)
-    sdar.save(model, folder)
+    write_byte_tokenizer(folder, specials=specials)
+    save(model, folder)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -489,10 +476,10 @@ def run_preset(name, args):
     """Train one preset, write its folder, score it. Returns (seconds, {(task, block or None):
     held-out score})."""
     tok, preset = byte_tokenizer(), PRESETS[name]
-    steps, lr, tasks = args.steps or preset.steps, args.lr or preset.lr, args.tasks or preset.tasks
+    steps, lr, tasks = args.steps or preset.steps, args.lr or preset.lr, preset.tasks
     t0 = time.perf_counter()
     if preset.teacher:
-        teacher = sdar.load(args.out / f"tiny-{preset.teacher}")
+        teacher = load(args.out / f"tiny-{preset.teacher}")
         data = distillation_rows(teacher, tok, tasks, steps * args.batch_size, args.seed)
     else:
         data = rows(mixed(tasks, steps * args.batch_size, args.seed), tok)
@@ -500,76 +487,43 @@ def run_preset(name, args):
               batch_size=args.batch_size, seed=args.seed, device=args.device).cpu()
     write(m, args.out / f"tiny-{name}")
     seconds = time.perf_counter() - t0
-    blocks = [None] if m.config.model_type == "qwen3" else args.eval_blocks
+    blocks = [None] if m.config.model_type == "qwen3" else [DISTILL["block"]]
     strategy = DISTILL["strategy"] if preset.teacher else "static"  # as a distilled draft learned
     scores = {(task, block): evaluate(m, tok, args.eval, block, task=task, strategy=strategy)
               for task in tasks for block in blocks if args.eval}
     return seconds, scores
 
 
-def worker(args, jobs, events):
-    """A worker process: trains the presets the parent sends, one at a time, and sends back each
-    result (or its traceback). It serves many: a process start costs seconds of imports."""
-    torch.set_num_threads(args.threads)
-    while True:
-        name = jobs.get()
-        try:
-            events.put(("done", name, run_preset(name, args)))
-        except Exception:  # noqa: BLE001  the parent raises it
-            events.put(("failed", name, traceback.format_exc()))
+def start_worker(threads):
+    torch.set_num_threads(threads)
 
 
 def train_all(names, args):
-    """Train presets in args.workers worker processes, a distilled draft after its teacher. The
-    parent alone prints: a line when a model starts and when it finishes."""
+    """Train presets in args.workers processes, each distilled draft after its teacher. The parent
+    alone prints: a line when a model starts and when it is written. Ctrl-C stops every worker at
+    once (terminate), and the models already written stay."""
     ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
-    jobs, events = ctx.Queue(), ctx.Queue()
-    workers = start_workers(ctx, args, jobs, events)
-    todo, running = list(names), set()
+    answer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers inherit it: only we answer
+    try:
+        pool = ctx.Pool(args.workers, initializer=start_worker, initargs=(args.threads,))
+    finally:
+        signal.signal(signal.SIGINT, answer)
+    todo, running = list(names), {}
     try:
         while todo or running:
-            for name in ready(todo, running, args.workers):
-                jobs.put(name)
+            waiting = set(todo) | set(running)  # a distilled draft waits for its teacher
+            free = args.workers - len(running)
+            for name in [n for n in todo if PRESETS[n].teacher not in waiting][:free]:
+                running[name] = pool.apply_async(run_preset, (name, args))
                 todo.remove(name)
-                running.add(name)
                 say(args, f"{name}: {describe(name, args)}...")
-            try:
-                kind, name, payload = events.get(timeout=1.0)
-            except queue.Empty:
-                kind = None
-            if kind == "failed":
-                raise RuntimeError(f"training {name} failed:\n{payload}")
-            if kind == "done":
-                running.remove(name)
-                say(args, finished(name, *payload, args), always=bool(args.eval))
-            if any(process.exitcode is not None for process in workers):
-                raise RuntimeError(f"a worker process died while training {', '.join(running)}")
+            for name in [n for n, job in running.items() if job.ready()]:
+                seconds, scores = running.pop(name).get()  # a worker's exception is raised here
+                say(args, finished(name, seconds, scores, args), always=bool(args.eval))
+            time.sleep(0.2)
     finally:
-        for process in workers:  # done, interrupted or failed: stop them all
-            process.terminate()
-            process.join()
-
-
-def ready(todo, running, workers):
-    """The presets to start now: as many as there are free workers, none whose teacher is still
-    to train."""
-    unfinished = set(todo) | running
-    startable = [name for name in todo if PRESETS[name].teacher not in unfinished]
-    return startable[:max(workers - len(running), 0)]
-
-
-def start_workers(ctx, args, jobs, events):
-    """The worker processes, started with Ctrl-C ignored (the setting survives their exec, so it
-    holds while they import torch): the parent alone answers Ctrl-C, by stopping them."""
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        workers = [ctx.Process(target=worker, args=(args, jobs, events), daemon=True)
-                   for _ in range(args.workers)]
-        for process in workers:
-            process.start()
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    return workers
+        pool.terminate()
+        pool.join()
 
 
 def say(args, line, always=False):
@@ -579,7 +533,7 @@ def say(args, line, always=False):
 
 def describe(name, args):
     preset = PRESETS[name]
-    tasks = "+".join(args.tasks or preset.tasks)
+    tasks = "+".join(preset.tasks)
     source = f"tiny-{preset.teacher}'s decodes of {tasks}" if preset.teacher else tasks
     return (f"{preset.shape['num_hidden_layers']} layer(s), width {preset.shape['hidden_size']}, "
             f"{args.steps or preset.steps} steps of {args.batch_size} on {source}")
@@ -644,8 +598,6 @@ def parse(argv):
     add("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
         help=f"models to train (default: all, i.e. {' '.join(PRESETS)}); a distilled draft needs "
         "its target, trained in the same run or already in --out")
-    add("--tasks", nargs="+", choices=TASKS, help="train every chosen preset on these tasks, mixed "
-        "evenly in each batch (default: each preset's own)")
     add("--steps", type=int, help=f"optimizer steps, >= 1, of each chosen preset (default: "
         f"{steps})")
     add("--batch-size", type=int, default=32, help="sequences per step (default 32)")
@@ -661,8 +613,6 @@ def parse(argv):
         "core is fastest, and threads that wait on each other stall when anything else runs)")
     add("--eval", type=int, default=100, metavar="N", help="held-out prompts per task to score "
         f"after training, 0 to {MAX_EVAL} (default 100; 0: skip)")
-    add("--eval-blocks", type=int, nargs="+", default=[4], metavar="B",
-        help="block lengths to score the SDAR models at (default: 4)")
     add("--quiet", action="store_true", help="print only the held-out scores")
     args = ap.parse_args(argv)
     check(args)
@@ -673,7 +623,7 @@ def check(args):
     """Exit with one sentence (status 2) at the first option out of range."""
     ranges = {"--workers": (args.workers, 1, CORES), "--threads": (args.threads, 1, CORES),
               "--steps": (args.steps, 1, None), "--batch-size": (args.batch_size, 1, None),
-              "--eval": (args.eval, 0, MAX_EVAL), "--eval-blocks": (min(args.eval_blocks), 1, None)}
+              "--eval": (args.eval, 0, MAX_EVAL)}
     for flag, (value, low, high) in ranges.items():
         in_range = value is None or (low <= value and (high is None or value <= high))
         if not in_range:

@@ -17,25 +17,25 @@ import torch.nn.functional as F
 
 import decode
 import mask
-import model as sdar
+from model import Config, load, load_tokenizer, write_byte_tokenizer
 import speculative
 import train_tiny as tt
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return sdar.load_tokenizer(sdar.write_byte_tokenizer(tmp_path_factory.mktemp("tok")))
+    return load_tokenizer(write_byte_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 def micro(tok, layers=2, seed=0, width=32):
-    c = sdar.Config(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=2 * width,
+    c = Config(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=2 * width,
                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                     rope_theta=1e4, mask_token_id=tok.mask_id)
     return tt.init_model(c, seed)
 
 
 def micro_ar(tok, seed=0):
-    c = sdar.Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+    c = Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     rope_theta=1e4, model_type="qwen3")
     return tt.init_model(c, seed)
@@ -326,7 +326,7 @@ def test_a_distilled_draft_agrees_with_its_target_more_than_a_data_draft(tok, ra
         draft = micro(tok, layers=1, seed=3, width=24)
         tt.write(tt.train(draft, tok, data, steps=60, batch_size=8, lr=1e-2), tmp_path / name)
     heldout = [p for p, _ in tt.examples(8, "heldout")]
-    share = {name: matched_share(target, sdar.load(tmp_path / name), tok, heldout)
+    share = {name: matched_share(target, load(tmp_path / name), tok, heldout)
              for name in drafts}
     report(f"micro distillation: the target's steps proposed exactly by the data draft "
            f"{share['data']:.0%}, by the distilled draft {share['distilled']:.0%}")
@@ -367,14 +367,14 @@ def test_checkpoint_round_trip(tok, tmp_path):
     m = micro(tok, seed=3).eval()
     tt.write(m, tmp_path)
     assert tt.complete(tmp_path)
-    loaded = sdar.load(tmp_path)
+    loaded = load(tmp_path)
     idx = torch.tensor([tok.chat("sort 31415926") + tok.encode("[1, 1, 2")])
     pos, attn = torch.arange(idx.shape[1]), mask.block_causal(idx.shape[1], 4)
     with torch.no_grad():
         assert torch.equal(m(idx, pos, attn), loaded(idx, pos, attn))
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["mask_token_id"] == tok.mask_id and "block_size" not in cfg
-    t = sdar.load_tokenizer(tmp_path)
+    t = load_tokenizer(tmp_path)
     stops = (tok.id_of("<|im_end|>"), tok.id_of("<|endoftext|>"))
     assert (t.mask_id, t.stop_ids) == (tok.id_of("<|MASK|>"), stops)
     for prompt, answer in tt.examples(20):
@@ -394,7 +394,7 @@ def test_ar_checkpoint_round_trip(tok, tmp_path):
     m = micro_ar(tok, seed=4).eval()
     tt.write(m, tmp_path)
     assert tt.complete(tmp_path)
-    loaded = sdar.load(tmp_path)
+    loaded = load(tmp_path)
     assert loaded.config.model_type == "qwen3" and loaded.config.mask_token_id is None
     assert loaded.config.vocab_size == tok.vocab_size == 260
     idx = torch.tensor([tok.chat("walk 3 to 5 in 4 steps within 2-6") + tok.encode("3+4-")])
@@ -407,7 +407,7 @@ def test_ar_checkpoint_round_trip(tok, tmp_path):
     added = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     specials = {256: "<|endoftext|>", 257: "<|im_start|>", 258: "<|im_end|>"}
     assert {int(i): t["content"] for i, t in added.items()} == specials
-    t = sdar.load_tokenizer(tmp_path)
+    t = load_tokenizer(tmp_path)
     assert t.mask_id is None and t.stop_ids == tok.stop_ids
     assert t.chat("sort 1") == tok.chat("sort 1")
 
@@ -465,7 +465,7 @@ def test_ensure_trained_trains_only_the_missing_models(toy_out, monkeypatch, mic
     calls = []
     monkeypatch.setattr(tt, "main", calls.append)
     write_toys(toy_out, ["target", "draft", "ar", "walk-draft"], micro_checkpoint)
-    sdar.write_byte_tokenizer(toy_out / "tiny-distilled")  # interrupted: tokenizer files only
+    write_byte_tokenizer(toy_out / "tiny-distilled")  # interrupted: tokenizer files only
     (toy_out / "tiny-draft" / "model.safetensors").unlink()  # weights lost, config.json left
     tt.ensure_trained(quiet=True)
     assert len(calls) == 1
@@ -570,7 +570,6 @@ def test_ctrl_c_keeps_the_finished_models_and_says_so_in_one_line(tmp_path):
     (["--out", "README.md"], "--out README.md is a file"),
     (["--eval", "-1"], "--eval must be an integer from 0 to 300"),
     (["--eval", "100000"], "--eval must be an integer from 0 to 300"),
-    (["--eval-blocks", "0"], "--eval-blocks must be an integer >= 1"),
     (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
 ])
 def test_bad_options_are_one_sentence_and_exit_2_in_process(argv, message, capsys):
