@@ -419,7 +419,7 @@ def test_a_rewritten_folder_is_incomplete_until_its_weights_are_written(tok, tmp
 
     def stopped(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(sdar, "save", stopped)
+    monkeypatch.setattr(tt, "save", stopped)
     with pytest.raises(KeyboardInterrupt):
         tt.write(micro(tok, seed=1), tmp_path)
     assert not tt.complete(tmp_path)
