@@ -119,6 +119,20 @@ def task_of(prompt):
     return "walk" if prompt.startswith("walk ") else "sort"
 
 
+def outside_training(prompt):
+    """None for a prompt of the kinds the toys learned; else a sentence saying what they learned."""
+    sort = re.fullmatch(r"sort (\d+)", prompt)
+    walk = WALK_PROMPT.fullmatch(prompt)
+    if sort and 8 <= len(sort[1]) <= 12:
+        return None
+    if walk:
+        a, b, n, lo, hi = map(int, walk.groups())
+        if 10 <= n <= 14 and lo < hi and _walks(a, n, b, lo, hi):
+            return None
+    return ("the toys learned 'sort' with 8-12 digits and 'walk A to B in N steps within LO-HI' "
+            "with 10-14 steps that can be walked; this prompt is neither, so expect a poor answer")
+
+
 def score(prompt, prediction, answer):
     """sort: exact match after stripping surrounding whitespace (' [1, 2]\\n' counts; '[1,2]' and
     '[1, 2] done' do not: the spacing inside is part of the format the model learns).
@@ -171,6 +185,7 @@ PRESETS = {
     "draft": Preset(DRAFT, 1300, 1e-2, ("sort",)),
 }
 DRAFTS = ("data", "distilled")  # each task's drafts, by role in folders()
+DEFAULT_DRAFT = "distilled"  # the one `python decode.py` uses (the README's results say why)
 AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokenizer has no <|MASK|>
 
 
