@@ -11,10 +11,10 @@ One iteration (`speculate`) reads draft -> layout -> target forward -> accept ->
 A diffusion target verifies in one of three ways (`verify`):
   lossless - the target's own decoding. From each state the draft proposed (one copy of the block
              per state) the target takes its own step: its pick at every masked position (argmax,
-             or rejection sampling against the draft's pick, so that each pick is a draw from the
-             target) and SDAR's rule on them. The step is committed, and the chain goes on only if
-             it equals the draft's. The output is decode.generate's, token for token when greedy
-             and in distribution when sampling; a target forward commits at least one step.
+             or rejection sampling against the draft's pick, a draw from the target either way)
+             and SDAR's rule on them. The step is committed; the chain goes on only if it equals
+             the draft's. The output is decode.generate's (greedy: token for token; sampled: in
+             distribution), and a target forward commits at least one step.
   exact    - the paper's acceptance on the same copies: each drafted token is judged (argmax, or
              rejection sampling) in draft-step order. The draft chose which positions to reveal and
              when, so the output is not the target's own, and when sampling it is biased.
@@ -72,7 +72,7 @@ class Proposal:
     probs: torch.Tensor | None
 
     @property
-    def steps(self):
+    def steps(self):  # S: the draft's steps on this block
         return len(self.picks)
 
     def masked(self):
@@ -94,7 +94,7 @@ class Proposal:
 
 @dataclass(frozen=True)
 class Options:
-    """One decode's settings, checked (see options())."""
+    """One decode's settings, as options() checked them."""
     block: int
     steps: int
     strategy: str
@@ -235,12 +235,6 @@ def causal_layout(proposals, target_pending, n_masks):
 
 # ----------------------------------------------------------------------------- 4. accept
 
-def uniform(shape, generator, device):
-    """Uniforms from `generator` (on its own device), moved to `device`."""
-    source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source).to(device)
-
-
 def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
     """Each row's verdict on a drafted token d (...,), with draft distributions p (..., V) and
     target distributions q (..., V). Greedy accepts d when it is argmax q; sampling keeps it with
@@ -258,11 +252,16 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
     if sampling.greedy:
         ok = d == q.argmax(-1)
         return torch.where(ok, d, chosen.argmax(-1)), ok
+    source = generator.device if generator is not None else d.device  # the generator's own device
+
+    def uniform(shape):
+        return torch.rand(shape, generator=generator, device=source).to(d.device)
+
     q_d, p_d = q.gather(-1, d[..., None])[..., 0], p.gather(-1, d[..., None])[..., 0]
-    ok = uniform(d.shape, generator, d.device) * p_d < q_d
+    ok = uniform(d.shape) * p_d < q_d
     residual = (chosen - p).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, chosen)  # p == q: q
-    gumbel = -torch.log(-torch.log(uniform(residual.shape, generator, d.device).clamp(min=1e-20)))
+    gumbel = -torch.log(-torch.log(uniform(residual.shape).clamp(min=1e-20)))
     return torch.where(ok, d, (residual.log() + gumbel).argmax(-1)), ok
 
 
@@ -293,16 +292,14 @@ def accept_lossless(proposals, q, run, opt):
     first = torch.where(differs, index, len(differs)).min()  # the first step that differs
     committed = revealed & (index <= first)[:, None]  # every matched step, then the target's own
     as_drafted = committed & (index < first)[:, None]
-    rows = {"committed": [], "tokens": [], "as_drafted": []}
-    offset = 0
-    for p in proposals:  # each block's committed steps folded into one row
-        mine = slice(offset, offset + p.steps)
-        rows["committed"].append(committed[mine].any(0))
-        rows["tokens"].append((y[mine] * committed[mine]).sum(0))  # a position commits once
-        rows["as_drafted"].append(as_drafted[mine].any(0))
-        offset += p.steps
-    return finish(proposals, *(torch.stack(rows[k]) for k in ("committed", "tokens", "as_drafted")),
-                  opt)
+    block_of = [torch.full((p.steps,), j, device=q.device) for j, p in enumerate(proposals)]
+    block_of = torch.cat(block_of)  # (G,): the proposed block of each copy
+
+    def fold(x):  # (G, B) -> (L, B): each block's steps summed (a position commits at most once)
+        rows = torch.zeros(len(proposals), opt.block, dtype=torch.long, device=q.device)
+        return rows.index_add(0, block_of, x.long())
+
+    return finish(proposals, fold(committed) > 0, fold(y * committed), fold(as_drafted) > 0, opt)
 
 
 def accept_paper(proposals, q, run, opt):
@@ -446,12 +443,8 @@ def commit(run, seen, taken, verdict, proposals, draft_len, opt):
 
 def returnable(tokens, known, returned):
     """The known tokens after the first `returned`, up to the first unknown position (rows of B)."""
-    new = []
-    for token, is_known in zip(sum(tokens, [])[returned:], sum(known, [])[returned:]):
-        if not is_known:
-            break
-        new.append(token)
-    return new
+    flat = [t if k else None for t, k in zip(sum(tokens, []), sum(known, []))][returned:]
+    return flat[:flat.index(None)] if None in flat else flat
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -510,15 +503,13 @@ def generate(target, draft, prompt_ids, max_new_tokens, *, block=4, steps=None, 
              threshold=0.9, sampling=GREEDY, verify=None, accept=None, lookahead=LOOKAHEAD,
              eos_min_prob=0.0, stop_ids=(), generator=None, on_iteration=None):
     """Speculative decoding: SimSD for a diffusion (SDAR) target, SpecDiff for an AR (qwen3) one.
-    Returns (new tokens, Stats) as decode.generate does.
-
-    block, steps, strategy, threshold, sampling: the target's decoding, which the draft follows.
-    verify (a diffusion target): "lossless" (default; returns decode.generate's output), "exact"
-    or "simsd" (the paper's method); accept: "step" (default) or "position", for exact and simsd.
-    lookahead: how many blocks the draft proposes to one target forward (the current one and
-    lookahead - 1 more). eos_min_prob: exact and simsd's optional gate on stop tokens.
-    generator: sampling's random state, on the draft's device. on_iteration(info) sees every
-    iteration (starts, tokens, fate, drafted, steps of each block; matched steps; new tokens)."""
+    Returns (new tokens, Stats) as decode.generate does. block, steps, strategy, threshold and
+    sampling: the target's decoding, which the draft follows. verify (a diffusion target):
+    "lossless" (default: decode.generate's output), or the paper's "exact" or "simsd"; accept:
+    "step" (default) or "position", for exact and simsd. lookahead: the blocks proposed to one
+    target forward. eos_min_prob: exact and simsd's gate on stop tokens. generator: sampling's
+    random state, on the draft's device. on_iteration(info) sees each iteration: every proposed
+    block's start, tokens, fate, drafted tokens, step map and steps taken; the new tokens."""
     prompt = decode.as_prompt(prompt_ids, decode.device_of(target))
     opt = options(target, draft, max_new_tokens, len(prompt), block=block, steps=steps,
                   strategy=strategy, threshold=threshold, sampling=sampling, verify=verify,
