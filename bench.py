@@ -4,25 +4,22 @@
     python bench.py --model T --draft D --prompts p.jsonl  # checkpoints: an SDAR or a Qwen3 target
     python bench.py --shapes sdar-8b:sdar-1.7b             # random weights, real shapes: forwards
 
-Rows. The target alone: `target` (static: the scheduled positions per step), `target-dyn0.9` and
-`target-dyn0.7` (dynamic: also every position above the threshold), the strongest things a
-block-diffusion target does alone; `draft` alone; `ar`, an autoregressive target alone. A
-speculative row names its draft (`data`: trained on the task; `distilled`: on its target's
-outputs) and its lookahead L (blocks drafted per target forward). `simsd-lossless` and
-`simsd-lossless-dyn0.9` return, greedy, exactly what `target` and `target-dyn0.9` return. The
-paper's SimSD: `simsd` (its layout, draft-step order), `simsd-position` (position order),
-`simsd-dyn0.9`, `simsd-exact` (one copy per drafted state). `specdiff`: the draft proposing to
-the autoregressive target.
+Rows: the target alone, static (`target`) and dynamic (`target-dyn0.9`, `target-dyn0.7`: also
+every position above the threshold), the strongest things it does alone; `draft` alone; `ar`, an
+autoregressive target alone. A speculative row names its draft (`data`: trained on the task,
+`distilled`: on its target's outputs) and lookahead L (blocks drafted per target forward).
+`simsd-lossless` and `simsd-lossless-dyn0.9` return, greedy, exactly what `target` and
+`target-dyn0.9` return; the paper's `simsd` (draft-step order), `simsd-position`, `simsd-dyn0.9`
+and `simsd-exact` do not; `specdiff` drafts for the autoregressive target.
 
-Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS or
---answer-cap. Latency: fixed new tokens, stop tokens ignored, prefill excluded, in --repeats
-passes over the prompts, each prompt running every row before the next, so that drift hits all
-rows alike; tok/s is the median over prompts of each prompt's median. Speedups are against
-`target` at the same block and temperature (`specdiff` against `ar`); "projected" is the speedup
-SDAR-8B with SDAR-1.7B would get from the row's forward counts (projected_cost). The headline per
-task: the best speculative row (lossless first) against the fastest target-alone row within 1
-point of the static target's accuracy, measured and projected; withheld when a row's passes
-disagree by more than SPREAD.
+Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS. Latency:
+fixed new tokens, stop tokens ignored, prefill excluded, in --repeats passes over the prompts,
+each prompt running every row before the next so that drift hits all rows alike; tok/s is the
+median over prompts of each prompt's median. Speedups are against `target` at the same block and
+temperature (`specdiff` against `ar`), measured, and projected to SDAR-8B with SDAR-1.7B from the
+row's forward counts (projected_cost). The headline: the best speculative row (lossless first)
+against the fastest target-alone row within 1 point of the static target's accuracy; withheld
+when the passes of a row disagree by more than SPREAD.
 """
 import argparse
 import contextlib
@@ -33,7 +30,8 @@ import os
 import statistics
 import sys
 from collections import namedtuple
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,10 +42,10 @@ import speculative
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
 SPREAD = 0.10  # the most the pass medians of a row may differ for the headline to print
-DEFAULT_PROMPTS = 16  # per toy task: the default run fits in 5 minutes on 2 quiet cores
+DEFAULT_PROMPTS = 16  # per toy task, so that the default run fits 5 minutes on 2 quiet cores
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
 DEFAULT_LOOKAHEAD = inspect.signature(speculative.generate).parameters["lookahead"].default
-PAPER_DRAFT = "data"  # the paper's rows draft with it unless --drafts says otherwise, as it does
+PAPER_DRAFT = "data"  # the paper's rows use it unless --drafts says otherwise, as the paper does
 
 # How a row decodes. kind: target, draft or ar (alone), simsd (an SDAR target with a draft) or
 # specdiff (an AR target with a draft); reproduces: the row a lossless one equals when greedy.
@@ -77,20 +75,10 @@ TINY = sdar.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 SHAPES = {**sdar.PRESETS, "tiny": TINY}
 
 
-@dataclass
-class Task:
-    """A task's prompts [(text, answer or None)], scorer, whether sampled rows run (a sampled
-    answer can be right), tokenizer, models (target: SDAR, ar: Qwen3, either may be None; drafts
-    by name, of the SDAR target and alone; ar_drafts, of the AR target) and folders by role."""
-    prompts: list
-    score: object
-    sampled: bool
-    tok: object
-    target: object
-    ar: object
-    drafts: dict
-    ar_drafts: dict
-    folders: dict
+# A task: prompts [(text, answer or None)], scorer, whether sampled rows run (a sampled answer can
+# be right), tokenizer, models (target: SDAR, ar: Qwen3, either may be None; drafts by name, of the
+# SDAR target and alone; ar_drafts, of the AR target) and folders by role.
+Task = namedtuple("Task", "prompts score sampled tok target ar drafts ar_drafts folders")
 
 
 def fail(message):
@@ -245,19 +233,19 @@ def versus(spec, base):
 
 def comparisons(group):
     """The headline's sentences for one task, block and temperature."""
-    fastest = lambda rows: max(rows, key=lambda r: r["tok_s"] or 0.0)  # noqa: E731
-    method = {r["method"]: r for r in group if r["draft"] is None}
+    fastest = partial(max, key=lambda r: r["tok_s"] or 0.0)
+    alone = {r["method"]: r for r in group if r["draft"] is None}
     lines = []
-    if method.get("target", {}).get("accuracy") is not None:
-        floor = method["target"]["accuracy"] - 1
+    if alone.get("target", {}).get("accuracy") is not None:
+        floor = alone["target"]["accuracy"] - 1
         near = [r for r in group if r["accuracy"] is not None and r["accuracy"] >= floor]
-        alone = fastest([r for r in near if r["method"] in ALONE])
+        best_alone = fastest([r for r in near if r["method"] in ALONE])
         lossless = [r for r in near if METHODS[r["method"]].verify == "lossless"]
         paper = [r for r in near if METHODS[r["method"]].verify in ("simsd", "exact")]
-        lines += [versus(fastest(rows), alone) for rows in (lossless, paper) if rows]
+        lines += [versus(fastest(rows), best_alone) for rows in (lossless, paper) if rows]
     specdiff = [r for r in group if r["method"] == "specdiff"]
-    if specdiff and "ar" in method:
-        lines.append(versus(fastest(specdiff), method["ar"]))
+    if specdiff and "ar" in alone:
+        lines.append(versus(fastest(specdiff), alone["ar"]))
     return lines
 
 
@@ -320,8 +308,8 @@ def report(conditions, rows):
         print(f"\n{task}:\n\n" + markdown(list(COLUMNS), cells))
     lines = headlines(rows)
     print("\n" + "\n".join(lines))
-    result = {"device": conditions["device"], "dtype": conditions["dtype"],
-              "threads": conditions["threads"], "spread_limit": SPREAD, "headlines": lines,
+    kept = ("device", "dtype", "threads")
+    result = {**{k: conditions[k] for k in kept}, "spread_limit": SPREAD, "headlines": lines,
               "rows": rows}
     print(json.dumps(clean(result), allow_nan=False))
 
@@ -342,21 +330,22 @@ def load(path, device, dtype, loaded):
 def build_task(prompts, score, sampled, targets, drafts, ar_drafts, where):
     """A Task from folders: targets {"target" and/or "ar": path}; drafts {name: path} of the SDAR
     target (and alone), ar_drafts of the AR one; each pair checked. where: (device, dtype, {})."""
-    for role, target_path in targets.items():
-        for path in (drafts if role == "target" else ar_drafts).values():
-            (target, target_tok), (draft, draft_tok) = load(target_path, *where), load(path, *where)
+    models = {path: load(path, *where) for path in [*targets.values(), *drafts.values(),
+                                                    *ar_drafts.values()]}
+    for role, target in targets.items():
+        for draft in (drafts if role == "target" else ar_drafts).values():
             try:
-                speculative.check_pair(target, draft, target_tok, draft_tok)
+                speculative.check_pair(models[target][0], models[draft][0], models[target][1],
+                                       models[draft][1])
             except ValueError as e:
-                fail(f"the draft {path} cannot propose to {target_path}: {e}")
-    folders = {**targets, **{f"{d} draft": path for d, path in drafts.items()}}
-    if "ar" in targets:
-        folders.update({f"specdiff's {d} draft": path for d, path in ar_drafts.items()})
-    models = {role: load(path, *where)[0] for role, path in targets.items()}
-    tok = load(next(iter(drafts.values())), *where)[1]  # the draft's: it covers every target's ids
-    return Task(prompts, score, sampled, tok, models.get("target"), models.get("ar"),
-                {d: load(path, *where)[0] for d, path in drafts.items()},
-                {d: load(path, *where)[0] for d, path in ar_drafts.items()}, folders)
+                fail(f"the draft {draft} cannot propose to {target}: {e}")
+    folders = {**targets, **{f"{d} draft": path for d, path in drafts.items()},
+               **{f"specdiff's {d} draft": path for d, path in ar_drafts.items() if "ar" in targets}}
+    role = {r: models[targets[r]][0] if r in targets else None for r in ("target", "ar")}
+    tok = models[next(iter(drafts.values()))][1]  # the draft's: it covers every target's ids
+    return Task(prompts, score, sampled, tok, role["target"], role["ar"],
+                {d: models[path][0] for d, path in drafts.items()},
+                {d: models[path][0] for d, path in ar_drafts.items()}, folders)
 
 
 def read_prompts(path, n):
@@ -372,12 +361,8 @@ def read_prompts(path, n):
     if empty:
         fail(f"--prompts {path}: the prompt on line {empty[0]} is empty; decoding starts from "
              "at least one token")
-    return [(x["prompt"], None if x.get("answer") is None else str(x["answer"]))
-            for x in lines][:n]
-
-
-def contains_answer(prompt, prediction, answer):
-    return answer.strip() in prediction
+    answers = [None if x.get("answer") is None else str(x["answer"]) for x in lines]
+    return [(x["prompt"], answer) for x, answer in zip(lines, answers)][:n]
 
 
 def toy_tasks(args, where):
@@ -404,12 +389,14 @@ def toy_tasks(args, where):
 
 
 def checkpoint_tasks(args, where):
-    """{"prompts": Task} of --model (SDAR or Qwen3), --draft and --prompts."""
+    """{"prompts": Task} of --model (SDAR or Qwen3), --draft and --prompts; an answer counts when
+    the output contains it."""
     prompts = read_prompts(args.prompts, args.num_prompts)
     kind = load(args.model, *where)[0].config.model_type
     targets = {"target" if kind == "sdar" else "ar": args.model}
     drafts = {Path(args.draft).name: args.draft}
-    return {"prompts": build_task(prompts, contains_answer, True, targets, drafts, drafts, where)}
+    contains = lambda prompt, output, answer: answer.strip() in output  # noqa: E731
+    return {"prompts": build_task(prompts, contains, True, targets, drafts, drafts, where)}
 
 
 def blocks_of(task, asked):
@@ -425,55 +412,53 @@ def blocks_of(task, asked):
 
 def plan(task_name, task, args):
     """The rows of one task: each chosen method its models can run, at every block, temperature,
-    draft and lookahead. A lossless row brings the target-alone row it reproduces."""
+    draft and lookahead. A lossless row brings the row it reproduces."""
     methods = list(args.methods or DEFAULT_METHODS)
     methods += [METHODS[m].reproduces for m in methods if METHODS[m].reproduces]
     runnable = {"target": task.target, "simsd": task.target, "ar": task.ar, "specdiff": task.ar,
                 "draft": task.drafts or None}
     temperatures = [t for t in args.temperatures or [0.0] if t == 0 or task.sampled]
-    paper_only = PAPER_DRAFT in task.drafts and not args.drafts
-    paper_drafts = [PAPER_DRAFT] if paper_only else list(task.drafts)
     rows = []
     for temperature in temperatures:
         for block in blocks_of(task, args.blocks):
-            for method in dict.fromkeys(methods):
+            for method in (m for m in dict.fromkeys(methods) if runnable[METHODS[m].kind]):
                 m = METHODS[method]
-                if runnable[m.kind] is None:
-                    continue
-                paper = m.verify in ("simsd", "exact")
-                drafts = paper_drafts if paper else list(task.drafts)
-                drafts = [None] if m.kind in ("target", "ar") else drafts
                 lookaheads = args.lookahead if m.kind in ("simsd", "specdiff") else [None]
                 row_block = None if m.kind == "ar" else block
                 rows += [Row(task_name, method, d, L, row_block, temperature)
-                         for d in drafts for L in lookaheads]
+                         for d in drafts_of(m, task, args) for L in lookaheads]
     return list(dict.fromkeys(rows))
 
 
-def conditions(args, tasks, device, dtype, new_tokens, source):
-    def models(task):
-        named = {"target": task.target, "ar": task.ar,
-                 **{f"{d} draft": m for d, m in task.drafts.items()}}
-        return ", ".join(f"{role} {sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"
-                         for role, m in named.items() if m is not None)
+def drafts_of(method, task, args):
+    """The drafts of a method's rows: none alone; by default PAPER_DRAFT for the paper's rows,
+    as in the paper; every draft otherwise."""
+    if method.kind in ("target", "ar"):
+        return [None]
+    if method.verify in ("simsd", "exact") and PAPER_DRAFT in task.drafts and not args.drafts:
+        return [PAPER_DRAFT]
+    return list(task.drafts)
 
-    def folders(task):
-        return ", ".join(f"{role} {path}" for role, path in task.folders.items())
+
+def conditions(args, tasks, device, dtype, new_tokens, source):
+    def size(m):
+        return f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"
+    models = {t: {"target": task.target, "ar": task.ar, **task.drafts} for t, task in tasks.items()}
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "parameters": "; ".join(f"{t}: {models(task)}" for t, task in tasks.items()),
-        "folders": "; ".join(f"{t}: {folders(task)}" for t, task in tasks.items()),
+        "parameters": "; ".join(f"{t}: " + ", ".join(f"{role} {size(m)}" for role, m in ms.items()
+                                                     if m is not None) for t, ms in models.items()),
+        "folders": "; ".join(f"{t}: " + ", ".join(f"{role} {path}" for role, path in
+                                                  task.folders.items()) for t, task in tasks.items()),
         "batch": 1, "steps": "one position per step of the schedule (steps = block)",
-        "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items())
-        + f" ({source})",
+        "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
         f"{args.repeats} passes over the prompts; tok/s: median over prompts of their medians",
         "quality": f"stop at EOS or {args.answer_cap} tokens; '= target': the share of greedy "
-        "outputs equal to those of the target-alone row a lossless row reproduces",
-        "sampling": "temp 0 rows are greedy; the others sample, seeded per prompt",
+        "outputs equal to those of the row a lossless row reproduces",
         "projected": f"the speedup against the same baseline if the target were SDAR-8B "
-        f"({TARGET_GB} GB of bf16 weights) and the draft SDAR-1.7B ({DRAFT_GB} GB), on a GPU "
+        f"({TARGET_GB} GB of bf16 weights) and the draft SDAR-1.7B ({DRAFT_GB} GB) on a GPU "
         "where a forward at batch 1 costs its weight bytes over memory bandwidth: time per token "
         f"proportional to (target forwards x {TARGET_GB} + draft forwards x {DRAFT_GB}) / tokens, "
         "from the row's latency forward counts. A projection, not a measurement",
@@ -484,8 +469,8 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
 def table_main(args, device, dtype):
     toys, where = args.model is None, (device, dtype, {})
     tasks = toy_tasks(args, where) if toys else checkpoint_tasks(args, where)
-    source = ("train_tiny held-out prompts; sort by exact match, walk by validity" if toys
-              else f"{args.prompts}, answer contained in the output")
+    source = (" (train_tiny held-out; sort by exact match, walk by validity; sampled rows on walk)"
+              if toys else f" ({args.prompts}, answer contained in the output)")
     rows = [row for task_name, task in tasks.items() for row in plan(task_name, task, args)]
     new_tokens = args.new_tokens or (32 if toys else 128)
     args.answer_cap = args.answer_cap or (64 if toys else 256)
@@ -528,26 +513,25 @@ def forwards_at(target, draft, B, ctx, device):
     in the lossless/exact layout and in the simsd layout, and a draft step."""
     mask_id = target.config.mask_token_id
     tcache, dcache = target.new_cache(ctx + B * B + 2 * B), draft.new_cache(ctx + B)
-    prompt = torch.randint(0, mask_id, (ctx,), device=device)
-    decode.prefill(target, prompt, tcache, B)
-    decode.prefill(draft, prompt, dcache, B)
-    masked = torch.full((B,), mask_id, device=device)
-    drafted = torch.randint(0, mask_id, (B,), device=device)
+    prompt = torch.randint(0, mask_id, (ctx + B,), device=device)
+    decode.prefill(target, prompt[:ctx], tcache, B)
+    decode.prefill(draft, prompt[:ctx], dcache, B)
+    masked, drafted = torch.full((B,), mask_id, device=device), prompt[ctx:]
     step_map = torch.arange(1, B + 1, device=device)  # position i revealed at step i + 1
     proposal = speculative.Proposal(ctx, masked < 0, drafted, step_map, 0, drafted.expand(B, B),
                                     None)
-    target_bytes, draft_bytes = (sum(p.nbytes for p in m.parameters()) for m in (target, draft))
-    out = {"target denoise step": (B, target_bytes, lambda: decode.forward_block(
-        target, masked[:0], masked, ctx, tcache))}
+    weights = [sum(p.nbytes for p in m.parameters()) for m in (target, draft)]
+    out = {"target denoise step": (B, weights[0], partial(
+        decode.forward_block, target, masked[:0], masked, ctx, tcache))}
     for label, mode in (("lossless/exact", "lossless"), ("simsd", "simsd")):
         opt = speculative.options(target, draft, B, ctx, block=B, steps=None, strategy="static",
                                   threshold=0.9, sampling=decode.GREEDY, verify=mode, accept=None,
                                   lookahead=1, eos_min_prob=0.0, stop_ids=())
         ids, pos, attend, _ = speculative.layout([proposal], masked[:0], opt)
-        run = (lambda i, p, a: lambda: target(i[None], p, a, tcache))(ids, pos, attend)
-        out[f"target verify, {label}"] = (len(ids), target_bytes, run)
-    out["draft step"] = (B, draft_bytes, lambda: decode.forward_block(draft, masked[:0], masked,
-                                                                      ctx, dcache))
+        out[f"target verify, {label}"] = (len(ids), weights[0],
+                                          partial(target, ids[None], pos, attend, tcache))
+    out["draft step"] = (B, weights[1], partial(decode.forward_block, draft, masked[:0], masked,
+                                                ctx, dcache))
     return out
 
 
@@ -562,25 +546,25 @@ def shapes_main(args, device, dtype):
     if device == "cuda" and not bw:  # bytes read + written per second by a large copy
         a = torch.empty(2 ** 28, device=device)
         bw = 2 * a.nbytes / median_time(lambda: torch.empty_like(a).copy_(a), 5, dev)
-    blocks = []
+    blocks, cells = [], []
     for B in args.blocks or [4, 8]:
         forwards = []
         for label, (tokens, nbytes, run) in forwards_at(target, draft, B, args.context,
                                                         device).items():
             seconds = median_time(run, args.repeats, dev)
+            floor = bw and nbytes / bw / seconds
             forwards.append({"name": label, "tokens": tokens, "ms": seconds * 1e3,
-                             "weight_bytes": nbytes, "floor_fraction": bw and nbytes / bw / seconds})
+                             "weight_bytes": nbytes, "floor_fraction": floor})
+            cells.append([B, label, tokens, f"{seconds * 1e3:.2f}", f"{nbytes / 1e9:.3f}",
+                          show(floor, ".0%")])
         prompt = torch.randint(0, target.config.mask_token_id, (args.context,)).tolist()
-        vanilla = lambda: decode.generate(target, prompt, new, block=B)  # noqa: E731
-        blocks.append({"block": B, "forwards": forwards,
-                       "vanilla_tok_s": new / median_time(vanilla, args.repeats, dev)})
+        vanilla = median_time(partial(decode.generate, target, prompt, new, block=B),
+                              args.repeats, dev)
+        blocks.append({"block": B, "forwards": forwards, "vanilla_tok_s": new / vanilla})
     gpu = torch.cuda.get_device_name(dev) if device == "cuda" else None
     print(f"- {gpu or device}, {str(dtype).removeprefix('torch.')}, threads "
           f"{torch.get_num_threads()}, batch 1, {args.context} context tokens prefilled, median "
           f"of {args.repeats} after one warm-up; vanilla: {new} new tokens, prefill included\n")
-    cells = [[b["block"], f["name"], f["tokens"], f"{f['ms']:.2f}",
-              f"{f['weight_bytes'] / 1e9:.3f}", show(f["floor_fraction"], ".0%")]
-             for b in blocks for f in b["forwards"]]
     print(markdown(["block", "forward", "query tokens", "ms", "weight GB",
                     "fraction of the weight-bytes floor"], cells) + "\n")
     print(markdown(["block", "vanilla tok/s"], [[b["block"], f"{b['vanilla_tok_s']:.1f}"]
@@ -601,13 +585,12 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--model", help="target checkpoint folder, SDAR or Qwen3 (with --draft and --prompts)")
     add("--draft", help="draft SDAR checkpoint folder")
-    add("--prompts", help='JSONL file, one {"prompt": ..., "answer": ...} per line (answer '
-        "optional)")
+    add("--prompts", help='JSONL, one {"prompt": ..., "answer": ...} per line (answer optional)')
     add("--num-prompts", type=int, help=f"prompts per task (default: {DEFAULT_PROMPTS} held-out "
         "toy prompts per task, or every line of --prompts)")
     add("--tasks", nargs="+", help="toy tasks (default: all of train_tiny.TASKS)")
     add("--drafts", nargs="+", help="toy drafts of train_tiny.DRAFTS: data (trained on the task), "
-        f"distilled (on the target's outputs); default: all, but the paper's rows take {PAPER_DRAFT}")
+        f"distilled (on the target's outputs); default: all, the paper's rows {PAPER_DRAFT}")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
         help=f"rows, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
     add("--lookahead", type=int, nargs="+", help="blocks drafted per target forward, a row each "
@@ -624,8 +607,7 @@ def parse_args(argv=None):
         "--shapes: 4 8)")
     add("--shapes", help=f"TARGET:DRAFT random-weight models, from {', '.join(sorted(SHAPES))}")
     add("--context", type=int, default=512, help="--shapes: prefilled tokens (default 512)")
-    add("--bandwidth", type=float, help="--shapes: memory GB/s for the floor (default: measured "
-        "on CUDA)")
+    add("--bandwidth", type=float, help="--shapes: GB/s for the floor (default: measured on CUDA)")
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, "
         "else float32")
@@ -641,13 +623,13 @@ def check_args(args):
              "--answer-cap": [args.answer_cap], "--repeats": [args.repeats],
              "--blocks": args.blocks or [], "--lookahead": args.lookahead or []}
     for flag, values in whole.items():
-        for v in values:
-            if v is not None and v < 1:
-                fail(f"{flag} must be an integer >= 1; got {v}")
+        small = [v for v in values if v is not None and v < 1]
+        if small:
+            fail(f"{flag} must be an integer >= 1; got {small[0]}")
     valid, allowed = decode.RANGES["temperature"]
-    for v in args.temperatures or ():
-        if not valid(v):
-            fail(f"--temperatures must be {allowed}; got {v}")
+    invalid = [v for v in args.temperatures or () if not valid(v)]
+    if invalid:
+        fail(f"--temperatures must be {allowed}; got {invalid[0]}")
     if args.threads is not None and not 1 <= args.threads <= os.cpu_count():
         fail(f"--threads must be from 1 to this machine's {os.cpu_count()} CPUs; got {args.threads}")
     if args.context < 0 or args.bandwidth is not None and not 0 < args.bandwidth < math.inf:
@@ -664,9 +646,9 @@ def check_args(args):
     if args.tasks or args.drafts:
         import train_tiny
         tasks = [t for t in args.tasks or () if t not in train_tiny.TASKS]
-        drafts = [d for d in args.drafts or () if d not in train_tiny.DRAFTS]  # read if given
         if tasks:
             fail(f"--tasks {tasks[0]} is not one of {', '.join(train_tiny.TASKS)}")
+        drafts = [d for d in args.drafts or () if d not in train_tiny.DRAFTS]
         if drafts:
             fail(f"--drafts {drafts[0]} is not one of {', '.join(train_tiny.DRAFTS)}")
 
