@@ -241,8 +241,13 @@ def comparisons(group):
         near = [r for r in group if r["accuracy"] is not None and r["accuracy"] >= floor]
         best_alone = fastest([r for r in near if r["method"] in ALONE])
         lossless = [r for r in near if METHODS[r["method"]].verify == "lossless"]
-        paper = [r for r in near if METHODS[r["method"]].verify in ("simsd", "exact")]
-        lines += [versus(fastest(rows), best_alone) for rows in (lossless, paper) if rows]
+        paper = [r for r in group if METHODS[r["method"]].verify in ("simsd", "exact")]
+        paper_near = [r for r in paper if r in near]
+        lines += [versus(fastest(rows), best_alone) for rows in (lossless, paper_near) if rows]
+        if paper and not paper_near:
+            top = fastest(paper)
+            lines.append(f"no paper SimSD row is within 1 point of the static target's accuracy "
+                         f"(the fastest, {name(top)}, has {top['accuracy']:.1f}%)")
     specdiff = [r for r in group if r["method"] == "specdiff"]
     if specdiff and "ar" in alone:
         lines.append(versus(fastest(specdiff), alone["ar"]))
@@ -250,8 +255,8 @@ def comparisons(group):
 
 
 def headlines(rows):
-    """Per task, block and temperature: comparisons(), unless the pass medians of a row differ by
-    more than SPREAD: then a sentence saying so."""
+    """Per task, block and temperature: comparisons(), unless a row has fewer than two timing
+    passes or pass medians that differ by more than SPREAD: then a sentence saying so."""
     lines = []
     for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"])
                                            for r in rows if r["block"]):
@@ -259,8 +264,12 @@ def headlines(rows):
                  and r["block"] in (block, None)]
         sampling = "greedy" if temp == 0 else f"temperature {temp:g}"
         where = f"{task}, block {block}, {sampling}"
+        unchecked = [r for r in group if r["spread"] is None]
         jumpy = max(group, key=lambda r: r["spread"] or 0.0)
-        if (jumpy["spread"] or 0.0) > SPREAD:
+        if unchecked:
+            lines.append(f"{where}: headline withheld: {name(unchecked[0])} has fewer than two "
+                         "timing passes to compare; use --repeats 2 or more")
+        elif jumpy["spread"] > SPREAD:
             lines.append(f"{where}: headline withheld: the passes of {name(jumpy)} differ by "
                          f"{jumpy['spread']:.0%}, more than {SPREAD:.0%}; rerun on a quiet machine")
         else:

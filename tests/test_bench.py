@@ -100,12 +100,14 @@ def test_headline_is_against_the_fastest_target_alone_within_one_point():
 
 
 def test_headline_says_why_lossless_is_slower():
-    rows = [headline_row("target", 100, 90.0),
+    rows = [headline_row("target", 100, 90.0), headline_row("simsd", 900, 50.0, 9.0, "data", 2),
             headline_row("simsd-lossless", 80, 90.0, 1.1, "data", 1, forwards=40, matched=30,
                          drafting=0.4),
             headline_row("ar", 200, 95.0, block=None),
             headline_row("specdiff", 300, 95.0, 1.8, "data", 3)]
-    lossless, specdiff = bench.headlines(rows)
+    lossless, paper, specdiff = bench.headlines(rows)
+    assert paper.endswith("no paper SimSD row is within 1 point of the static target's accuracy "
+                          "(the fastest, simsd (data draft, L=2), has 50.0%)")
     assert lossless.endswith("runs at 0.80x target measured (80 against 100 tok/s), 1.10x "
                              "projected; 20% slower measured: drafting takes 40% of its time, and "
                              "a target forward commits 0.75 matched draft steps")
@@ -119,6 +121,9 @@ def test_headline_withheld_when_the_passes_disagree():
     (line,) = bench.headlines(rows)
     assert line == ("t, block 4, greedy: headline withheld: the passes of ar differ by 15%, more "
                     "than 10%; rerun on a quiet machine")
+    rows[1]["spread"] = None  # one pass
+    assert bench.headlines(rows) == ["t, block 4, greedy: headline withheld: ar has fewer than two "
+                                     "timing passes to compare; use --repeats 2 or more"]
     rows[1]["spread"] = 0.09
     assert "withheld" not in bench.headlines(rows)[0]
 
