@@ -42,7 +42,7 @@ import speculative
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
 SPREAD = 0.10  # the most the pass medians of a row may differ for the headline to print
-DEFAULT_PROMPTS = 16  # per toy task, so that the default run fits 5 minutes on 2 quiet cores
+DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
 DEFAULT_LOOKAHEAD = inspect.signature(speculative.generate).parameters["lookahead"].default
 PAPER_DRAFT = "data"  # the paper's rows use it unless --drafts says otherwise, as the paper does
@@ -107,7 +107,8 @@ def decode_once(row, task, ids, n, stop_ids, seed):
     ar = method.kind in ("ar", "specdiff")
     target = task.ar if ar else task.target
     draft = (task.ar_drafts if ar else task.drafts).get(row.draft)
-    generator = torch.Generator(decode.device_of(draft or target)).manual_seed(seed)
+    device = decode.device_of(target if draft is None else draft)
+    generator = torch.Generator(device).manual_seed(seed)
     if method.kind == "ar":
         return decode.generate_ar(target, ids, n, sampling=sampling, stop_ids=stop_ids,
                                   generator=generator)
@@ -450,16 +451,19 @@ def drafts_of(method, task, args):
 
 
 def conditions(args, tasks, device, dtype, new_tokens, source):
-    def size(m):
-        return f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"
-    models = {t: {"target": task.target, "ar": task.ar, **task.drafts} for t, task in tasks.items()}
+    def sizes(task):
+        drafts = {f"{d} draft": m for d, m in task.drafts.items()}
+        models = {"target": task.target, "ar": task.ar, **drafts}
+        return ", ".join(f"{role} {sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"
+                         for role, m in models.items() if m is not None)
+
+    def folders(task):
+        return ", ".join(f"{role} {path}" for role, path in task.folders.items())
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "parameters": "; ".join(f"{t}: " + ", ".join(f"{role} {size(m)}" for role, m in ms.items()
-                                                     if m is not None) for t, ms in models.items()),
-        "folders": "; ".join(f"{t}: " + ", ".join(f"{role} {path}" for role, path in
-                                                  task.folders.items()) for t, task in tasks.items()),
+        "parameters": "; ".join(f"{t}: {sizes(task)}" for t, task in tasks.items()),
+        "folders": "; ".join(f"{t}: {folders(task)}" for t, task in tasks.items()),
         "batch": 1, "steps": "one position per step of the schedule (steps = block)",
         "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
