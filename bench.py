@@ -15,11 +15,11 @@ and `simsd-exact` do not; `specdiff` drafts for the autoregressive target.
 Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS. Latency:
 fixed new tokens, stop tokens ignored, prefill excluded, in --repeats passes over the prompts,
 each prompt running every row before the next so that drift hits all rows alike; tok/s is the
-median over prompts of each prompt's median. Speedups are against `target` at the same block and
-temperature (`specdiff` against `ar`), measured, and projected to SDAR-8B with SDAR-1.7B from the
-row's forward counts (projected_cost). The headline: the best speculative row (lossless first)
-against the fastest target-alone row within 1 point of the static target's accuracy; withheld
-when the passes of a row disagree by more than SPREAD.
+median over passes of a pass's tokens over its decode seconds. Speedups are against `target` at
+the same block and temperature (`specdiff` against `ar`), measured, and projected to SDAR-8B
+with SDAR-1.7B from the row's forward counts (projected_cost). The headline: the best
+speculative row (lossless first) against the fastest target-alone row within 1 point of the
+static target's accuracy; withheld when the passes of a row differ by more than SPREAD.
 """
 import argparse
 import contextlib
@@ -41,7 +41,7 @@ import model as sdar
 import speculative
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
-SPREAD = 0.10  # the most the pass medians of a row may differ for the headline to print
+SPREAD = 0.10  # the most the passes of a row may differ in tok/s for the headline to print
 DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
 DEFAULT_LOOKAHEAD = inspect.signature(speculative.generate).parameters["lookahead"].default
@@ -125,8 +125,8 @@ def decode_once(row, task, ids, n, stop_ids, seed):
 
 def measure(tasks, rows, new_tokens, answer_cap, repeats):
     """{row: record}: per task, the quality decode of every prompt (outputs; correct, None without
-    an answer), then `repeats` latency passes (tok/s per prompt per pass; the first pass's stats)."""
-    records = {row: {"outputs": [], "correct": [], "passes": [], "stats": []} for row in rows}
+    an answer), then `repeats` latency passes over the prompts (the Stats of each decode)."""
+    records = {row: {"outputs": [], "correct": [], "passes": []} for row in rows}
     for name, task in tasks.items():
         mine = [row for row in rows if row.task == name]
         chats = [task.tok.chat(text) for text, _ in task.prompts]
@@ -143,9 +143,7 @@ def measure(tasks, rows, new_tokens, answer_cap, repeats):
             for i, ids in enumerate(chats):
                 for row in mine:
                     _, stats = decode_once(row, task, ids, new_tokens, (), i)
-                    records[row]["passes"][p].append(ratio(stats.tokens, stats.seconds))
-                    if p == 0:  # later passes repeat the counts
-                        records[row]["stats"].append(stats)
+                    records[row]["passes"][p].append(stats)
             print(f"{name}: latency pass {p + 1} of {repeats} done", file=sys.stderr, flush=True)
     return records
 
@@ -158,7 +156,7 @@ def median(values):
 
 
 def spread(values):
-    """How far apart the pass medians are: max / min - 1 (None with fewer than two)."""
+    """How far apart the passes' tok/s are: max / min - 1 (None with fewer than two)."""
     present = [v for v in values if v is not None]
     return ratio(max(present), min(present)) - 1 if len(present) > 1 else None
 
@@ -185,14 +183,16 @@ def table_rows(records):
     prompts, and what the table shows)."""
     out = {}
     for row, rec in records.items():
-        n = {key: sum(getattr(s, key) for s in rec["stats"]) for key in asdict(rec["stats"][0])}
+        first = rec["passes"][0]  # later passes repeat its counts
+        n = {key: sum(getattr(s, key) for s in first) for key in asdict(first[0])}
         alone = METHODS[row.method].kind == "draft"  # its forwards are the draft's
         spec = METHODS[row.method].kind in ("simsd", "specdiff")
         forwards = (0, n["forwards"]) if alone else (n["forwards"], n["draft_forwards"])
-        passes = [median(tok_s) for tok_s in rec["passes"]]
+        passes = [ratio(sum(s.tokens for s in one), sum(s.seconds for s in one))
+                  for one in rec["passes"]]
         scored = [c for c in rec["correct"] if c is not None]
-        out[row] = {**row._asdict(), **n, "tok_s": median([median(x) for x in zip(*rec["passes"])]),
-                    "tok_s_passes": passes, "spread": spread(passes),
+        out[row] = {**row._asdict(), **n, "tok_s": median(passes), "tok_s_passes": passes,
+                    "spread": spread(passes),
                     "cost": projected_cost(*forwards, n["tokens"]),
                     "tokens_per_target_forward": ratio(n["tokens"], forwards[0]),
                     "steps_matched": ratio(n["matched"], n["steps"]) if spec else None,
@@ -257,7 +257,7 @@ def comparisons(group):
 
 def headlines(rows):
     """Per task, block and temperature: comparisons(), unless a row has fewer than two timing
-    passes or pass medians that differ by more than SPREAD: then a sentence saying so."""
+    passes, or passes whose tok/s differ by more than SPREAD: then a sentence saying so."""
     lines = []
     for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"])
                                            for r in rows if r["block"]):
@@ -467,7 +467,8 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
         "batch": 1, "steps": "one position per step of the schedule (steps = block)",
         "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
-        f"{args.repeats} passes over the prompts; tok/s: median over prompts of their medians",
+        f"{args.repeats} passes over the prompts; tok/s: the median over passes of a pass's "
+        "tokens over its decode seconds",
         "quality": f"stop at EOS or {args.answer_cap} tokens; '= target': the share of greedy "
         "outputs equal to those of the row a lossless row reproduces",
         "projected": f"the speedup against the same baseline if the target were SDAR-8B "
@@ -475,7 +476,7 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
         "where a forward at batch 1 costs its weight bytes over memory bandwidth: time per token "
         f"proportional to (target forwards x {TARGET_GB} + draft forwards x {DRAFT_GB}) / tokens, "
         "from the row's latency forward counts. A projection, not a measurement",
-        "headline": f"withheld when a row's pass medians differ by more than {SPREAD:.0%}",
+        "headline": f"withheld when the tok/s of a row's passes differ by more than {SPREAD:.0%}",
     }
 
 

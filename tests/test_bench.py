@@ -3,6 +3,7 @@ synthetic records; --shapes at the tiny shape; checkpoints and the toy rows on m
 lossless rows must equal their target row); bad input refused with one sentence and exit 2."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,44 +39,47 @@ def row(method, draft=None, lookahead=None, block=4, temperature=0.0, task="t"):
     return bench.Row(task, method, draft, lookahead, block, temperature)
 
 
-def record(stats, passes, outputs, correct):
-    return {"stats": stats, "passes": passes, "outputs": outputs, "correct": correct}
+def record(passes, outputs, correct):
+    return {"passes": passes, "outputs": outputs, "correct": correct}
+
+
+def timed(stats, *seconds):
+    """A latency pass over len(seconds) prompts: `stats` at each, taking these seconds."""
+    return [replace(stats, seconds=s) for s in seconds]
 
 
 def test_table_rows_against_hand_computed_values():
-    alone = Stats(tokens=32, forwards=34, steps=34, seconds=0.3)
+    alone = Stats(tokens=32, forwards=34, steps=34)
     spec = Stats(tokens=32, forwards=16, steps=34, draft_forwards=40, drafted=60, accepted=30,
-                 matched=18, seconds=1.0, draft_seconds=0.25)
-    records = {
-        row("target"): record([alone, alone], [[100, 120], [110, 130]], [[1, 2], [3, 4]],
+                 matched=18, draft_seconds=0.1)
+    records = {  # two prompts, two passes
+        row("target"): record([timed(alone, 0.3, 0.5), timed(alone, 0.2, 0.4)], [[1, 2], [3, 4]],
                               [True, False]),
-        row("draft", "data"): record([alone, alone], [[400, 400], [400, 400]], [[1], [3]],
-                                     [False, None]),
-        row("simsd-lossless", "data", 2): record([spec, spec], [[200, 240], [220, 260]],
+        row("draft", "data"): record([timed(alone, 0.1, 0.1)] * 2, [[1], [3]], [False, None]),
+        row("simsd-lossless", "data", 2): record([timed(spec, 0.2, 0.2), timed(spec, 0.1, 0.3)],
                                                  [[1, 2], [3, 5]], [True, False]),
-        row("ar", block=None): record([alone, alone], [[50, 50], [50, 50]], [[9], [9]],
-                                      [True, True]),
-        row("specdiff", "data", 1): record([spec, spec], [[75, 75], [75, 75]], [[9], [8]],
-                                           [True, True]),
+        row("ar", block=None): record([timed(alone, 0.5, 0.5)] * 2, [[9], [9]], [True, True]),
+        row("specdiff", "data", 1): record([timed(spec, 0.4, 0.4)] * 2, [[9], [8]], [True, True]),
     }
     rows = {(r["method"], r["draft"]): r for r in bench.table_rows(records)}
     target, draft, lossless = rows["target", None], rows["draft", "data"], rows["simsd-lossless", "data"]
-    # tok/s: the median over prompts of each prompt's median over passes: (105, 125) -> 115
-    assert target["tok_s"] == 115 and target["tok_s_passes"] == [110, 120]
-    assert target["spread"] == pytest.approx(120 / 110 - 1)
+    # tok/s: the median over passes of 64 tokens over the pass's seconds: 64 / 0.8 and 64 / 0.6
+    assert target["tok_s_passes"] == pytest.approx([80, 320 / 3])
+    assert target["tok_s"] == pytest.approx(280 / 3) and target["spread"] == pytest.approx(1 / 3)
     assert target["accuracy"] == 50.0 and draft["accuracy"] == 0.0  # unanswered prompts left out
     assert target["tokens_per_target_forward"] == pytest.approx(64 / 68)
-    assert lossless["tok_s"] == 230 and lossless["speedup"] == 2.0
+    assert lossless["tok_s"] == pytest.approx(160) and lossless["spread"] == 0
+    assert lossless["speedup"] == pytest.approx(160 / (280 / 3))
     assert lossless["tokens_per_target_forward"] == 2.0  # 64 tokens / 32 target forwards
     assert lossless["steps_matched"] == pytest.approx(36 / 68) and lossless["acceptance"] == 0.5
-    assert lossless["drafting"] == 0.25 and lossless["outputs_equal_target"] == 0.5
+    assert lossless["drafting"] == pytest.approx(0.5) and lossless["outputs_equal_target"] == 0.5
     # projected: 68 x 16.4 / (32 x 16.4 + 80 x 4.06) = 1115.2 / 849.6
     assert lossless["projected_speedup"] == pytest.approx(1.312618, abs=1e-6)
     assert draft["projected_speedup"] == pytest.approx(4.039409, abs=1e-6)  # 16.4 / 4.06
     assert draft["tokens_per_target_forward"] is None and draft["steps_matched"] is None
     assert target["outputs_equal_target"] is None  # only a lossless row reproduces another
     specdiff = rows["specdiff", "data"]
-    assert specdiff["speedup"] == 1.5 and specdiff["outputs_equal_target"] == 0.5  # against ar
+    assert specdiff["speedup"] == 1.25 and specdiff["outputs_equal_target"] == 0.5  # against ar
 
 
 def headline_row(method, tok_s, accuracy, projected=1.0, draft=None, lookahead=None, spread=0.01,
