@@ -14,8 +14,9 @@ and `simsd-exact` do not; `specdiff` drafts for the autoregressive target.
 
 Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS. Latency:
 fixed new tokens, stop tokens ignored, prefill excluded, in --repeats passes over the prompts,
-each prompt running every row before the next so that drift hits all rows alike; tok/s is the
-median over passes of a pass's tokens over its decode seconds. Speedups are against `target` at
+each prompt running every row before the next so that drift hits all rows alike; a pass's tok/s
+is the median over prompts (a burst of load that hits a few decodes moves it little), a row's the
+median over passes. Speedups are against `target` at
 the same block and temperature (`specdiff` against `ar`), measured, and projected to SDAR-8B
 with SDAR-1.7B from the row's forward counts (projected_cost). The headline: the best
 speculative row (lossless first) against the fastest target-alone row within 1 point of the
@@ -188,8 +189,7 @@ def table_rows(records):
         alone = METHODS[row.method].kind == "draft"  # its forwards are the draft's
         spec = METHODS[row.method].kind in ("simsd", "specdiff")
         forwards = (0, n["forwards"]) if alone else (n["forwards"], n["draft_forwards"])
-        passes = [ratio(sum(s.tokens for s in one), sum(s.seconds for s in one))
-                  for one in rec["passes"]]
+        passes = [median([ratio(s.tokens, s.seconds) for s in one]) for one in rec["passes"]]
         scored = [c for c in rec["correct"] if c is not None]
         out[row] = {**row._asdict(), **n, "tok_s": median(passes), "tok_s_passes": passes,
                     "spread": spread(passes),
@@ -467,8 +467,8 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
         "batch": 1, "steps": "one position per step of the schedule (steps = block)",
         "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
-        f"{args.repeats} passes over the prompts; tok/s: the median over passes of a pass's "
-        "tokens over its decode seconds",
+        f"{args.repeats} passes over the prompts; tok/s: the median over passes of each pass's "
+        "median over prompts",
         "quality": f"stop at EOS or {args.answer_cap} tokens; '= target': the share of greedy "
         "outputs equal to those of the row a lossless row reproduces",
         "projected": f"the speedup against the same baseline if the target were SDAR-8B "

@@ -52,34 +52,39 @@ def test_table_rows_against_hand_computed_values():
     alone = Stats(tokens=32, forwards=34, steps=34)
     spec = Stats(tokens=32, forwards=16, steps=34, draft_forwards=40, drafted=60, accepted=30,
                  matched=18, draft_seconds=0.1)
-    records = {  # two prompts, two passes
-        row("target"): record([timed(alone, 0.3, 0.5), timed(alone, 0.2, 0.4)], [[1, 2], [3, 4]],
-                              [True, False]),
-        row("draft", "data"): record([timed(alone, 0.1, 0.1)] * 2, [[1], [3]], [False, None]),
-        row("simsd-lossless", "data", 2): record([timed(spec, 0.2, 0.2), timed(spec, 0.1, 0.3)],
-                                                 [[1, 2], [3, 5]], [True, False]),
-        row("ar", block=None): record([timed(alone, 0.5, 0.5)] * 2, [[9], [9]], [True, True]),
-        row("specdiff", "data", 1): record([timed(spec, 0.4, 0.4)] * 2, [[9], [8]], [True, True]),
+    records = {  # three prompts, two passes
+        row("target"): record([timed(alone, 0.2, 0.4, 0.2), timed(alone, 0.1, 0.1, 0.4)],
+                              [[1, 2], [3, 4], [5]], [True, False, None]),
+        row("draft", "data"): record([timed(alone, 0.1, 0.1, 0.1)] * 2, [[1], [3], [5]],
+                                     [False, None, None]),
+        row("simsd-lossless", "data", 2): record([timed(spec, 0.2, 0.2, 0.1)] * 2,
+                                                 [[1, 2], [3, 5], [6]], [True, False, None]),
+        row("ar", block=None): record([timed(alone, 0.4, 0.4, 0.4)] * 2, [[9], [9], [9]],
+                                      [True, True, True]),
+        row("specdiff", "data", 1): record([timed(spec, 0.2, 0.2, 0.2)] * 2, [[9], [8], [9]],
+                                           [True, True, True]),
     }
     rows = {(r["method"], r["draft"]): r for r in bench.table_rows(records)}
     target, draft, lossless = rows["target", None], rows["draft", "data"], rows["simsd-lossless", "data"]
-    # tok/s: the median over passes of 64 tokens over the pass's seconds: 64 / 0.8 and 64 / 0.6
-    assert target["tok_s_passes"] == pytest.approx([80, 320 / 3])
-    assert target["tok_s"] == pytest.approx(280 / 3) and target["spread"] == pytest.approx(1 / 3)
+    # a pass's tok/s: the median over prompts of 32 tokens / seconds: (160, 80, 160) -> 160 and
+    # (320, 320, 80) -> 320; a row's: the median over passes
+    assert target["tok_s_passes"] == pytest.approx([160, 320]) and target["tok_s"] == 240
+    assert target["spread"] == pytest.approx(1.0)
     assert target["accuracy"] == 50.0 and draft["accuracy"] == 0.0  # unanswered prompts left out
-    assert target["tokens_per_target_forward"] == pytest.approx(64 / 68)
+    assert target["tokens_per_target_forward"] == pytest.approx(96 / 102)
     assert lossless["tok_s"] == pytest.approx(160) and lossless["spread"] == 0
-    assert lossless["speedup"] == pytest.approx(160 / (280 / 3))
-    assert lossless["tokens_per_target_forward"] == 2.0  # 64 tokens / 32 target forwards
-    assert lossless["steps_matched"] == pytest.approx(36 / 68) and lossless["acceptance"] == 0.5
-    assert lossless["drafting"] == pytest.approx(0.5) and lossless["outputs_equal_target"] == 0.5
-    # projected: 68 x 16.4 / (32 x 16.4 + 80 x 4.06) = 1115.2 / 849.6
+    assert lossless["speedup"] == pytest.approx(160 / 240)
+    assert lossless["tokens_per_target_forward"] == 2.0  # 96 tokens / 48 target forwards
+    assert lossless["steps_matched"] == pytest.approx(54 / 102) and lossless["acceptance"] == 0.5
+    assert lossless["drafting"] == pytest.approx(0.6)  # 0.3 of 0.5 seconds
+    assert lossless["outputs_equal_target"] == pytest.approx(1 / 3)
+    # projected: 102 x 16.4 / (48 x 16.4 + 120 x 4.06) = 1672.8 / 1274.4 (per 96 tokens)
     assert lossless["projected_speedup"] == pytest.approx(1.312618, abs=1e-6)
     assert draft["projected_speedup"] == pytest.approx(4.039409, abs=1e-6)  # 16.4 / 4.06
     assert draft["tokens_per_target_forward"] is None and draft["steps_matched"] is None
     assert target["outputs_equal_target"] is None  # only a lossless row reproduces another
     specdiff = rows["specdiff", "data"]
-    assert specdiff["speedup"] == 1.25 and specdiff["outputs_equal_target"] == 0.5  # against ar
+    assert specdiff["speedup"] == 2.0 and specdiff["outputs_equal_target"] == pytest.approx(2 / 3)
 
 
 def headline_row(method, tok_s, accuracy, projected=1.0, draft=None, lookahead=None, spread=0.01,
