@@ -349,8 +349,9 @@ def build_task(prompts, score, sampled, targets, drafts, ar_drafts, where):
                                        models[draft][1])
             except ValueError as e:
                 fail(f"the draft {draft} cannot propose to {target}: {e}")
+    specdiff_drafts = ar_drafts if "ar" in targets else {}
     folders = {**targets, **{f"{d} draft": path for d, path in drafts.items()},
-               **{f"specdiff's {d} draft": path for d, path in ar_drafts.items() if "ar" in targets}}
+               **{f"specdiff's {d} draft": path for d, path in specdiff_drafts.items()}}
     role = {r: models[targets[r]][0] if r in targets else None for r in ("target", "ar")}
     tok = models[next(iter(drafts.values()))][1]  # the draft's: it covers every target's ids
     return Task(prompts, score, sampled, tok, role["target"], role["ar"],
@@ -645,12 +646,14 @@ def check_args(args):
     if invalid:
         fail(f"--temperatures must be {allowed}; got {invalid[0]}")
     if args.threads is not None and not 1 <= args.threads <= os.cpu_count():
-        fail(f"--threads must be from 1 to this machine's {os.cpu_count()} CPUs; got {args.threads}")
+        fail(f"--threads must be from 1 to this machine's {os.cpu_count()} CPUs; got "
+             f"{args.threads}")
     if args.context < 0 or args.bandwidth is not None and not 0 < args.bandwidth < math.inf:
         fail("--context must be >= 0 and --bandwidth a finite number of GB/s above 0")
     if args.shapes and (args.model or args.draft or args.prompts):
         fail("--shapes uses random weights; it takes no --model, --draft or --prompts")
-    if not args.shapes and not (args.model is None) == (args.draft is None) == (args.prompts is None):
+    given = [flag is not None for flag in (args.model, args.draft, args.prompts)]
+    if not args.shapes and any(given) and not all(given):
         fail("checkpoints need all of --model, --draft and --prompts FILE.jsonl")
     if (args.tasks or args.drafts) and (args.model or args.shapes):
         fail("--tasks and --drafts choose toys; checkpoints take --draft and --prompts")

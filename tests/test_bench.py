@@ -65,7 +65,8 @@ def test_table_rows_against_hand_computed_values():
                                            [True, True, True]),
     }
     rows = {(r["method"], r["draft"]): r for r in bench.table_rows(records)}
-    target, draft, lossless = rows["target", None], rows["draft", "data"], rows["simsd-lossless", "data"]
+    target, draft = rows["target", None], rows["draft", "data"]
+    lossless = rows["simsd-lossless", "data"]
     # a pass's tok/s: the median over prompts of 32 tokens / seconds: (160, 80, 160) -> 160 and
     # (320, 320, 80) -> 320; a row's: the median over passes
     assert target["tok_s_passes"] == pytest.approx([160, 320]) and target["tok_s"] == 240
@@ -125,7 +126,8 @@ def test_headline_says_why_lossless_is_slower():
 
 
 def test_headline_withheld_when_the_passes_disagree():
-    rows = [headline_row("target", 100, 90.0), headline_row("ar", 200, 95.0, block=None, spread=0.15),
+    rows = [headline_row("target", 100, 90.0),
+            headline_row("ar", 200, 95.0, block=None, spread=0.15),
             headline_row("simsd-lossless", 150, 90.0, 1.1, "data", 1)]
     (line,) = bench.headlines(rows)
     assert line == ("t, block 4, greedy: headline withheld: the passes of ar differ by 15%, more "
@@ -145,7 +147,7 @@ def test_report_names_draft_lookahead_threads_and_never_writes_infinity(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0] == "- device: cpu" and "- threads: 1" in out
     header = next(i for i, line in enumerate(out) if line.startswith("| method"))
-    assert out[header].startswith("| method | draft | L | block | temp | tok/s | speedup | projected |")
+    assert out[header].startswith("| method | draft | L | block | temp | tok/s | speedup |")
     assert out[header + 2].startswith("| simsd | distilled | 3 | 4 | 0 |")
     assert out[header + 2].endswith("| 2.50 | 50% | 25% | 75% | 90.0 |  |")
     result = strict_json(out[-1])
@@ -177,8 +179,8 @@ def write_checkpoint(random_model, path, seed, layers, model_type="sdar", block_
     m = random_model(seed, layers, model_type, vocab=260)
     m.config.block_size = block_size
     model.save(m, path)
-    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + (("<|MASK|>",) if model_type == "sdar"
-                                                                 else ())
+    mask = ("<|MASK|>",) if model_type == "sdar" else ()
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + mask
     model.write_byte_tokenizer(path, specials=specials)
     return str(path)
 
