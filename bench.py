@@ -14,13 +14,14 @@ and `simsd-exact` do not; `specdiff` drafts for the autoregressive target.
 
 Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS. Latency:
 fixed new tokens, stop tokens ignored, prefill excluded, in --repeats passes over the prompts,
-each prompt running every row before the next so that drift hits all rows alike; a pass's tok/s
-is the median over prompts (a burst of load that hits a few decodes moves it little), a row's the
-median over passes. Speedups are against `target` at
-the same block and temperature (`specdiff` against `ar`), measured, and projected to SDAR-8B
-with SDAR-1.7B from the row's forward counts (projected_cost). The headline: the best
-speculative row (lossless first) against the fastest target-alone row within 1 point of the
-static target's accuracy; withheld when the passes of a row differ by more than SPREAD.
+each prompt running every row before the next. A pass's tok/s is the median over prompts, a
+row's the median over passes. A speedup pairs decodes of one prompt in one pass, seconds apart,
+so that a slow spell of the machine slows both: the median over prompts of the row's tok/s over
+its baseline's (`target` at the same block and temperature, `ar` for `specdiff`), then over
+passes. "projected" is the speedup SDAR-8B with SDAR-1.7B would get from the row's forward
+counts (projected_cost). The headline: the best speculative row (lossless first) against the
+fastest target-alone row within 1 point of the static target's accuracy; withheld when a row's
+speedup differs between passes by more than SPREAD.
 """
 import argparse
 import contextlib
@@ -42,7 +43,7 @@ import model as sdar
 import speculative
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
-SPREAD = 0.10  # the most the passes of a row may differ in tok/s for the headline to print
+SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
 DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
 DEFAULT_LOOKAHEAD = inspect.signature(speculative.generate).parameters["lookahead"].default
@@ -157,9 +158,20 @@ def median(values):
 
 
 def spread(values):
-    """How far apart the passes' tok/s are: max / min - 1 (None with fewer than two)."""
+    """How far apart the passes are: max / min - 1 (None with fewer than two)."""
     present = [v for v in values if v is not None]
     return ratio(max(present), min(present)) - 1 if len(present) > 1 else None
+
+
+def tok_s(one_pass):
+    return [ratio(s.tokens, s.seconds) for s in one_pass]
+
+
+def paired(rec, base):
+    """Per pass, the median over prompts of a row's tok/s over its baseline's on the same prompt:
+    the two decodes run seconds apart, so that a slow spell of the machine slows both."""
+    return [median([ratio(a, b) for a, b in zip(tok_s(mine), tok_s(theirs))])
+            for mine, theirs in zip(rec["passes"], base["passes"])]
 
 
 def baseline(row):
@@ -189,10 +201,12 @@ def table_rows(records):
         alone = METHODS[row.method].kind == "draft"  # its forwards are the draft's
         spec = METHODS[row.method].kind in ("simsd", "specdiff")
         forwards = (0, n["forwards"]) if alone else (n["forwards"], n["draft_forwards"])
-        passes = [median([ratio(s.tokens, s.seconds) for s in one]) for one in rec["passes"]]
+        speedups = paired(rec, records[baseline(row)])
         scored = [c for c in rec["correct"] if c is not None]
-        out[row] = {**row._asdict(), **n, "tok_s": median(passes), "tok_s_passes": passes,
-                    "spread": spread(passes),
+        out[row] = {**row._asdict(), **n,
+                    "tok_s": median([median(tok_s(one)) for one in rec["passes"]]),
+                    "speedup": median(speedups), "speedup_passes": speedups,
+                    "spread": spread(speedups),
                     "cost": projected_cost(*forwards, n["tokens"]),
                     "tokens_per_target_forward": ratio(n["tokens"], forwards[0]),
                     "steps_matched": ratio(n["matched"], n["steps"]) if spec else None,
@@ -201,9 +215,7 @@ def table_rows(records):
                     "accuracy": 100 * ratio(sum(scored), len(scored)) if scored else None,
                     "outputs_equal_target": equal_share(records, row)}
     for row, r in out.items():
-        base = out.get(baseline(row), {})
-        r["speedup"] = ratio(r["tok_s"], base.get("tok_s"))
-        r["projected_speedup"] = ratio(base.get("cost"), r["cost"])
+        r["projected_speedup"] = ratio(out[baseline(row)]["cost"], r["cost"])
     return list(out.values())
 
 
@@ -216,14 +228,18 @@ def name(row):
     return row["method"] + (f" ({', '.join(extras)})" if extras else "")
 
 
+def baseline_name(row):
+    return "ar" if METHODS[row["method"]].kind in ("ar", "specdiff") else "target"
+
+
 def versus(spec, base):
     """How `spec` compares with `base`, measured and projected, and what limits it when slower."""
-    measured = ratio(spec["tok_s"], base["tok_s"])
+    measured = ratio(spec["speedup"], base["speedup"])
     projected = ratio(spec["projected_speedup"], base["projected_speedup"])
     if measured is None or projected is None:
         return f"{name(spec)} against {name(base)}: not measured"
-    line = (f"{name(spec)} runs at {measured:.2f}x {name(base)} measured ({spec['tok_s']:.0f} "
-            f"against {base['tok_s']:.0f} tok/s), {projected:.2f}x projected")
+    line = (f"{name(spec)} runs at {measured:.2f}x {name(base)} measured ({spec['speedup']:.2f}x "
+            f"against {base['speedup']:.2f}x {baseline_name(base)}), {projected:.2f}x projected")
     if measured < 1:
         per_forward = ratio(spec["matched"], spec["forwards"]) or 0.0
         line += (f"; {1 - measured:.0%} slower measured: drafting takes "
@@ -234,7 +250,7 @@ def versus(spec, base):
 
 def comparisons(group):
     """The headline's sentences for one task, block and temperature."""
-    fastest = partial(max, key=lambda r: r["tok_s"] or 0.0)
+    fastest = partial(max, key=lambda r: r["speedup"] or 0.0)
     alone = {r["method"]: r for r in group if r["draft"] is None}
     lines = []
     if alone.get("target", {}).get("accuracy") is not None:
@@ -257,7 +273,7 @@ def comparisons(group):
 
 def headlines(rows):
     """Per task, block and temperature: comparisons(), unless a row has fewer than two timing
-    passes, or passes whose tok/s differ by more than SPREAD: then a sentence saying so."""
+    passes, or a speedup that differs between passes by more than SPREAD: then a sentence."""
     lines = []
     for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"])
                                            for r in rows if r["block"]):
@@ -271,8 +287,9 @@ def headlines(rows):
             lines.append(f"{where}: headline withheld: {name(unchecked[0])} has fewer than two "
                          "timing passes to compare; use --repeats 2 or more")
         elif jumpy["spread"] > SPREAD:
-            lines.append(f"{where}: headline withheld: the passes of {name(jumpy)} differ by "
-                         f"{jumpy['spread']:.0%}, more than {SPREAD:.0%}; rerun on a quiet machine")
+            lines.append(f"{where}: headline withheld: the speedup of {name(jumpy)} differs "
+                         f"by {jumpy['spread']:.0%} between passes, more than {SPREAD:.0%}; rerun "
+                         "on a quieter machine")
         else:
             lines += [f"{where}: {line}" for line in comparisons(group)]
     return lines
@@ -423,9 +440,10 @@ def blocks_of(task, asked):
 
 def plan(task_name, task, args):
     """The rows of one task: each chosen method its models can run, at every block, temperature,
-    draft and lookahead. A lossless row brings the row it reproduces."""
+    draft and lookahead, and the rows they are measured against or reproduce."""
     methods = list(args.methods or DEFAULT_METHODS)
     methods += [METHODS[m].reproduces for m in methods if METHODS[m].reproduces]
+    methods += ["ar" if METHODS[m].kind in ("ar", "specdiff") else "target" for m in methods]
     runnable = {"target": task.target, "simsd": task.target, "ar": task.ar, "specdiff": task.ar,
                 "draft": task.drafts or None}
     temperatures = [t for t in args.temperatures or [0.0] if t == 0 or task.sampled]
@@ -469,7 +487,8 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
         "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
         f"{args.repeats} passes over the prompts; tok/s: the median over passes of each pass's "
-        "median over prompts",
+        "median over prompts; speedup: the same of the row's tok/s over its baseline's on the "
+        "same prompt, decoded seconds apart",
         "quality": f"stop at EOS or {args.answer_cap} tokens; '= target': the share of greedy "
         "outputs equal to those of the row a lossless row reproduces",
         "projected": f"the speedup against the same baseline if the target were SDAR-8B "
@@ -477,7 +496,8 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
         "where a forward at batch 1 costs its weight bytes over memory bandwidth: time per token "
         f"proportional to (target forwards x {TARGET_GB} + draft forwards x {DRAFT_GB}) / tokens, "
         "from the row's latency forward counts. A projection, not a measurement",
-        "headline": f"withheld when the tok/s of a row's passes differ by more than {SPREAD:.0%}",
+        "headline": f"withheld when a row's speedup differs between passes by more than "
+        f"{SPREAD:.0%}",
     }
 
 

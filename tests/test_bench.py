@@ -52,95 +52,101 @@ def test_table_rows_against_hand_computed_values():
     alone = Stats(tokens=32, forwards=34, steps=34)
     spec = Stats(tokens=32, forwards=16, steps=34, draft_forwards=40, drafted=60, accepted=30,
                  matched=18, draft_seconds=0.1)
-    records = {  # three prompts, two passes
-        row("target"): record([timed(alone, 0.2, 0.4, 0.2), timed(alone, 0.1, 0.1, 0.4)],
+    records = {  # three prompts, two passes; a slow spell hits the target on a different prompt
+        row("target"): record([timed(alone, 0.2, 0.4, 0.2), timed(alone, 0.4, 0.2, 0.2)],
                               [[1, 2], [3, 4], [5]], [True, False, None]),
         row("draft", "data"): record([timed(alone, 0.1, 0.1, 0.1)] * 2, [[1], [3], [5]],
                                      [False, None, None]),
-        row("simsd-lossless", "data", 2): record([timed(spec, 0.2, 0.2, 0.1)] * 2,
+        row("simsd-lossless", "data", 2): record([timed(spec, 0.1, 0.2, 0.2),
+                                                  timed(spec, 0.2, 0.1, 0.2)],
                                                  [[1, 2], [3, 5], [6]], [True, False, None]),
         row("ar", block=None): record([timed(alone, 0.4, 0.4, 0.4)] * 2, [[9], [9], [9]],
                                       [True, True, True]),
-        row("specdiff", "data", 1): record([timed(spec, 0.2, 0.2, 0.2)] * 2, [[9], [8], [9]],
-                                           [True, True, True]),
+        row("specdiff", "data", 1): record([timed(spec, 0.2, 0.2, 0.1), timed(spec, 0.4, 0.4, 0.2)],
+                                           [[9], [8], [9]], [True, True, True]),
     }
     rows = {(r["method"], r["draft"]): r for r in bench.table_rows(records)}
     target, draft = rows["target", None], rows["draft", "data"]
-    lossless = rows["simsd-lossless", "data"]
-    # a pass's tok/s: the median over prompts of 32 tokens / seconds: (160, 80, 160) -> 160 and
-    # (320, 320, 80) -> 320; a row's: the median over passes
-    assert target["tok_s_passes"] == pytest.approx([160, 320]) and target["tok_s"] == 240
-    assert target["spread"] == pytest.approx(1.0)
+    lossless, specdiff = rows["simsd-lossless", "data"], rows["specdiff", "data"]
+    # tok/s: per pass the median over prompts of 32 tokens / seconds, then over passes: the
+    # target's (160, 80, 160) and (80, 160, 160), the lossless row's (320, 160, 160) and
+    # (160, 320, 160): both 160
+    assert target["tok_s"] == 160 and lossless["tok_s"] == 160
+    # speedup: per pass the median over prompts of the ratio on the same prompt, (2, 2, 1) in
+    # both passes, not the 1.0 of the medians' ratio
+    assert lossless["speedup_passes"] == [2, 2] and lossless["speedup"] == 2
+    assert lossless["spread"] == 0 and target["speedup"] == 1.0
+    assert specdiff["speedup_passes"] == [2, 1] and specdiff["speedup"] == 1.5  # against ar
+    assert specdiff["spread"] == 1.0
+    assert draft["speedup"] == 2.0  # (2, 4, 2) and (4, 2, 2)
     assert target["accuracy"] == 50.0 and draft["accuracy"] == 0.0  # unanswered prompts left out
     assert target["tokens_per_target_forward"] == pytest.approx(96 / 102)
-    assert lossless["tok_s"] == pytest.approx(160) and lossless["spread"] == 0
-    assert lossless["speedup"] == pytest.approx(160 / 240)
     assert lossless["tokens_per_target_forward"] == 2.0  # 96 tokens / 48 target forwards
     assert lossless["steps_matched"] == pytest.approx(54 / 102) and lossless["acceptance"] == 0.5
-    assert lossless["drafting"] == pytest.approx(0.6)  # 0.3 of 0.5 seconds
+    assert lossless["drafting"] == pytest.approx(0.6)  # 0.3 of the first pass's 0.5 seconds
     assert lossless["outputs_equal_target"] == pytest.approx(1 / 3)
+    assert specdiff["outputs_equal_target"] == pytest.approx(2 / 3)
     # projected: 102 x 16.4 / (48 x 16.4 + 120 x 4.06) = 1672.8 / 1274.4 (per 96 tokens)
     assert lossless["projected_speedup"] == pytest.approx(1.312618, abs=1e-6)
     assert draft["projected_speedup"] == pytest.approx(4.039409, abs=1e-6)  # 16.4 / 4.06
     assert draft["tokens_per_target_forward"] is None and draft["steps_matched"] is None
     assert target["outputs_equal_target"] is None  # only a lossless row reproduces another
-    specdiff = rows["specdiff", "data"]
-    assert specdiff["speedup"] == 2.0 and specdiff["outputs_equal_target"] == pytest.approx(2 / 3)
 
 
-def headline_row(method, tok_s, accuracy, projected=1.0, draft=None, lookahead=None, spread=0.01,
-                 block=4, **extra):
+def headline_row(method, speedup, accuracy, projected=1.0, draft=None, lookahead=None,
+                 spread=0.01, block=4, **extra):
     return {"task": "t", "method": method, "draft": draft, "lookahead": lookahead, "block": block,
-            "temperature": 0.0, "tok_s": tok_s, "accuracy": accuracy, "spread": spread,
+            "temperature": 0.0, "speedup": speedup, "accuracy": accuracy, "spread": spread,
             "projected_speedup": projected, **extra}
 
 
 def test_headline_is_against_the_fastest_target_alone_within_one_point():
-    rows = [headline_row("target", 100, 90.0), headline_row("target-dyn0.9", 300, 89.5, 3.0),
-            headline_row("target-dyn0.7", 500, 85.0, 4.0),
-            headline_row("simsd-lossless-dyn0.9", 450, 89.5, 3.75, "distilled", 2),
-            headline_row("simsd", 900, 70.0, 6.0, "data", 1),
-            headline_row("simsd-position", 420, 95.0, 2.4, "data", 1)]
+    rows = [headline_row("target", 1.0, 90.0), headline_row("target-dyn0.9", 3.0, 89.5, 3.0),
+            headline_row("target-dyn0.7", 5.0, 85.0, 4.0),
+            headline_row("simsd-lossless-dyn0.9", 4.5, 89.5, 3.75, "distilled", 2),
+            headline_row("simsd", 9.0, 70.0, 6.0, "data", 1),
+            headline_row("simsd-position", 4.2, 95.0, 2.4, "data", 1)]
     lossless, paper = bench.headlines(rows)
     assert lossless == ("t, block 4, greedy: simsd-lossless-dyn0.9 (distilled draft, L=2) runs at "
-                        "1.50x target-dyn0.9 measured (450 against 300 tok/s), 1.25x projected")
+                        "1.50x target-dyn0.9 measured (4.50x against 3.00x target), 1.25x "
+                        "projected")
     # simsd is faster but 20 points worse; dyn0.7 is faster but 5 points worse
     assert paper.endswith("simsd-position (data draft, L=1) runs at 1.40x target-dyn0.9 measured "
-                          "(420 against 300 tok/s), 0.80x projected")
+                          "(4.20x against 3.00x target), 0.80x projected")
 
 
 def test_headline_says_why_lossless_is_slower():
-    rows = [headline_row("target", 100, 90.0), headline_row("simsd", 900, 50.0, 9.0, "data", 2),
-            headline_row("simsd-lossless", 80, 90.0, 1.1, "data", 1, forwards=40, matched=30,
+    rows = [headline_row("target", 1.0, 90.0), headline_row("simsd", 9.0, 50.0, 9.0, "data", 2),
+            headline_row("simsd-lossless", 0.8, 90.0, 1.1, "data", 1, forwards=40, matched=30,
                          drafting=0.4),
-            headline_row("ar", 200, 95.0, block=None),
-            headline_row("specdiff", 300, 95.0, 1.8, "data", 3)]
+            headline_row("ar", 1.0, 95.0, block=None),
+            headline_row("specdiff", 1.5, 95.0, 1.8, "data", 3)]
     lossless, paper, specdiff = bench.headlines(rows)
     assert paper.endswith("no paper SimSD row is within 1 point of the static target's accuracy "
                           "(the fastest, simsd (data draft, L=2), has 50.0%)")
-    assert lossless.endswith("runs at 0.80x target measured (80 against 100 tok/s), 1.10x "
+    assert lossless.endswith("runs at 0.80x target measured (0.80x against 1.00x target), 1.10x "
                              "projected; 20% slower measured: drafting takes 40% of its time, and "
                              "a target forward commits 0.75 matched draft steps")
-    assert specdiff.endswith("specdiff (data draft, L=3) runs at 1.50x ar measured (300 against "
-                             "200 tok/s), 1.80x projected")
+    assert specdiff.endswith("specdiff (data draft, L=3) runs at 1.50x ar measured (1.50x against "
+                             "1.00x ar), 1.80x projected")
 
 
 def test_headline_withheld_when_the_passes_disagree():
-    rows = [headline_row("target", 100, 90.0),
-            headline_row("ar", 200, 95.0, block=None, spread=0.15),
-            headline_row("simsd-lossless", 150, 90.0, 1.1, "data", 1)]
+    rows = [headline_row("target", 1.0, 90.0),
+            headline_row("specdiff", 2.0, 95.0, block=4, spread=0.15),
+            headline_row("simsd-lossless", 1.5, 90.0, 1.1, "data", 1)]
     (line,) = bench.headlines(rows)
-    assert line == ("t, block 4, greedy: headline withheld: the passes of ar differ by 15%, more "
-                    "than 10%; rerun on a quiet machine")
+    assert line == ("t, block 4, greedy: headline withheld: the speedup of specdiff differs by "
+                    "15% between passes, more than 10%; rerun on a quieter machine")
     rows[1]["spread"] = None  # one pass
-    assert bench.headlines(rows) == ["t, block 4, greedy: headline withheld: ar has fewer than two "
-                                     "timing passes to compare; use --repeats 2 or more"]
+    assert bench.headlines(rows) == ["t, block 4, greedy: headline withheld: specdiff has fewer "
+                                     "than two timing passes to compare; use --repeats 2 or more"]
     rows[1]["spread"] = 0.09
     assert "withheld" not in bench.headlines(rows)[0]
 
 
 def test_report_names_draft_lookahead_threads_and_never_writes_infinity(capsys):
-    rows = [headline_row("simsd", math.inf, 90.0, math.nan, "distilled", 3, speedup=math.inf,
+    rows = [headline_row("simsd", math.inf, 90.0, math.nan, "distilled", 3, tok_s=math.inf,
                          tokens_per_target_forward=2.5, steps_matched=0.5, acceptance=0.25,
                          drafting=0.75, outputs_equal_target=None)]
     bench.report({"device": "cpu", "dtype": "float32", "threads": 1}, rows)
@@ -152,7 +158,7 @@ def test_report_names_draft_lookahead_threads_and_never_writes_infinity(capsys):
     assert out[header + 2].endswith("| 2.50 | 50% | 25% | 75% | 90.0 |  |")
     result = strict_json(out[-1])
     assert result["threads"] == 1 and result["spread_limit"] == 0.1
-    assert result["rows"][0]["tok_s"] is None and result["rows"][0]["projected_speedup"] is None
+    assert result["rows"][0]["speedup"] is None and result["rows"][0]["projected_speedup"] is None
 
 
 # ----------------------------------------------------------------------------- end to end
