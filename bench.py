@@ -174,17 +174,19 @@ def paired(rec, base):
             for mine, theirs in zip(rec["passes"], base["passes"])]
 
 
-def baseline(row):
-    """The row `row` is measured against: `target` at its block and temperature, or `ar`."""
-    if METHODS[row.method].kind in ("ar", "specdiff"):
+def baseline(row, rows):
+    """The row `row` is measured against: `target` at its block and temperature; `ar` for the
+    autoregressive rows, and for a draft alone where there is no `target`."""
+    target = Row(row.task, "target", None, None, row.block, row.temperature)
+    if METHODS[row.method].kind in ("ar", "specdiff") or target not in rows:
         return Row(row.task, "ar", None, None, None, row.temperature)
-    return Row(row.task, "target", None, None, row.block, row.temperature)
+    return target
 
 
 def equal_share(records, row):
     """The share of prompts whose greedy output equals that of the row a lossless row reproduces."""
     reproduced = METHODS[row.method].reproduces
-    reference = baseline(row)._replace(method=reproduced)
+    reference = baseline(row, records)._replace(method=reproduced)
     if reproduced is None or row.temperature != 0 or reference not in records:
         return None
     pairs = list(zip(records[row]["outputs"], records[reference]["outputs"]))
@@ -201,7 +203,7 @@ def table_rows(records):
         alone = METHODS[row.method].kind == "draft"  # its forwards are the draft's
         spec = METHODS[row.method].kind in ("simsd", "specdiff")
         forwards = (0, n["forwards"]) if alone else (n["forwards"], n["draft_forwards"])
-        speedups = paired(rec, records[baseline(row)])
+        speedups = paired(rec, records[baseline(row, records)])
         scored = [c for c in rec["correct"] if c is not None]
         out[row] = {**row._asdict(), **n,
                     "tok_s": median([median(tok_s(one)) for one in rec["passes"]]),
@@ -215,7 +217,7 @@ def table_rows(records):
                     "accuracy": 100 * ratio(sum(scored), len(scored)) if scored else None,
                     "outputs_equal_target": equal_share(records, row)}
     for row, r in out.items():
-        r["projected_speedup"] = ratio(out[baseline(row)]["cost"], r["cost"])
+        r["projected_speedup"] = ratio(out[baseline(row, out)]["cost"], r["cost"])
     return list(out.values())
 
 
@@ -443,7 +445,8 @@ def plan(task_name, task, args):
     draft and lookahead, and the rows they are measured against or reproduce."""
     methods = list(args.methods or DEFAULT_METHODS)
     methods += [METHODS[m].reproduces for m in methods if METHODS[m].reproduces]
-    methods += ["ar" if METHODS[m].kind in ("ar", "specdiff") else "target" for m in methods]
+    ar_baseline = task.target is None or any(METHODS[m].kind == "specdiff" for m in methods)
+    methods += ["target"] + (["ar"] if ar_baseline else [])  # what the rows are measured against
     runnable = {"target": task.target, "simsd": task.target, "ar": task.ar, "specdiff": task.ar,
                 "draft": task.drafts or None}
     temperatures = [t for t in args.temperatures or [0.0] if t == 0 or task.sampled]
