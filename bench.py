@@ -1,48 +1,86 @@
-"""Decoding methods side by side: one markdown table per task, a headline per task, then one JSON line.
+"""Decoding methods side by side: a markdown table per task, a headline per task, one JSON line.
 
-    python bench.py                                             # the toy models (trained first if missing)
-    python bench.py --model T --draft D --prompts p.jsonl       # checkpoints: an SDAR or a Qwen3 target
-    python bench.py --shapes sdar-8b:sdar-1.7b                  # random weights of real shapes: forward timings
+    python bench.py                                        # the toy models (trained if missing)
+    python bench.py --model T --draft D --prompts p.jsonl  # checkpoints: an SDAR or a Qwen3 target
+    python bench.py --shapes sdar-8b:sdar-1.7b             # random weights, real shapes: forwards
 
-Rows. The target alone: `target` (static: the scheduled position per step) and `target-dyn0.9`,
-`target-dyn0.7` (dynamic: also every position above the threshold), the strongest things a block-
-diffusion target does alone; `draft` alone. SimSD: `simsd` (static drafting, draft-step-order
-acceptance), `simsd-position` (the paper's position-order acceptance), `simsd-dyn0.9` (dynamic drafting),
-`simsd-exact` (exact verification: the target's own decisions along the draft's order). An
-autoregressive target: `ar` alone and
-`specdiff` (the diffusion draft proposing to it). Greedy rows on every task; temperature-1 rows on the
-tasks scored by validity, where sampling can be right.
+Rows: the target alone, static (`target`) and dynamic (`target-dyn0.9`, `target-dyn0.7`: also
+every position above the threshold), the strongest things it does alone; `draft` alone; `ar`, an
+autoregressive target alone. A speculative row names its draft (`data`: trained on the task,
+`distilled`: on its target's outputs) and lookahead L (blocks drafted per target forward).
+`simsd-lossless` and `simsd-lossless-dyn0.9` return, greedy, exactly what `target` and
+`target-dyn0.9` return; the paper's `simsd` (draft-step order), `simsd-position`, `simsd-dyn0.9`
+and `simsd-exact` do not; `specdiff` drafts for the autoregressive target.
 
-Two protocols, never mixed. Latency: a fixed number of new tokens, stop tokens ignored, prefill and
-warm-up excluded, the median over --repeats per prompt, then the median over prompts: tok/s, speedup
-(against `target` at the same block and temperature; `specdiff` against `ar`), tokens per target forward,
-acceptance, the share of decode time spent drafting. Quality: stop at EOS or --answer-cap: accuracy.
-The headline is honest: the fastest target-alone row within 1 point of the static target's accuracy, and
-SimSD's best ratio against it among SimSD rows within that point too.
+Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS. Latency:
+fixed new tokens, stop tokens ignored, prefill excluded, in --repeats passes over the prompts,
+each prompt running every row before the next. A pass's tok/s is the median over prompts, a
+row's the median over passes. A speedup pairs decodes of one prompt in one pass, seconds apart,
+so that a slow spell of the machine slows both: the median over prompts of the row's tok/s over
+its baseline's (`target` at the same block and temperature, `ar` for `specdiff`), then over
+passes. "projected" is the speedup SDAR-8B with SDAR-1.7B would get from the row's forward
+counts (projected_cost). The headline: the best speculative row (lossless first) against the
+fastest target-alone row within 1 point of the static target's accuracy; withheld when a row's
+speedup differs between passes by more than SPREAD.
 """
 import argparse
 import contextlib
+import inspect
 import json
+import math
+import os
 import statistics
 import sys
+from collections import namedtuple
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import decode
-import mask as masks
 import model as sdar
 import speculative
 
-DYN = lambda threshold: dict(strategy="dynamic", threshold=threshold)  # noqa: E731
-METHODS = {"target": ("target", {}), "target-dyn0.9": ("target", DYN(0.9)), "target-dyn0.7": ("target", DYN(0.7)),
-           "draft": ("draft", {}), "simsd": ("simsd", {}), "simsd-position": ("simsd", dict(accept="position")),
-           "simsd-dyn0.9": ("simsd", DYN(0.9)), "simsd-exact": ("simsd", dict(verify="exact")),
-           "ar": ("ar", {}), "specdiff": ("specdiff", {})}
+TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
+SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
+DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
+MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
+DEFAULT_LOOKAHEAD = inspect.signature(speculative.generate).parameters["lookahead"].default
+PAPER_DRAFT = "data"  # the paper's rows use it unless --drafts says otherwise, as the paper does
+
+# How a row decodes. kind: target, draft or ar (alone), simsd (an SDAR target with a draft) or
+# specdiff (an AR target with a draft); reproduces: the row a lossless one equals when greedy.
+Method = namedtuple("Method", "kind strategy threshold verify accept reproduces",
+                    defaults=("static", 0.9, None, None, None))
+METHODS = {
+    "target": Method("target"),
+    "target-dyn0.9": Method("target", "dynamic", 0.9),
+    "target-dyn0.7": Method("target", "dynamic", 0.7),
+    "draft": Method("draft"),
+    "ar": Method("ar"),
+    "simsd-lossless": Method("simsd", verify="lossless", reproduces="target"),
+    "simsd-lossless-dyn0.9": Method("simsd", "dynamic", 0.9, "lossless", None, "target-dyn0.9"),
+    "simsd": Method("simsd", verify="simsd", accept="step"),
+    "simsd-position": Method("simsd", verify="simsd", accept="position"),
+    "simsd-dyn0.9": Method("simsd", "dynamic", 0.9, "simsd", "step"),
+    "simsd-exact": Method("simsd", verify="exact", accept="step"),
+    "specdiff": Method("specdiff", reproduces="ar"),
+}
+DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "draft", "ar", "simsd-lossless",
+                   "simsd-lossless-dyn0.9", "simsd", "specdiff")
 ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
+# A line of the table. draft None: no draft; lookahead None: not speculative; block None: AR.
+Row = namedtuple("Row", "task method draft lookahead block temperature")
 TINY = sdar.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
 SHAPES = {**sdar.PRESETS, "tiny": TINY}
+
+
+# A task: prompts [(text, answer or None)], scorer, whether sampled rows run (a sampled answer can
+# be right), tokenizer, models (target: SDAR, ar: Qwen3, either may be None; drafts by name, of the
+# SDAR target and alone; ar_drafts, of the AR target) and folders by role.
+Task = namedtuple("Task", "prompts score sampled tok target ar drafts ar_drafts folders")
 
 
 def fail(message):
@@ -50,171 +88,294 @@ def fail(message):
     sys.exit(2)
 
 
-def log(message):
-    print(message, file=sys.stderr, flush=True)
+def ratio(a, b):
+    """a / b, or None when that is not a finite number."""
+    value = a / b if a is not None and b else None
+    return value if value is not None and math.isfinite(value) else None
 
 
-def median_time(run, repeats, warmup, device):
-    """(median seconds, results) over `repeats` calls of run() after `warmup` untimed ones, synchronised
-    on CUDA. A run returning generate's stats is timed by its "seconds" (prefill excluded), others whole."""
-    seconds, results = [], []
-    for i in range(warmup + repeats):
-        t0 = decode.sync(device)
-        out = run()
-        t1 = decode.sync(device)
-        if i >= warmup:
-            seconds.append(out["seconds"] if isinstance(out, dict) else t1 - t0)
-            results.append(out)
-    return statistics.median(seconds), results
+def projected_cost(target_forwards, draft_forwards, tokens):
+    """Weight GB read per token, the time per token at batch 1 on a GPU where a forward costs its
+    weight bytes over memory bandwidth: (target forwards x TARGET_GB + draft forwards x DRAFT_GB)
+    / tokens. A projection of forward counts to SDAR-8B and SDAR-1.7B, not a measurement."""
+    return ratio(target_forwards * TARGET_GB + draft_forwards * DRAFT_GB, tokens)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def decode_once(row, task, ids, n, stop_ids, seed):
+    """One decode of `row` on prompt ids: (new tokens, decode.Stats)."""
+    method, sampling = METHODS[row.method], decode.Sampling(row.temperature)
+    ar = method.kind in ("ar", "specdiff")
+    target = task.ar if ar else task.target
+    draft = (task.ar_drafts if ar else task.drafts).get(row.draft)
+    device = decode.device_of(target if draft is None else draft)
+    generator = torch.Generator(device).manual_seed(seed)
+    if method.kind == "ar":
+        return decode.generate_ar(target, ids, n, sampling=sampling, stop_ids=stop_ids,
+                                  generator=generator)
+    if method.kind in ("target", "draft"):
+        alone = draft if method.kind == "draft" else target
+        return decode.generate(alone, ids, n, block=row.block, strategy=method.strategy,
+                               threshold=method.threshold, sampling=sampling, stop_ids=stop_ids,
+                               generator=generator)
+    return speculative.generate(target, draft, ids, n, block=row.block, strategy=method.strategy,
+                                threshold=method.threshold, sampling=sampling,
+                                verify=method.verify, accept=method.accept,
+                                lookahead=row.lookahead, stop_ids=stop_ids, generator=generator)
+
+
+def measure(tasks, rows, new_tokens, answer_cap, repeats):
+    """{row: record}: per task, the quality decode of every prompt (outputs; correct, None without
+    an answer), then `repeats` latency passes over the prompts (the Stats of each decode)."""
+    records = {row: {"outputs": [], "correct": [], "passes": []} for row in rows}
+    for name, task in tasks.items():
+        mine = [row for row in rows if row.task == name]
+        chats = [task.tok.chat(text) for text, _ in task.prompts]
+        for i, (ids, (text, answer)) in enumerate(zip(chats, task.prompts)):
+            for row in mine:
+                out, _ = decode_once(row, task, ids, answer_cap, task.tok.stop_ids, i)
+                said = task.tok.decode(out)
+                records[row]["outputs"].append(out)
+                records[row]["correct"].append(None if answer is None else
+                                               task.score(text, said, answer))
+        for p in range(repeats):
+            for row in mine:
+                records[row]["passes"].append([])
+            for i, ids in enumerate(chats):
+                for row in mine:
+                    _, stats = decode_once(row, task, ids, new_tokens, (), i)
+                    records[row]["passes"][p].append(stats)
+            print(f"{name}: latency pass {p + 1} of {repeats} done", file=sys.stderr, flush=True)
+    return records
 
 
 # ----------------------------------------------------------------------------- the table
 
-def decode_once(method, models, ids, block, new_tokens, temperature, stop_ids, mask_id, seed):
-    """One decode by `method`: its stats, plus the new tokens under "out"."""
-    kind, options = METHODS[method]
-    gen = torch.Generator(decode.device_of(models["draft"])).manual_seed(seed)
-    common = dict(temperature=temperature, stop_ids=stop_ids, generator=gen)
-    if kind == "ar":
-        out, stats = decode.generate_ar(models["ar"], ids, new_tokens, **common)
-    elif kind in ("target", "draft"):
-        out, stats = decode.generate(models[kind], ids, new_tokens, block=block, mask_id=mask_id, **options, **common)
-    else:
-        target = models["ar" if kind == "specdiff" else "target"]
-        out, stats = speculative.generate(target, models["draft"], ids, new_tokens, block=block, mask_id=mask_id,
-                                          **options, **common)
-    return {**stats, "out": out}
+def median(values):
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
-def configs(tasks, methods, blocks, temperatures, sampled):
-    """(task, method, block, temperature) to run: `ar` has no block; sampling only on `sampled` tasks."""
-    return [(task, m, None if m == "ar" else b, t) for task in tasks for t in temperatures
-            if t == 0 or task in sampled for b in blocks for m in methods if m != "ar" or b == blocks[0]]
+def spread(values):
+    """How far apart the passes are: max / min - 1 (None with fewer than two)."""
+    present = [v for v in values if v is not None]
+    return ratio(max(present), min(present)) - 1 if len(present) > 1 else None
 
 
-def measure(models, tok, tasks, check, keys, new_tokens, repeats, device, cap):
-    """Every configuration on every prompt of its task (with that task's models), prompt by prompt, so drift
-    hits all alike. One record per configuration with lists over prompts: tok_s and stats (latency), quality
-    and correct (None: no answer)."""
-    records = {k: {"task": k[0], "method": k[1], "block": k[2], "temperature": k[3], "tok_s": [], "stats": [],
-                   "quality": [], "correct": []} for k in keys}
-    for task, prompts in tasks.items():
-        mine = [k for k in keys if k[0] == task]
-        for i, (text, answer) in enumerate(prompts):
-            ids = tok.chat(text)
-            for key in mine:
-                rec, (_, method, block, temperature) = records[key], key
-                run = lambda: decode_once(method, models[task], ids, block, new_tokens, temperature, (), tok.mask_id, i)
-                sec, runs = median_time(run, repeats, int(not rec["tok_s"]), device)  # warm up once per row
-                rec["tok_s"].append(runs[-1]["tokens"] / sec)
-                rec["stats"].append(runs[-1])
-                rec["quality"].append(decode_once(method, models[task], ids, block, cap, temperature, tok.stop_ids,
-                                                  tok.mask_id, i))
-                rec["correct"].append(None if answer is None else check(text, tok.decode(rec["quality"][-1]["out"]),
-                                                                       answer))
-            log(f"{task} prompt {i + 1}/{len(prompts)}")
-    return list(records.values())
+def tok_s(one_pass):
+    return [ratio(s.tokens, s.seconds) for s in one_pass]
+
+
+def paired(rec, base):
+    """Per pass, the median over prompts of a row's tok/s over its baseline's on the same prompt:
+    the two decodes run seconds apart, so that a slow spell of the machine slows both."""
+    return [median([ratio(a, b) for a, b in zip(tok_s(mine), tok_s(theirs))])
+            for mine, theirs in zip(rec["passes"], base["passes"])]
+
+
+def baseline(row, rows):
+    """The row `row` is measured against: `target` at its block and temperature; `ar` for the
+    autoregressive rows, and for a draft alone where there is no `target`."""
+    target = Row(row.task, "target", None, None, row.block, row.temperature)
+    if METHODS[row.method].kind in ("ar", "specdiff") or target not in rows:
+        return Row(row.task, "ar", None, None, None, row.temperature)
+    return target
+
+
+def equal_share(records, row):
+    """The share of prompts whose greedy output equals that of the row a lossless row reproduces."""
+    reproduced = METHODS[row.method].reproduces
+    reference = baseline(row, records)._replace(method=reproduced)
+    if reproduced is None or row.temperature != 0 or reference not in records:
+        return None
+    pairs = list(zip(records[row]["outputs"], records[reference]["outputs"]))
+    return ratio(sum(a == b for a, b in pairs), len(pairs))
 
 
 def table_rows(records):
-    """Rows from records: tok/s = median over prompts; speedup against `target` at the same task, block and
-    temperature (`specdiff` against `ar`); tokens per target forward over decode forwards only (vanilla:
-    tokens / (forwards - prefill forwards), speculative: tokens / iterations, draft: none); acceptance =
-    accepted / drafted; drafting = the share of speculative decode time spent drafting; accuracy = % correct
-    among prompts with an answer; and tokens per target forward and acceptance under the quality protocol."""
-    tok_s = {(r["task"], r["method"], r["block"], r["temperature"]): statistics.median(r["tok_s"]) for r in records}
-    rows = []
-    for r in records:
-        def ratios(stats):
-            total = lambda key: sum(s[key] for s in stats)  # noqa: E731
-            spec = "iterations" in stats[0]
-            forwards = total("iterations") if spec else total("forwards") - total("prefill_forwards")
-            return (total("tokens") / max(forwards, 1) if r["method"] != "draft" else None,
-                    total("accepted") / max(total("drafted"), 1) if spec else None,
-                    total("draft_seconds") / total("seconds") if spec else None)
-        base = ("ar", None) if r["method"] in ("ar", "specdiff") else ("target", r["block"])
-        base = tok_s.get((r["task"], *base, r["temperature"]))
-        mine = tok_s[r["task"], r["method"], r["block"], r["temperature"]]
-        scored = [c for c in r["correct"] if c is not None]
-        (tpf, acc, share), (qtpf, qacc, _) = ratios(r["stats"]), ratios(r["quality"])
-        rows.append({"task": r["task"], "method": r["method"], "block": r["block"], "temperature": r["temperature"],
-                     "tok_s": mine, "speedup": mine / base if base else None, "tokens_per_target_forward": tpf,
-                     "acceptance": acc, "drafting": share, "accuracy": 100 * sum(scored) / len(scored) if scored
-                     else None, "quality_tokens_per_target_forward": qtpf, "quality_acceptance": qacc})
-    return rows
+    """One dict per row: its JSON fields (the Stats fields summed over the latency protocol's
+    prompts, and what the table shows)."""
+    out = {}
+    for row, rec in records.items():
+        first = rec["passes"][0]  # later passes repeat its counts
+        n = {key: sum(getattr(s, key) for s in first) for key in asdict(first[0])}
+        alone = METHODS[row.method].kind == "draft"  # its forwards are the draft's
+        spec = METHODS[row.method].kind in ("simsd", "specdiff")
+        forwards = (0, n["forwards"]) if alone else (n["forwards"], n["draft_forwards"])
+        speedups = paired(rec, records[baseline(row, records)])
+        scored = [c for c in rec["correct"] if c is not None]
+        out[row] = {**row._asdict(), **n,
+                    "tok_s": median([median(tok_s(one)) for one in rec["passes"]]),
+                    "speedup": median(speedups), "speedup_passes": speedups,
+                    "spread": spread(speedups),
+                    "cost": projected_cost(*forwards, n["tokens"]),
+                    "tokens_per_target_forward": ratio(n["tokens"], forwards[0]),
+                    "steps_matched": ratio(n["matched"], n["steps"]) if spec else None,
+                    "acceptance": ratio(n["accepted"], n["drafted"]) if spec else None,
+                    "drafting": ratio(n["draft_seconds"], n["seconds"]) if spec else None,
+                    "accuracy": 100 * ratio(sum(scored), len(scored)) if scored else None,
+                    "outputs_equal_target": equal_share(records, row)}
+    for row, r in out.items():
+        r["projected_speedup"] = ratio(out[baseline(row, out)]["cost"], r["cost"])
+    return list(out.values())
 
 
-def headlines(rows):
-    """Per task, block and temperature: the fastest target alone within 1 point of static accuracy, and
-    SimSD's best ratio against it among SimSD rows within that point; SpecDiff's ratio against `ar`."""
+# ----------------------------------------------------------------------------- the headline
+
+def name(row):
+    """A row as a sentence names it: method (draft, L)."""
+    extras = [f"{row['draft']} draft"] if row["draft"] else []
+    extras += [f"L={row['lookahead']}"] if row["lookahead"] else []
+    return row["method"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def baseline_name(row):
+    return "ar" if METHODS[row["method"]].kind in ("ar", "specdiff") else "target"
+
+
+def versus(spec, base):
+    """How `spec` compares with `base`, measured and projected, and what limits it when slower."""
+    measured = ratio(spec["speedup"], base["speedup"])
+    projected = ratio(spec["projected_speedup"], base["projected_speedup"])
+    if measured is None or projected is None:
+        return f"{name(spec)} against {name(base)}: not measured"
+    line = (f"{name(spec)} runs at {measured:.2f}x {name(base)} measured ({spec['speedup']:.2f}x "
+            f"against {base['speedup']:.2f}x {baseline_name(base)}), {projected:.2f}x projected")
+    if measured < 1:
+        per_forward = ratio(spec["matched"], spec["forwards"]) or 0.0
+        line += (f"; {1 - measured:.0%} slower measured: drafting takes "
+                 f"{spec['drafting'] or 0:.0%} of its time, and a target forward commits "
+                 f"{per_forward:.2f} matched draft steps")
+    return line
+
+
+def comparisons(group):
+    """The headline's sentences for one task, block and temperature."""
+    fastest = partial(max, key=lambda r: r["speedup"] or 0.0)
+    alone = {r["method"]: r for r in group if r["draft"] is None}
     lines = []
-    for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"]) for r in rows):
-        group = {r["method"]: r for r in rows if (r["task"], r["block"], r["temperature"]) == (task, block, temp)}
-        where = f"{task}, block {block}, {'greedy' if temp == 0 else f'temperature {temp:g}'}"
-        if "specdiff" in group and group["specdiff"]["speedup"] is not None:
-            lines.append(f"{where}: specdiff {group['specdiff']['speedup']:.2f}x ar")
-        static = group.get("target")
-        if static is None or static["accuracy"] is None:
-            continue
-        near = lambda r: r["accuracy"] is not None and r["accuracy"] >= static["accuracy"] - 1  # noqa: E731
-        best = max((group[m] for m in ALONE if m in group and near(group[m])), key=lambda r: r["tok_s"])
-        line = (f"{where}: fastest target alone within 1 point of static accuracy ({static['accuracy']:.1f}%) is "
-                f"{best['method']} at {best['tok_s']:.0f} tok/s ({best['accuracy']:.1f}%)")
-        spec = [r for m, r in group.items() if m.startswith("simsd")]
-        good = [r for r in spec if near(r)]
-        if good:
-            top = max(good, key=lambda r: r["tok_s"])
-            line += f"; SimSD's best within that point: {top['method']} at {top['tok_s'] / best['tok_s']:.2f}x of it"
-        elif spec:
-            top = max(spec, key=lambda r: r["tok_s"])
-            line += (f"; no SimSD row is within that point (the fastest, {top['method']}, runs at "
-                     f"{top['tok_s'] / best['tok_s']:.2f}x of it with {top['accuracy']:.1f}%)")
-        lines.append(line)
+    if alone.get("target", {}).get("accuracy") is not None:
+        floor = alone["target"]["accuracy"] - 1
+        near = [r for r in group if r["accuracy"] is not None and r["accuracy"] >= floor]
+        best_alone = fastest([r for r in near if r["method"] in ALONE])
+        lossless = [r for r in near if METHODS[r["method"]].verify == "lossless"]
+        paper = [r for r in group if METHODS[r["method"]].verify in ("simsd", "exact")]
+        paper_near = [r for r in paper if r in near]
+        lines += [versus(fastest(rows), best_alone) for rows in (lossless, paper_near) if rows]
+        if paper and not paper_near:
+            top = fastest(paper)
+            lines.append(f"no paper SimSD row is within 1 point of the static target's accuracy "
+                         f"(the fastest, {name(top)}, has {top['accuracy']:.1f}%)")
+    specdiff = [r for r in group if r["method"] == "specdiff"]
+    if specdiff and "ar" in alone:
+        lines.append(versus(fastest(specdiff), alone["ar"]))
     return lines
 
 
-def show(v, spec, unit=""):
-    return "" if v is None else format(v, spec) + unit
+def headlines(rows):
+    """Per task, block and temperature: comparisons(), unless a row has fewer than two timing
+    passes, or a speedup that differs between passes by more than SPREAD: then a sentence."""
+    lines = []
+    for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"])
+                                           for r in rows if r["block"]):
+        group = [r for r in rows if (r["task"], r["temperature"]) == (task, temp)
+                 and r["block"] in (block, None)]
+        sampling = "greedy" if temp == 0 else f"temperature {temp:g}"
+        where = f"{task}, block {block}, {sampling}"
+        unchecked = [r for r in group if r["spread"] is None]
+        jumpy = max(group, key=lambda r: r["spread"] or 0.0)
+        if unchecked:
+            lines.append(f"{where}: headline withheld: {name(unchecked[0])} has fewer than two "
+                         "timing passes to compare; use --repeats 2 or more")
+        elif jumpy["spread"] > SPREAD:
+            lines.append(f"{where}: headline withheld: the speedup of {name(jumpy)} differs "
+                         f"by {jumpy['spread']:.0%} between passes, more than {SPREAD:.0%}; rerun "
+                         "on a quieter machine")
+        else:
+            lines += [f"{where}: {line}" for line in comparisons(group)]
+    return lines
 
 
-def markdown(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
-                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+# ----------------------------------------------------------------------------- the report
+
+def show(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def markdown(header, cells):
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in cells])
+
+
+COLUMNS = {  # header: (JSON field, format)
+    "method": ("method", "s"), "draft": ("draft", "s"), "L": ("lookahead", "d"),
+    "block": ("block", "d"), "temp": ("temperature", "g"), "tok/s": ("tok_s", ".1f"),
+    "speedup": ("speedup", ".2f"), "projected": ("projected_speedup", ".2f"),
+    "tokens / target forward": ("tokens_per_target_forward", ".2f"),
+    "steps matched": ("steps_matched", ".0%"), "acceptance": ("acceptance", ".0%"),
+    "drafting": ("drafting", ".0%"), "accuracy %": ("accuracy", ".1f"),
+    "= target": ("outputs_equal_target", ".0%"),
+}
+
+
+def clean(value):
+    """JSON-safe, through lists and dicts: floats rounded, None for any that is not finite."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    return [clean(v) for v in value] if isinstance(value, list) else value
 
 
 def report(conditions, rows):
-    """Conditions, a table per task, the headlines, then the JSON line: always the last line of stdout."""
+    """Conditions, a table per task, the headlines, then the JSON line: the last line of stdout."""
     print("\n".join(f"- {k}: {v}" for k, v in conditions.items()))
-    header = ["method", "block", "temp", "tok/s", "speedup", "tokens / target forward", "at EOS", "acceptance",
-              "drafting", "accuracy"]
     for task in dict.fromkeys(r["task"] for r in rows):
-        print(f"\n{task}:\n")
-        print(markdown(header, [[r["method"], show(r["block"], "d"), f"{r['temperature']:g}", show(r["tok_s"], ".1f"),
-                                 show(r["speedup"], ".2f", "x"), show(r["tokens_per_target_forward"], ".2f"),
-                                 show(r["quality_tokens_per_target_forward"], ".2f"), show(r["acceptance"], ".0%"),
-                                 show(r["drafting"], ".0%"),
-                                 show(r["accuracy"], ".1f", "%")] for r in rows if r["task"] == task]))
-    print("\n" + "\n".join(headlines(rows)))
-    rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
-    print(json.dumps({"device": conditions["device"], "dtype": conditions["dtype"], "rows": rounded}))
+        cells = [[show(r[key], spec) for key, spec in COLUMNS.values()]
+                 for r in rows if r["task"] == task]
+        print(f"\n{task}:\n\n" + markdown(list(COLUMNS), cells))
+    lines = headlines(rows)
+    print("\n" + "\n".join(lines))
+    kept = ("device", "dtype", "threads")
+    result = {**{k: conditions[k] for k in kept}, "spread_limit": SPREAD, "headlines": lines,
+              "rows": rows}
+    print(json.dumps(clean(result), allow_nan=False))
 
 
-def load_models(paths, device, dtype):
-    """{"target" or "ar": the --model, "draft": the --draft, "ar": an extra AR target} and the draft's
-    tokenizer, each pair checked; sentences, not tracebacks."""
-    try:
-        models = {name: sdar.load(path, device, dtype) for name, path in paths.items()}
-        toks = {name: sdar.load_tokenizer(path) for name, path in paths.items()}
-    except (OSError, ValueError) as e:
-        fail(f"cannot load the checkpoints: {e}")
-    for name in ("model", "ar") if "ar" in paths else ("model",):  # the toys add an AR target
+# ----------------------------------------------------------------------------- models and prompts
+
+def load(path, device, dtype, loaded):
+    """(model, tokenizer) of a folder, each loaded once; a sentence, not a traceback."""
+    key = Path(path).resolve()
+    if key not in loaded:
         try:
-            speculative.check_pair(models[name], models["draft"], toks[name], toks["draft"])
-        except ValueError as e:
-            fail(f"--draft {paths['draft']} with {paths[name]}: {e}")
-    target = models.pop("model")
-    models[{"sdar": "target", "qwen3": "ar"}[target.config.model_type]] = target
-    return models, toks["draft"]
+            loaded[key] = (sdar.load(path, device, dtype), sdar.load_tokenizer(path))
+        except (OSError, ValueError) as e:
+            fail(f"cannot load the checkpoint {path}: {e}")
+    return loaded[key]
+
+
+def build_task(prompts, score, sampled, targets, drafts, ar_drafts, where):
+    """A Task from folders: targets {"target" and/or "ar": path}; drafts {name: path} of the SDAR
+    target (and alone), ar_drafts of the AR one; each pair checked. where: (device, dtype, {})."""
+    models = {path: load(path, *where) for path in [*targets.values(), *drafts.values(),
+                                                    *ar_drafts.values()]}
+    for role, target in targets.items():
+        for draft in (drafts if role == "target" else ar_drafts).values():
+            try:
+                speculative.check_pair(models[target][0], models[draft][0], models[target][1],
+                                       models[draft][1])
+            except ValueError as e:
+                fail(f"the draft {draft} cannot propose to {target}: {e}")
+    specdiff_drafts = ar_drafts if "ar" in targets else {}
+    folders = {**targets, **{f"{d} draft": path for d, path in drafts.items()},
+               **{f"specdiff's {d} draft": path for d, path in specdiff_drafts.items()}}
+    role = {r: models[targets[r]][0] if r in targets else None for r in ("target", "ar")}
+    tok = models[next(iter(drafts.values()))][1]  # the draft's: it covers every target's ids
+    return Task(prompts, score, sampled, tok, role["target"], role["ar"],
+                {d: models[path][0] for d, path in drafts.items()},
+                {d: models[path][0] for d, path in ar_drafts.items()}, folders)
 
 
 def read_prompts(path, n):
@@ -223,65 +384,144 @@ def read_prompts(path, n):
         lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         fail(f"--prompts {path} cannot be read as JSONL ({e}); give one JSON object per line")
-    if not lines or any(not isinstance(x, dict) or not isinstance(x.get("prompt"), str) for x in lines):
+    if not lines or any(not isinstance(x, dict) or not isinstance(x.get("prompt"), str)
+                        for x in lines):
         fail(f'--prompts {path} must hold one {{"prompt": ..., "answer": ...}} object per line')
-    return [(x["prompt"], None if x.get("answer") is None else str(x["answer"])) for x in lines][:n]
+    empty = [i for i, x in enumerate(lines, 1) if not x["prompt"]]
+    if empty:
+        fail(f"--prompts {path}: the prompt on line {empty[0]} is empty; decoding starts from "
+             "at least one token")
+    answers = [None if x.get("answer") is None else str(x["answer"]) for x in lines]
+    return [(x["prompt"], answer) for x, answer in zip(lines, answers)][:n]
 
 
-def contains_answer(prompt, prediction, answer):
-    return answer.strip() in prediction
+def toy_tasks(args, where):
+    """{task: Task} of train_tiny's toys (trained first if missing) on held-out prompts."""
+    import train_tiny  # the toy default only; real checkpoints never need it
+    n, prompts = args.num_prompts or DEFAULT_PROMPTS, {}
+    for task in args.tasks or train_tiny.TASKS:
+        try:
+            prompts[task] = train_tiny.examples(n, "heldout", task=task)
+        except ValueError as e:
+            fail(f"--num-prompts {n}: {e}")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the table, then the JSON line
+        train_tiny.ensure_trained(quiet=True)
+    tasks = {}
+    for task, chosen in prompts.items():
+        folders = train_tiny.folders(task)
+        drafts = {d: folders[d] for d in args.drafts or train_tiny.DRAFTS}
+        ar_drafts = {d: folders.get(f"ar-{d}", path) for d, path in drafts.items()}  # its own
+        targets = {"target": folders["target"], "ar": folders["ar"]}
+        sampled = task != "sort"  # a sorted list has one right answer: greedy only
+        tasks[task] = build_task(chosen, train_tiny.score, sampled, targets, drafts, ar_drafts,
+                                 where)
+    return tasks
+
+
+def checkpoint_tasks(args, where):
+    """{"prompts": Task} of --model (SDAR or Qwen3), --draft and --prompts; an answer counts when
+    the output contains it."""
+    prompts = read_prompts(args.prompts, args.num_prompts)
+    kind = load(args.model, *where)[0].config.model_type
+    targets = {"target" if kind == "sdar" else "ar": args.model}
+    drafts = {Path(args.draft).name: args.draft}
+    contains = lambda prompt, output, answer: answer.strip() in output  # noqa: E731
+    return {"prompts": build_task(prompts, contains, True, targets, drafts, drafts, where)}
+
+
+def blocks_of(task, asked):
+    """--blocks, which must be the block a checkpoint was trained with if its config names one."""
+    models = [m for m in (task.target, *task.drafts.values()) if m is not None]
+    trained = next((m.config.block_size for m in models if m.config.block_size), None)
+    wrong = [b for b in asked or () if trained and b != trained]
+    if wrong:
+        fail(f"block {wrong[0]} requested but the models were trained with block {trained} "
+             f"(block_size in their config.json); use --blocks {trained}")
+    return asked or [trained or 4]
+
+
+def plan(task_name, task, args):
+    """The rows of one task: each chosen method its models can run, at every block, temperature,
+    draft and lookahead, and the rows they are measured against or reproduce."""
+    methods = list(args.methods or DEFAULT_METHODS)
+    methods += [METHODS[m].reproduces for m in methods if METHODS[m].reproduces]
+    ar_baseline = task.target is None or any(METHODS[m].kind == "specdiff" for m in methods)
+    methods += ["target"] + (["ar"] if ar_baseline else [])  # what the rows are measured against
+    runnable = {"target": task.target, "simsd": task.target, "ar": task.ar, "specdiff": task.ar,
+                "draft": task.drafts or None}
+    temperatures = [t for t in args.temperatures or [0.0] if t == 0 or task.sampled]
+    rows = []
+    for temperature in temperatures:
+        for block in blocks_of(task, args.blocks):
+            for method in (m for m in dict.fromkeys(methods) if runnable[METHODS[m].kind]):
+                m = METHODS[method]
+                lookaheads = args.lookahead if m.kind in ("simsd", "specdiff") else [None]
+                row_block = None if m.kind == "ar" else block
+                rows += [Row(task_name, method, d, L, row_block, temperature)
+                         for d in drafts_of(m, task, args) for L in lookaheads]
+    return list(dict.fromkeys(rows))
+
+
+def drafts_of(method, task, args):
+    """The drafts of a method's rows: none alone; by default PAPER_DRAFT for the paper's rows,
+    as in the paper; every draft otherwise."""
+    if method.kind in ("target", "ar"):
+        return [None]
+    if method.verify in ("simsd", "exact") and PAPER_DRAFT in task.drafts and not args.drafts:
+        return [PAPER_DRAFT]
+    return list(task.drafts)
+
+
+def conditions(args, tasks, device, dtype, new_tokens, source):
+    def sizes(task):
+        drafts = {f"{d} draft": m for d, m in task.drafts.items()}
+        models = {"target": task.target, "ar": task.ar, **drafts}
+        return ", ".join(f"{role} {sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"
+                         for role, m in models.items() if m is not None)
+
+    def folders(task):
+        return ", ".join(f"{role} {path}" for role, path in task.folders.items())
+    return {
+        "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "parameters": "; ".join(f"{t}: {sizes(task)}" for t, task in tasks.items()),
+        "folders": "; ".join(f"{t}: {folders(task)}" for t, task in tasks.items()),
+        "batch": 1, "steps": "one position per step of the schedule (steps = block)",
+        "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
+        "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
+        f"{args.repeats} passes over the prompts; tok/s: the median over passes of each pass's "
+        "median over prompts; speedup: the same of the row's tok/s over its baseline's on the "
+        "same prompt, decoded seconds apart",
+        "quality": f"stop at EOS or {args.answer_cap} tokens; '= target': the share of greedy "
+        "outputs equal to those of the row a lossless row reproduces",
+        "projected": f"the speedup against the same baseline if the target were SDAR-8B "
+        f"({TARGET_GB} GB of bf16 weights) and the draft SDAR-1.7B ({DRAFT_GB} GB) on a GPU "
+        "where a forward at batch 1 costs its weight bytes over memory bandwidth: time per token "
+        f"proportional to (target forwards x {TARGET_GB} + draft forwards x {DRAFT_GB}) / tokens, "
+        "from the row's latency forward counts. A projection, not a measurement",
+        "headline": f"withheld when a row's speedup differs between passes by more than "
+        f"{SPREAD:.0%}",
+    }
 
 
 def table_main(args, device, dtype):
-    if args.model is None:
-        import train_tiny  # the toy default only; real checkpoints never need it
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is the table, then the JSON line
-            train_tiny.ensure_trained(quiet=True)
-        jobs = {t: (dict(zip(("model", "draft"), train_tiny.pair(t)), ar=train_tiny.AR_DIR),
-                    train_tiny.examples(args.num_prompts or 48, "heldout", task=t)) for t in args.tasks or train_tiny.TASKS}
-        check, source = train_tiny.score, "train_tiny held-out prompts; sort by exact match, walk by validity"
-        sampled = [t for t in jobs if t != "sort"]  # a sorted list has one right answer: greedy only
-    else:
-        jobs = {"prompts": ({"model": args.model, "draft": args.draft}, read_prompts(args.prompts, args.num_prompts))}
-        check, source, sampled = contains_answer, f"{args.prompts}, answer contained in the output", ["prompts"]
-    models, keys = {}, []
-    for task, (paths, prompts) in jobs.items():
-        models[task], tok = load_models(paths, device, dtype)
-        have = {"target": "target" in models[task], "draft": True, "simsd": "target" in models[task],
-                "ar": "ar" in models[task], "specdiff": "ar" in models[task]}
-        trained = models[task]["draft"].config.block_size
-        blocks = args.blocks or ([trained] if trained else [4, 8])
-        if trained and any(b != trained for b in blocks):
-            fail(f"block {next(b for b in blocks if b != trained)} requested but the draft was trained with block "
-                 f"{trained}; block 8 needs the -b8 checkpoints")
-        kind, rule = lambda m: METHODS[m][0], lambda m: METHODS[m][1].get("accept", "step")  # noqa: E731
-        keys += configs([task], [m for m in args.methods or METHODS if have[kind(m)] and (
-            not args.accept or kind(m) != "simsd" or rule(m) == args.accept)], blocks, args.temperatures or [0.0, 1.0],
-            sampled)
-    # Toy answers are 21-36 tokens: 32 fixed tokens time the answer itself, not post-EOS filler on which the
-    # models were never trained to agree.
-    new, reps = args.new_tokens or (32 if args.prompts is None else 128), args.repeats or 1
-    tasks = {task: prompts for task, (_, prompts) in jobs.items()}
-    records = measure(models, tok, tasks, check, keys, new, reps, torch.device(device), args.answer_cap)
-    params = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"  # noqa: E731
-    conditions = {"device": device, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-                  "models": "; ".join(f"{t}: " + ", ".join(f"{k} {params(m)} parameters" for k, m in ms.items())
-                                      for t, ms in models.items()),
-                  "folders": "; ".join(f"{t}: " + ", ".join(map(str, paths.values())) for t, (paths, _) in jobs.items()),
-                  "batch": 1, "steps": "one position per step (steps = block)",
-                  "prompts": f"{', '.join(f'{len(p)} {t}' for t, p in tasks.items())} ({source})",
-                  "latency protocol": f"{new} new tokens, stop tokens ignored, prefill and warm-up excluded, "
-                  f"median of {reps} repeats per prompt, then median over prompts",
-                  "quality protocol": f"stop at EOS or {args.answer_cap} tokens: accuracy",
-                  "sampling": "temperature 1, seeded per prompt; rows with temp 0 are greedy"}
-    report(conditions, table_rows(records))
+    toys, where = args.model is None, (device, dtype, {})
+    tasks = toy_tasks(args, where) if toys else checkpoint_tasks(args, where)
+    source = (" (train_tiny held-out; sort by exact match, walk by validity; sampled rows on walk)"
+              if toys else f" ({args.prompts}, answer contained in the output)")
+    rows = [row for task_name, task in tasks.items() for row in plan(task_name, task, args)]
+    new_tokens = args.new_tokens or (32 if toys else 128)
+    args.answer_cap = args.answer_cap or (64 if toys else 256)
+    args.repeats = args.repeats or 2
+    records = measure(tasks, rows, new_tokens, args.answer_cap, args.repeats)
+    report(conditions(args, tasks, device, dtype, new_tokens, source), table_rows(records))
 
 
-# ----------------------------------------------------------------------------- random weights, real shapes
+# ----------------------------------------------------------------------------- real shapes
 
 def random_model(config, device, dtype, seed):
-    """Random weights of `config`'s shape, built on the meta device and materialised once on `device`
-    (an 8B model fits and builds in seconds): normals of std 0.02, norms at 1."""
+    """Random weights of `config`'s shape, built on the meta device and materialised once on
+    `device` (an 8B model builds in seconds): normals of std 0.02, norms at 1."""
     with torch.device("meta"):
         m = sdar.Transformer(config).to(dtype)
     m = m.to_empty(device=device).eval()
@@ -289,42 +529,47 @@ def random_model(config, device, dtype, seed):
         m.lm_head.weight = m.model.embed_tokens.weight  # to_empty materialises each module's copy
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+        for param, p in m.named_parameters():
+            p.fill_(1.0) if param.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
     return m
 
 
-def time_block(target, draft, B, args, device, mask_id):
-    """{forward name: (query tokens, seconds, weight bytes read)} at block B after args.context tokens."""
-    ctx, dev = args.context, torch.device(device)
-    tcache, dcache = (m.new_cache(ctx + B * B + B) for m in (target, draft))
-    for m, cache in ((target, tcache), (draft, dcache)):
-        decode.prefill(m, torch.randint(0, mask_id, (ctx,), device=device), cache, B)
-    blk, full = torch.full((B,), mask_id, device=device), masks.block_causal(B, B, ctx, device)
-    pos, d = torch.arange(ctx, ctx + B, device=device), torch.randint(0, mask_id, (B,), device=device)
-    none = pos[:0]
+def median_time(run, repeats, device):
+    """Median seconds of `repeats` calls of run() after one untimed, synchronised on CUDA."""
+    run()
+    seconds = []
+    for _ in range(repeats):
+        t0 = decode.sync(device)
+        run()
+        seconds.append(decode.sync(device) - t0)
+    return statistics.median(seconds)
 
-    def verify(mode):
-        ids, p, att, _ = speculative.verify_layout(none, none, d, pos, torch.arange(1, B + 1, device=device), mode,
-                                                   mask_id)
-        return lambda: target(ids[None], p, att, tcache)
 
-    def iteration():  # B draft steps, one simsd verification, greedy acceptance (its host sync included)
-        x, t, p, _ = decode.denoise(draft, blk, ctx, B, cache=dcache, mask_id=mask_id)
-        q = speculative.verify_block(target, tcache, none, [mask_id] * B, [False] * B, x, t, ctx, "simsd", mask_id,
-                                     dict(temperature=0.0, top_k=0, top_p=1.0))
-        speculative.acceptance(x, p, q, t, 0.0)
-
-    wt, wd = (sum(p.nbytes for p in m.parameters()) for m in (target, draft))
-    runs = {"target denoise step": (B, lambda: target(blk[None], pos, full, tcache), wt),
-            "target verify, simsd": (2 * B, verify("simsd"), wt),
-            "target verify, exact": (B * B, verify("exact"), wt),
-            "draft step": (B, lambda: draft(blk[None], pos, full, dcache), wd),
-            "SimSD iteration": (B * (B + 2), iteration, B * wd + wt)}
-    out = {}
-    for name, (tokens, run, nbytes) in runs.items():
-        out[name] = (tokens, median_time(run, args.repeats, 1, dev)[0], nbytes)
-        log(f"block {B} {name}: {out[name][1] * 1e3:.2f} ms")
+def forwards_at(target, draft, B, ctx, device):
+    """{forward: (query tokens, weight bytes, a call)} at block B after ctx random tokens: a
+    target denoise step, its verification forward of one drafted block (one position per step)
+    in the lossless/exact layout and in the simsd layout, and a draft step."""
+    mask_id = target.config.mask_token_id
+    tcache, dcache = target.new_cache(ctx + B * B + 2 * B), draft.new_cache(ctx + B)
+    prompt = torch.randint(0, mask_id, (ctx + B,), device=device)
+    decode.prefill(target, prompt[:ctx], tcache, B)
+    decode.prefill(draft, prompt[:ctx], dcache, B)
+    masked, drafted = torch.full((B,), mask_id, device=device), prompt[ctx:]
+    step_map = torch.arange(1, B + 1, device=device)  # position i revealed at step i + 1
+    proposal = speculative.Proposal(ctx, masked < 0, drafted, step_map, 0, drafted.expand(B, B),
+                                    None)
+    weights = [sum(p.nbytes for p in m.parameters()) for m in (target, draft)]
+    out = {"target denoise step": (B, weights[0], partial(
+        decode.forward_block, target, masked[:0], masked, ctx, tcache))}
+    for label, mode in (("lossless/exact", "lossless"), ("simsd", "simsd")):
+        opt = speculative.options(target, draft, B, ctx, block=B, steps=None, strategy="static",
+                                  threshold=0.9, sampling=decode.GREEDY, verify=mode, accept=None,
+                                  lookahead=1, eos_min_prob=0.0, stop_ids=())
+        ids, pos, attend, _ = speculative.layout([proposal], masked[:0], opt)
+        out[f"target verify, {label}"] = (len(ids), weights[0],
+                                          partial(target, ids[None], pos, attend, tcache))
+    out["draft step"] = (B, weights[1], partial(decode.forward_block, draft, masked[:0], masked,
+                                                ctx, dcache))
     return out
 
 
@@ -334,102 +579,130 @@ def shapes_main(args, device, dtype):
     if len(names) != 2 or any(n not in SHAPES for n in names):
         fail(f"--shapes takes TARGET:DRAFT with names from {', '.join(sorted(SHAPES))}")
     target, draft = (random_model(SHAPES[n], device, dtype, seed) for seed, n in enumerate(names))
-    mask_id, dev, new = target.config.mask_token_id, torch.device(device), args.new_tokens or 256
-    args.repeats = args.repeats or 3
-    cuda = dev.type == "cuda"
-    bw = args.bandwidth * 1e9 if args.bandwidth else None
-    if cuda and bw is None:  # bytes read + written per second by a large device-to-device copy
+    new, args.repeats, dev = args.new_tokens or 256, args.repeats or 3, torch.device(device)
+    bw = args.bandwidth and args.bandwidth * 1e9
+    if device == "cuda" and not bw:  # bytes read + written per second by a large copy
         a = torch.empty(2 ** 28, device=device)
-        bw = 2 * a.nbytes / median_time(lambda: torch.empty_like(a).copy_(a), 5, 1, dev)[0]
-    blocks_out, cells = [], []
+        bw = 2 * a.nbytes / median_time(lambda: torch.empty_like(a).copy_(a), 5, dev)
+    blocks, cells = [], []
     for B in args.blocks or [4, 8]:
-        timed = time_block(target, draft, B, args, device, mask_id)
-        forwards = [{"name": k, "tokens": t, "ms": s * 1e3, "weight_bytes": w,
-                     "floor_fraction": w / bw / s if bw else None} for k, (t, s, w) in timed.items()]
-        cells += [[B, f["name"], f["tokens"], f"{f['ms']:.2f}", f"{f['weight_bytes'] / 1e9:.3f}",
-                   show(f["floor_fraction"], ".0%")] for f in forwards]
-        prompt = torch.randint(0, mask_id, (args.context,)).tolist()
-        sec, runs = median_time(lambda: decode.generate(target, prompt, new, block=B, mask_id=mask_id)[1],
-                                args.repeats, 1, dev)
-        blocks_out.append({"block": B, "forwards": forwards, "vanilla_tok_s": runs[-1]["tokens"] / sec,
-                           "simsd_tok_s_derived": [k / timed["SimSD iteration"][1] for k in range(1, B + 1)]})
-    gpu = torch.cuda.get_device_name(dev) if cuda else None
-    print(f"- {gpu or device}, {str(dtype).removeprefix('torch.')}, torch threads: {torch.get_num_threads()}, batch 1, "
-          f"{args.context} context tokens prefilled, median of {args.repeats} after one warm-up; an iteration is "
-          f"B draft steps + 1 simsd verify (no folded store); vanilla: {new} fixed new tokens via decode.generate\n")
-    print(markdown(["block", "forward", "query tokens", "ms", "weight GB", "fraction of the weight-bytes floor"],
-                   cells) + "\n")
-    print(markdown(["block", "vanilla tok/s", "SimSD tok/s derived for k = 1..B tokens committed per iteration "
-                    "(k / iteration time; random weights accept nothing)"],
-                   [[b["block"], f"{b['vanilla_tok_s']:.1f}", " / ".join(f"{v:.1f}" for v in b["simsd_tok_s_derived"])]
-                    for b in blocks_out]))
-    print(json.dumps({"device": device, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu,
-                      "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None,
-                      "bandwidth_GBps": bw / 1e9 if bw else None, "threads": torch.get_num_threads(),
-                      "target": names[0], "draft": names[1], "context": args.context, "new_tokens": new,
-                      "batch": 1, "blocks": blocks_out}))
+        forwards = []
+        for label, (tokens, nbytes, run) in forwards_at(target, draft, B, args.context,
+                                                        device).items():
+            seconds = median_time(run, args.repeats, dev)
+            floor = bw and nbytes / bw / seconds
+            forwards.append({"name": label, "tokens": tokens, "ms": seconds * 1e3,
+                             "weight_bytes": nbytes, "floor_fraction": floor})
+            cells.append([B, label, tokens, f"{seconds * 1e3:.2f}", f"{nbytes / 1e9:.3f}",
+                          show(floor, ".0%")])
+        prompt = torch.randint(0, target.config.mask_token_id, (args.context,)).tolist()
+        vanilla = median_time(partial(decode.generate, target, prompt, new, block=B),
+                              args.repeats, dev)
+        blocks.append({"block": B, "forwards": forwards, "vanilla_tok_s": new / vanilla})
+    gpu = torch.cuda.get_device_name(dev) if device == "cuda" else None
+    print(f"- {gpu or device}, {str(dtype).removeprefix('torch.')}, threads "
+          f"{torch.get_num_threads()}, batch 1, {args.context} context tokens prefilled, median "
+          f"of {args.repeats} after one warm-up; vanilla: {new} new tokens, prefill included\n")
+    print(markdown(["block", "forward", "query tokens", "ms", "weight GB",
+                    "fraction of the weight-bytes floor"], cells) + "\n")
+    print(markdown(["block", "vanilla tok/s"], [[b["block"], f"{b['vanilla_tok_s']:.1f}"]
+                                                for b in blocks]))
+    peak = torch.cuda.max_memory_allocated(dev) if device == "cuda" else None
+    result = {"device": device, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu,
+              "peak_memory_bytes": peak, "bandwidth_GBps": bw and bw / 1e9,
+              "threads": torch.get_num_threads(), "target": names[0], "draft": names[1],
+              "context": args.context, "new_tokens": new, "batch": 1, "blocks": blocks}
+    print(json.dumps(clean(result), allow_nan=False))
 
+
+# ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Decoding methods side by side: a table per task that ends with one JSON "
-                                "line. Default: the toy models of train_tiny.py.")
+    p = argparse.ArgumentParser(description="Decoding methods side by side: a table per task "
+                                "that ends with one JSON line. Default: train_tiny's toy models.")
     add = p.add_argument
     add("--model", help="target checkpoint folder, SDAR or Qwen3 (with --draft and --prompts)")
     add("--draft", help="draft SDAR checkpoint folder")
-    add("--prompts", help='JSONL file, one {"prompt": ..., "answer": ...} per line (answer optional)')
-    add("--num-prompts", type=int, help="prompts per task (default: 48 toy prompts per task, or every line)")
-    add("--tasks", nargs="+", help="toy tasks to run (default: all of train_tiny.TASKS)")
+    add("--prompts", help='JSONL, one {"prompt": ..., "answer": ...} per line (answer optional)')
+    add("--num-prompts", type=int, help=f"prompts per task (default: {DEFAULT_PROMPTS} held-out "
+        "toy prompts per task, or every line of --prompts)")
+    add("--tasks", nargs="+", help="toy tasks (default: all of train_tiny.TASKS)")
+    add("--drafts", nargs="+", help="toy drafts of train_tiny.DRAFTS: data (trained on the task), "
+        f"distilled (on the target's outputs); default: all, the paper's rows {PAPER_DRAFT}")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-        help=f"rows to run, from {', '.join(METHODS)} (default: all)")
-    add("--accept", choices=["step", "position"], help="only the SimSD rows that accept by this rule: step (simsd, "
-        "simsd-dyn0.9, simsd-exact) or position (simsd-position); default: both")
-    add("--temperatures", type=float, nargs="+", help="0 = greedy; sampling rows only on validity-scored tasks "
-        "(default: 0 1)")
-    add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, checkpoints 128, "
-        "--shapes 256)")
-    add("--answer-cap", type=int, default=256, help="quality protocol: most new tokens before EOS (default 256)")
-    add("--repeats", type=int, help="timed runs per prompt or forward after a warm-up (default 1; --shapes 3)")
-    add("--blocks", type=int, nargs="+", help="block lengths (default: the checkpoint's, else 4 8)")
-    add("--shapes", help=f"TARGET:DRAFT random-weight models, names from {', '.join(sorted(SHAPES))}")
-    add("--context", type=int, default=512, help="--shapes: prefilled context tokens (default 512)")
-    add("--bandwidth", type=float, help="--shapes: memory GB/s for the floor (default: measured on CUDA)")
+        help=f"rows, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
+    add("--lookahead", type=int, nargs="+", help="blocks drafted per target forward, a row each "
+        f"(default: 1 and speculative.generate's default, {DEFAULT_LOOKAHEAD})")
+    add("--temperatures", type=float, nargs="+", help="0 = greedy (default); sampled rows run "
+        "only where a sampled answer can be right")
+    add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, "
+        "checkpoints 128, --shapes 256)")
+    add("--answer-cap", type=int, help="quality protocol: most new tokens before EOS (default: "
+        "toys 64, checkpoints 256)")
+    add("--repeats", type=int, help="timed passes over the prompts (default 2, the fewest the "
+        "headline's spread check needs); --shapes: timed runs per forward (default 3)")
+    add("--blocks", type=int, nargs="+", help="block lengths (default: the checkpoint's, else 4; "
+        "--shapes: 4 8)")
+    add("--shapes", help=f"TARGET:DRAFT random-weight models, from {', '.join(sorted(SHAPES))}")
+    add("--context", type=int, default=512, help="--shapes: prefilled tokens (default 512)")
+    add("--bandwidth", type=float, help="--shapes: GB/s for the floor (default: measured on CUDA)")
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
-    add("--threads", type=int, help="CPU threads (default: torch's)")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, "
+        "else float32")
+    add("--threads", type=int, help=f"CPU threads, 1 to {os.cpu_count()} (default: 1 for the toys "
+        "on a CPU, whose micro models are dispatch-bound: one thread is as fast when the machine "
+        "is quiet and far faster when it is not; else torch's default)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """Every numeric option in range, every combination meaningful: a sentence and exit 2 otherwise."""
-    for flag, values, low in (("--num-prompts", [args.num_prompts], 1), ("--new-tokens", [args.new_tokens], 1),
-                              ("--answer-cap", [args.answer_cap], 1), ("--repeats", [args.repeats], 1),
-                              ("--blocks", args.blocks or [], 1), ("--context", [args.context], 0),
-                              ("--threads", [args.threads], 1), ("--bandwidth", [args.bandwidth], 1e-9),
-                              ("--temperatures", args.temperatures or [], 0)):
-        for v in values:
-            if v is not None and not v >= low:
-                fail(f"{flag} must be {'an integer ' if isinstance(v, int) else ''}>= {low:g}; got {v}")
+    """Every option in range, every combination meaningful: a sentence and exit 2 otherwise."""
+    whole = {"--num-prompts": [args.num_prompts], "--new-tokens": [args.new_tokens],
+             "--answer-cap": [args.answer_cap], "--repeats": [args.repeats],
+             "--blocks": args.blocks or [], "--lookahead": args.lookahead or []}
+    for flag, values in whole.items():
+        small = [v for v in values if v is not None and v < 1]
+        if small:
+            fail(f"{flag} must be an integer >= 1; got {small[0]}")
+    valid, allowed = decode.RANGES["temperature"]
+    invalid = [v for v in args.temperatures or () if not valid(v)]
+    if invalid:
+        fail(f"--temperatures must be {allowed}; got {invalid[0]}")
+    if args.threads is not None and not 1 <= args.threads <= os.cpu_count():
+        fail(f"--threads must be from 1 to this machine's {os.cpu_count()} CPUs; got "
+             f"{args.threads}")
+    if args.context < 0 or args.bandwidth is not None and not 0 < args.bandwidth < math.inf:
+        fail("--context must be >= 0 and --bandwidth a finite number of GB/s above 0")
     if args.shapes and (args.model or args.draft or args.prompts):
         fail("--shapes uses random weights; it takes no --model, --draft or --prompts")
-    if not args.shapes and not (args.model is None) == (args.draft is None) == (args.prompts is None):
+    given = [flag is not None for flag in (args.model, args.draft, args.prompts)]
+    if not args.shapes and any(given) and not all(given):
         fail("checkpoints need all of --model, --draft and --prompts FILE.jsonl")
-    if args.tasks and (args.model or args.shapes):
-        fail("--tasks selects toy tasks; checkpoints take --prompts")
-    if args.tasks:
+    if (args.tasks or args.drafts) and (args.model or args.shapes):
+        fail("--tasks and --drafts choose toys; checkpoints take --draft and --prompts")
+    if args.model is None and (args.num_prompts or 0) > MAX_TOY_PROMPTS:
+        fail(f"--num-prompts {args.num_prompts} is more than a toy run takes: at most "
+             f"{MAX_TOY_PROMPTS} held-out prompts per task")
+    if args.tasks or args.drafts:
         import train_tiny
-        unknown = [t for t in args.tasks if t not in train_tiny.TASKS]
-        if unknown:
-            fail(f"--tasks {unknown[0]} is not a toy task; choose from {', '.join(train_tiny.TASKS)}")
+        tasks = [t for t in args.tasks or () if t not in train_tiny.TASKS]
+        if tasks:
+            fail(f"--tasks {tasks[0]} is not one of {', '.join(train_tiny.TASKS)}")
+        drafts = [d for d in args.drafts or () if d not in train_tiny.DRAFTS]
+        if drafts:
+            fail(f"--drafts {drafts[0]} is not one of {', '.join(train_tiny.DRAFTS)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    args.lookahead = list(dict.fromkeys(args.lookahead or [1, DEFAULT_LOOKAHEAD]))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but this machine has no CUDA GPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    toys_on_cpu = device == "cpu" and not (args.model or args.shapes)
+    if args.threads or toys_on_cpu:
+        torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     (shapes_main if args.shapes else table_main)(args, device, dtype)
 

@@ -1,179 +1,320 @@
-"""bench.py: row selection, the table's maths and the honest headline on synthetic records (no timing
-asserted), --shapes end to end, checkpoints on micro models, and bad input refused with a sentence."""
+"""bench.py: the table's maths, the projection and the headline against hand-computed values on
+synthetic records; --shapes at the tiny shape; checkpoints and the toy rows on micro models (the
+lossless rows must equal their target row); bad input refused with one sentence and exit 2."""
 import json
-from pathlib import Path
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 import bench
-import decode
 import model
-from conftest import run_scripts
-
-from test_decode import micro_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
+from decode import Stats
 
 
-def vanilla(tokens, forwards, seconds=1.0):
-    return {"tokens": tokens, "forwards": forwards, "prefill_forwards": 1, "seconds": seconds}
-
-
-def spec(tokens, iterations, accepted, drafted, draft_seconds=0.5, seconds=1.0):
-    return {"tokens": tokens, "iterations": iterations, "accepted": accepted, "drafted": drafted,
-            "draft_seconds": draft_seconds, "seconds": seconds}
-
-
-def record(method, block, tok_s, stats, correct, task="t", temperature=0.0):
-    return {"task": task, "method": method, "block": block, "temperature": temperature, "tok_s": tok_s,
-            "stats": stats, "quality": stats, "correct": correct}
-
-
-def test_configs_select_rows():
-    """`ar` runs once (no block), sampling only on the sampled tasks, methods as asked."""
-    keys = bench.configs({"sort": [], "valid": []}, ["target", "simsd", "ar"], [4, 8], [0.0, 1.0], ["valid"])
-    assert ("sort", "ar", None, 0.0) in keys and ("valid", "ar", None, 1.0) in keys
-    assert not any(k[0] == "sort" and k[3] == 1.0 for k in keys)
-    assert sum(k[1] == "ar" for k in keys) == 3 and len(keys) == 3 + 2 * (2 + 2 * 2)
-    assert ("valid", "simsd", 8, 1.0) in keys and ("sort", "target", 4, 0.0) in keys
-
-
-def test_table_rows_maths():
-    records = [record("target", 4, [90, 100, 130], [vanilla(64, 65), vanilla(64, 68)], [True, False, True]),
-               record("draft", 4, [500, 400, 600], [vanilla(64, 65)], [True, True, False]),
-               record("simsd", 4, [200, 150, 250], [spec(64, 32, 40, 80), spec(64, 16, 60, 64, 0.25)], [True, None, True]),
-               record("target", 8, [50], [vanilla(64, 72)], [None]),
-               record("simsd-position", 8, [75], [spec(64, 10, 50, 60)], [False]),
-               record("ar", None, [40], [vanilla(64, 65)], [True]),
-               record("specdiff", 4, [100], [spec(64, 20, 40, 60)], [True]),
-               record("target", 4, [10], [vanilla(8, 9)], [True], temperature=1.0)]
-    rows = {(r["method"], r["block"], r["temperature"]): r for r in bench.table_rows(records)}
-    t4, d4, s4, t8, p8 = (rows[k, b, 0.0] for k, b in (("target", 4), ("draft", 4), ("simsd", 4), ("target", 8),
-                                                       ("simsd-position", 8)))
-    assert (t4["tok_s"], t4["speedup"], t4["acceptance"], t4["drafting"]) == (100, 1.0, None, None)
-    assert t4["tokens_per_target_forward"] == pytest.approx(128 / (64 + 67))
-    assert t4["accuracy"] == pytest.approx(200 / 3)
-    assert (d4["speedup"], d4["tokens_per_target_forward"], d4["acceptance"]) == (5.0, None, None)
-    assert s4["speedup"] == 2.0  # median 200 over the target's median 100, same block and temperature
-    assert s4["tokens_per_target_forward"] == pytest.approx(128 / 48)  # tokens / iterations
-    assert s4["acceptance"] == pytest.approx(100 / 144)  # accepted / drafted, summed over prompts
-    assert s4["drafting"] == pytest.approx(0.75 / 2) and s4["accuracy"] == 100.0  # unanswered prompt left out
-    assert t8["accuracy"] is None  # no answers: null, not faked
-    assert p8["speedup"] == 1.5 and p8["accuracy"] == 0.0  # against block 8's target, not block 4's
-    assert rows["specdiff", 4, 0.0]["speedup"] == 2.5 and rows["ar", None, 0.0]["speedup"] == 1.0  # against ar
-    assert rows["target", 4, 1.0]["speedup"] == 1.0  # sampling rows against the sampled target
-
-
-def row(method, tok_s, accuracy, block=4, temperature=0.0, speedup=None):
-    return {"task": "t", "method": method, "block": block, "temperature": temperature, "tok_s": tok_s,
-            "accuracy": accuracy, "speedup": speedup}
-
-
-def test_headline_is_against_the_fastest_target_within_one_point():
-    rows = [row("target", 100, 90.0), row("target-dyn0.9", 300, 89.5), row("target-dyn0.7", 500, 85.0),
-            row("simsd", 450, 90.0), row("simsd-dyn0.9", 900, 70.0), row("simsd-position", 420, 95.0)]
-    (line,) = bench.headlines(rows)
-    assert "target-dyn0.9 at 300 tok/s" in line  # dyn0.7 is faster but 5 points worse
-    assert "simsd at 1.50x of it" in line  # simsd-dyn0.9 is faster but outside the point
-    rows = [row("target", 100, 90.0), row("target-dyn0.9", 300, 90.0), row("simsd", 900, 50.0)]
-    assert "no SimSD row is within that point (the fastest, simsd, runs at 3.00x of it with 50.0%)" in \
-        bench.headlines(rows)[0]
-    rows = [row("target", 100, 90.0, 8, 1.0), row("ar", 40, 90.0, None), row("specdiff", 100, 90.0, 8, speedup=2.5)]
-    lines = bench.headlines(rows)
-    assert "t, block 8, temperature 1: fastest target alone" in lines[0] and "target at 100 tok/s" in lines[0]
-    assert lines[1] == "t, block 8, greedy: specdiff 2.50x ar"
-    assert bench.headlines([row("target", 100, None)]) == []  # no accuracy: no claim
-
-
-def test_report_ends_with_the_json_line(capsys):
-    rows = bench.table_rows([record("target", 4, [10.0], [vanilla(8, 9)], [True]),
-                             record("simsd", 4, [20.0], [spec(8, 4, 6, 12)], [False])])
-    bench.report({"device": "cpu", "dtype": "float32", "threads": 2}, rows)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert "| simsd | 4 | 0 | 20.0 | 2.00x | 2.00 | 2.00 | 50% | 50% | 0.0% |" in out
-    last = json.loads(out[-1])
-    assert last["device"] == "cpu" and [r["method"] for r in last["rows"]] == ["target", "simsd"]
-    assert last["rows"][0]["acceptance"] is None and last["rows"][1]["speedup"] == 2.0
+def strict_json(line):
+    """json.loads that refuses Infinity and NaN, which the JSON standard does not have."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(line, parse_constant=refuse)
 
 
 def last_json(capsys):
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return strict_json(capsys.readouterr().out.strip().splitlines()[-1])
 
+
+# ----------------------------------------------------------------------------- maths
+
+def test_projected_cost_against_a_hand_computation():
+    """96 tokens: the target alone in 100 forwards of 16.4 GB, speculation in 40 target forwards
+    and 120 draft forwards of 4.06 GB: 1640 / (656 + 487.2) = 1.434569... times faster."""
+    alone, speculative = bench.projected_cost(100, 0, 96), bench.projected_cost(40, 120, 96)
+    assert speculative == pytest.approx(1143.2 / 96)
+    assert alone / speculative == pytest.approx(1.434569, abs=1e-6)
+    assert bench.projected_cost(0, 0, 0) is None  # no tokens: no number, not a division error
+
+
+def row(method, draft=None, lookahead=None, block=4, temperature=0.0, task="t"):
+    return bench.Row(task, method, draft, lookahead, block, temperature)
+
+
+def record(passes, outputs, correct):
+    return {"passes": passes, "outputs": outputs, "correct": correct}
+
+
+def timed(stats, *seconds):
+    """A latency pass over len(seconds) prompts: `stats` at each, taking these seconds."""
+    return [replace(stats, seconds=s) for s in seconds]
+
+
+def test_table_rows_against_hand_computed_values():
+    alone = Stats(tokens=32, forwards=34, steps=34)
+    spec = Stats(tokens=32, forwards=16, steps=34, draft_forwards=40, drafted=60, accepted=30,
+                 matched=18, draft_seconds=0.1)
+    records = {  # three prompts, two passes; a slow spell hits the target on a different prompt
+        row("target"): record([timed(alone, 0.2, 0.4, 0.2), timed(alone, 0.4, 0.2, 0.2)],
+                              [[1, 2], [3, 4], [5]], [True, False, None]),
+        row("draft", "data"): record([timed(alone, 0.1, 0.1, 0.1)] * 2, [[1], [3], [5]],
+                                     [False, None, None]),
+        row("simsd-lossless", "data", 2): record([timed(spec, 0.1, 0.2, 0.2),
+                                                  timed(spec, 0.2, 0.1, 0.2)],
+                                                 [[1, 2], [3, 5], [6]], [True, False, None]),
+        row("ar", block=None): record([timed(alone, 0.4, 0.4, 0.4)] * 2, [[9], [9], [9]],
+                                      [True, True, True]),
+        row("specdiff", "data", 1): record([timed(spec, 0.2, 0.2, 0.1), timed(spec, 0.4, 0.4, 0.2)],
+                                           [[9], [8], [9]], [True, True, True]),
+    }
+    rows = {(r["method"], r["draft"]): r for r in bench.table_rows(records)}
+    target, draft = rows["target", None], rows["draft", "data"]
+    lossless, specdiff = rows["simsd-lossless", "data"], rows["specdiff", "data"]
+    # tok/s: per pass the median over prompts of 32 tokens / seconds, then over passes: the
+    # target's (160, 80, 160) and (80, 160, 160), the lossless row's (320, 160, 160) and
+    # (160, 320, 160): both 160
+    assert target["tok_s"] == 160 and lossless["tok_s"] == 160
+    # speedup: per pass the median over prompts of the ratio on the same prompt, (2, 2, 1) in
+    # both passes, not the 1.0 of the medians' ratio
+    assert lossless["speedup_passes"] == [2, 2] and lossless["speedup"] == 2
+    assert lossless["spread"] == 0 and target["speedup"] == 1.0
+    assert specdiff["speedup_passes"] == [2, 1] and specdiff["speedup"] == 1.5  # against ar
+    assert specdiff["spread"] == 1.0
+    assert draft["speedup"] == 2.0  # (2, 4, 2) and (4, 2, 2)
+    assert target["accuracy"] == 50.0 and draft["accuracy"] == 0.0  # unanswered prompts left out
+    assert target["tokens_per_target_forward"] == pytest.approx(96 / 102)
+    assert lossless["tokens_per_target_forward"] == 2.0  # 96 tokens / 48 target forwards
+    assert lossless["steps_matched"] == pytest.approx(54 / 102) and lossless["acceptance"] == 0.5
+    assert lossless["drafting"] == pytest.approx(0.6)  # 0.3 of the first pass's 0.5 seconds
+    assert lossless["outputs_equal_target"] == pytest.approx(1 / 3)
+    assert specdiff["outputs_equal_target"] == pytest.approx(2 / 3)
+    # projected: 102 x 16.4 / (48 x 16.4 + 120 x 4.06) = 1672.8 / 1274.4 (per 96 tokens)
+    assert lossless["projected_speedup"] == pytest.approx(1.312618, abs=1e-6)
+    assert draft["projected_speedup"] == pytest.approx(4.039409, abs=1e-6)  # 16.4 / 4.06
+    assert draft["tokens_per_target_forward"] is None and draft["steps_matched"] is None
+    assert target["outputs_equal_target"] is None  # only a lossless row reproduces another
+
+
+def headline_row(method, speedup, accuracy, projected=1.0, draft=None, lookahead=None,
+                 spread=0.01, block=4, **extra):
+    return {"task": "t", "method": method, "draft": draft, "lookahead": lookahead, "block": block,
+            "temperature": 0.0, "speedup": speedup, "accuracy": accuracy, "spread": spread,
+            "projected_speedup": projected, **extra}
+
+
+def test_headline_is_against_the_fastest_target_alone_within_one_point():
+    rows = [headline_row("target", 1.0, 90.0), headline_row("target-dyn0.9", 3.0, 89.5, 3.0),
+            headline_row("target-dyn0.7", 5.0, 85.0, 4.0),
+            headline_row("simsd-lossless-dyn0.9", 4.5, 89.5, 3.75, "distilled", 2),
+            headline_row("simsd", 9.0, 70.0, 6.0, "data", 1),
+            headline_row("simsd-position", 4.2, 95.0, 2.4, "data", 1)]
+    lossless, paper = bench.headlines(rows)
+    assert lossless == ("t, block 4, greedy: simsd-lossless-dyn0.9 (distilled draft, L=2) runs at "
+                        "1.50x target-dyn0.9 measured (4.50x against 3.00x target), 1.25x "
+                        "projected")
+    # simsd is faster but 20 points worse; dyn0.7 is faster but 5 points worse
+    assert paper.endswith("simsd-position (data draft, L=1) runs at 1.40x target-dyn0.9 measured "
+                          "(4.20x against 3.00x target), 0.80x projected")
+
+
+def test_headline_says_why_lossless_is_slower():
+    rows = [headline_row("target", 1.0, 90.0), headline_row("simsd", 9.0, 50.0, 9.0, "data", 2),
+            headline_row("simsd-lossless", 0.8, 90.0, 1.1, "data", 1, forwards=40, matched=30,
+                         drafting=0.4),
+            headline_row("ar", 1.0, 95.0, block=None),
+            headline_row("specdiff", 1.5, 95.0, 1.8, "data", 3)]
+    lossless, paper, specdiff = bench.headlines(rows)
+    assert paper.endswith("no paper SimSD row is within 1 point of the static target's accuracy "
+                          "(the fastest, simsd (data draft, L=2), has 50.0%)")
+    assert lossless.endswith("runs at 0.80x target measured (0.80x against 1.00x target), 1.10x "
+                             "projected; 20% slower measured: drafting takes 40% of its time, and "
+                             "a target forward commits 0.75 matched draft steps")
+    assert specdiff.endswith("specdiff (data draft, L=3) runs at 1.50x ar measured (1.50x against "
+                             "1.00x ar), 1.80x projected")
+
+
+def test_headline_withheld_when_the_passes_disagree():
+    rows = [headline_row("target", 1.0, 90.0),
+            headline_row("specdiff", 2.0, 95.0, block=4, spread=0.15),
+            headline_row("simsd-lossless", 1.5, 90.0, 1.1, "data", 1)]
+    (line,) = bench.headlines(rows)
+    assert line == ("t, block 4, greedy: headline withheld: the speedup of specdiff differs by "
+                    "15% between passes, more than 10%; rerun on a quieter machine")
+    rows[1]["spread"] = None  # one pass
+    assert bench.headlines(rows) == ["t, block 4, greedy: headline withheld: specdiff has fewer "
+                                     "than two timing passes to compare; use --repeats 2 or more"]
+    rows[1]["spread"] = 0.09
+    assert "withheld" not in bench.headlines(rows)[0]
+
+
+def test_report_names_draft_lookahead_threads_and_never_writes_infinity(capsys):
+    rows = [headline_row("simsd", math.inf, 90.0, math.nan, "distilled", 3, tok_s=math.inf,
+                         tokens_per_target_forward=2.5, steps_matched=0.5, acceptance=0.25,
+                         drafting=0.75, outputs_equal_target=None)]
+    bench.report({"device": "cpu", "dtype": "float32", "threads": 1}, rows)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "- device: cpu" and "- threads: 1" in out
+    header = next(i for i, line in enumerate(out) if line.startswith("| method"))
+    assert out[header].startswith("| method | draft | L | block | temp | tok/s | speedup |")
+    assert out[header + 2].startswith("| simsd | distilled | 3 | 4 | 0 |")
+    assert out[header + 2].endswith("| 2.50 | 50% | 25% | 75% | 90.0 |  |")
+    result = strict_json(out[-1])
+    assert result["threads"] == 1 and result["spread_limit"] == 0.1
+    assert result["rows"][0]["speedup"] is None and result["rows"][0]["projected_speedup"] is None
+
+
+# ----------------------------------------------------------------------------- end to end
 
 def test_shapes_tiny_end_to_end(capsys):
     bench.main(["--shapes", "tiny:tiny", "--device", "cpu", "--context", "20", "--new-tokens", "8",
                 "--repeats", "1", "--blocks", "4", "8", "--threads", "1"])
     result = last_json(capsys)
-    assert result["device"] == "cpu" and result["gpu"] is None and [b["block"] for b in result["blocks"]] == [4, 8]
-    for b in result["blocks"]:
-        B, derived = b["block"], b["simsd_tok_s_derived"]
-        assert len(derived) == B and all(x < y for x, y in zip(derived, derived[1:]))
-        assert derived[0] == pytest.approx(1e3 / b["forwards"][-1]["ms"])  # k / iteration time
-        tokens = {f["name"]: f["tokens"] for f in b["forwards"]}
-        assert tokens["target verify, simsd"] == 2 * B and tokens["target verify, exact"] == B * B
-        assert b["vanilla_tok_s"] > 0 and all(f["ms"] > 0 and f["weight_bytes"] > 0 for f in b["forwards"])
+    assert result["device"] == "cpu" and result["gpu"] is None and result["threads"] == 1
+    for block in result["blocks"]:
+        B = block["block"]
+        tokens = {f["name"]: f["tokens"] for f in block["forwards"]}
+        assert tokens == {"target denoise step": B, "target verify, lossless/exact": B * B,
+                          "target verify, simsd": 2 * B, "draft step": B}
+        # per layer 2 x 64 x 64 + 2 x 64 x 32 (attention) + 3 x 64 x 128 (mlp) + 2 x 16 + 2 x 64
+        # (norms) = 37024; 2 layers, embedding and head 512 x 64 each, final norm 64: 139648 floats
+        assert {f["weight_bytes"] for f in block["forwards"]} == {139648 * 4}
+        assert all(f["floor_fraction"] is None for f in block["forwards"])  # no bandwidth on a CPU
 
 
-def test_random_model_ties_and_fills():
-    c = model.Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    m = bench.random_model(c, "cpu", torch.bfloat16, seed=0)
-    assert m.lm_head.weight is m.model.embed_tokens.weight
-    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
-    assert torch.equal(m.model.norm.weight, torch.ones(32, dtype=torch.bfloat16))
-    assert abs(m.model.layers[0].mlp.up_proj.weight.float().std().item() - 0.02) < 0.002
+def write_checkpoint(random_model, path, seed, layers, model_type="sdar", block_size=None):
+    """A micro checkpoint on the byte-level ids, its head sharpened (random_model) so that
+    dynamic decoding reveals several positions in some steps."""
+    m = random_model(seed, layers, model_type, vocab=260)
+    m.config.block_size = block_size
+    model.save(m, path)
+    mask = ("<|MASK|>",) if model_type == "sdar" else ()
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + mask
+    model.write_byte_tokenizer(path, specials=specials)
+    return str(path)
 
 
-def test_checkpoints_with_and_without_answers(tmp_path, capsys):
-    """SDAR target: the target and SimSD rows; draft == target makes exact verification accept all. A Qwen3
-    target: ar and specdiff rows. Lines without answers are not scored."""
-    target = micro_checkpoint(tmp_path / "target", 0, block_size=None, layers=2)
-    tok, m = model.load_tokenizer(target), model.load(target)
-    out, _ = decode.generate(m, tok.chat("one"), 8, block=4, stop_ids=tok.stop_ids, mask_id=tok.mask_id)
-    answered, bare = tmp_path / "answers.jsonl", tmp_path / "bare.jsonl"
-    answered.write_text(json.dumps({"prompt": "one", "answer": tok.decode(out)}) + "\n"
-                        + json.dumps({"prompt": "two", "answer": "not in any output"}) + "\n")
-    bare.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
-    argv = ["--new-tokens", "8", "--answer-cap", "8", "--blocks", "4", "--device", "cpu", "--threads", "1"]
-    bench.main(["--model", target, "--draft", target, "--prompts", str(answered), "--temperatures", "0",
-                "--methods", "target", "draft", "simsd-exact", "simsd"] + argv)
-    rows = {r["method"]: r for r in last_json(capsys)["rows"]}
-    assert set(rows) == {"target", "draft", "simsd-exact", "simsd"}
-    assert rows["target"]["accuracy"] == rows["draft"]["accuracy"] == rows["simsd-exact"]["accuracy"] == 50.0
-    assert rows["simsd-exact"]["acceptance"] == 1.0 and rows["target"]["speedup"] == 1.0
-    ar = micro_checkpoint(tmp_path / "ar", 3, model_type="qwen3")
-    bench.main(["--model", ar, "--draft", target, "--prompts", str(bare)] + argv)
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory, random_model):
+    """Folders of micro models: an SDAR target, two different drafts, an AR target."""
+    root = tmp_path_factory.mktemp("micro")
+    return {"target": write_checkpoint(random_model, root / "target", 0, 2),
+            "data": write_checkpoint(random_model, root / "data", 1, 1),
+            "distilled": write_checkpoint(random_model, root / "distilled", 2, 1),
+            "ar": write_checkpoint(random_model, root / "ar", 3, 2, "qwen3")}
+
+
+def test_checkpoints_lossless_rows_equal_their_target(micro, tmp_path, capsys):
+    """The target and the draft are different models; the lossless rows must return the target
+    rows' outputs, whatever the lookahead, and the paper's rows need not."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
+                               for p, a in (("one", "x"), ("two", None), ("three", "y"))))
+    argv = ["--model", micro["target"], "--draft", micro["data"], "--prompts", str(prompts),
+            "--new-tokens", "8", "--answer-cap", "8", "--lookahead", "1", "2", "--device", "cpu"]
+    bench.main(argv + ["--methods", "simsd-lossless", "simsd-lossless-dyn0.9", "simsd-exact"])
     rows = last_json(capsys)["rows"]
-    assert {r["method"] for r in rows} == {"draft", "ar", "specdiff"} and len(rows) == 2 * 3  # greedy + sampled
-    assert all(r["accuracy"] is None and r["tok_s"] > 0 for r in rows)
-    bench.main(["--model", target, "--draft", target, "--prompts", str(bare), "--temperatures", "0",
-                "--accept", "position"] + argv)
-    assert [r["method"] for r in last_json(capsys)["rows"]] == ["target", "target-dyn0.9", "target-dyn0.7", "draft",
-                                                                "simsd-position"]
+    lossless = [r for r in rows if r["method"].startswith("simsd-lossless")]
+    assert {(r["method"], r["lookahead"]) for r in lossless} == {
+        (m, L) for m in ("simsd-lossless", "simsd-lossless-dyn0.9") for L in (1, 2)}
+    assert all(r["outputs_equal_target"] == 1.0 and r["draft"] == "data" for r in lossless)
+    assert {r["method"] for r in rows if r["draft"] is None} == {"target", "target-dyn0.9"}
+    assert all(r["lookahead"] is None for r in rows if r["draft"] is None)
+    bench.main(["--model", micro["ar"], "--draft", micro["data"], "--prompts", str(prompts),
+                "--new-tokens", "8", "--answer-cap", "8", "--lookahead", "2", "--device", "cpu"])
+    rows = {r["method"]: r for r in last_json(capsys)["rows"]}
+    assert set(rows) == {"draft", "ar", "specdiff"} and rows["specdiff"]["lookahead"] == 2
+    assert rows["specdiff"]["outputs_equal_target"] == 1.0 and rows["ar"]["speedup"] == 1.0
 
 
-def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
-    """As in decode.py: a sentence naming the flag, exit 2, no traceback."""
-    b4 = micro_checkpoint(tmp_path / "b4", 0, block_size=4)
-    (tmp_path / "bad.jsonl").write_text("prompt: not json\n")
-    (tmp_path / "list.jsonl").write_text('["a list"]\n')
-    (tmp_path / "ok.jsonl").write_text('{"prompt": "hi"}\n')
-    ok = ["--model", b4, "--draft", b4, "--prompts", str(tmp_path / "ok.jsonl"), "--device", "cpu"]
-    cases = [(["--model", b4, "--draft", b4, "--prompts", str(tmp_path / "nope.jsonl")], "cannot be read as JSONL"),
-             (["--model", b4, "--draft", b4, "--prompts", str(tmp_path / "bad.jsonl")], "cannot be read as JSONL"),
-             (["--model", b4, "--draft", b4, "--prompts", str(tmp_path / "list.jsonl")], "object per line"),
-             (["--num-prompts", "-2"], "--num-prompts must be an integer >= 1; got -2"),
-             (["--num-prompts", "0"], "--num-prompts must be an integer >= 1; got 0"),
-             (["--blocks", "0"], "--blocks must be an integer >= 1; got 0"),
-             (["--temperatures", "-1"], "--temperatures must be >= 0; got -1.0"),
-             (["--tasks", "chess"], "--tasks chess is not a toy task"),
-             (["--methods", "magic"], "invalid choice: 'magic'"),
-             (ok + ["--blocks", "8"], "block 8 requested but the draft was trained with block 4"),
-             (["--model", "/no/such"], "checkpoints need all of --model, --draft and --prompts"),
-             (["--model", "/no/such", "--draft", b4, "--prompts", str(tmp_path / "ok.jsonl")], "cannot load"),
-             (["--shapes", "sdar-8b"], "--shapes takes TARGET:DRAFT")]
-    for (args, sentence), proc in zip(cases, run_scripts("bench.py", [args for args, _ in cases], ROOT)):
+@pytest.fixture
+def toys(monkeypatch, micro):
+    """train_tiny's toy API on micro models: two tasks, two drafts each, no AR-distilled draft;
+    the patches end with the test."""
+    import train_tiny
+    monkeypatch.setattr(train_tiny, "TASKS", ("sort", "walk"))
+    monkeypatch.setattr(train_tiny, "DRAFTS", ("data", "distilled"), raising=False)
+    monkeypatch.setattr(train_tiny, "folders", lambda task: dict(micro), raising=False)
+    monkeypatch.setattr(train_tiny, "ensure_trained", lambda quiet=False: None)
+    monkeypatch.setattr(train_tiny, "examples",
+                        lambda n, split, task: [(f"{task} {i}", "no") for i in range(n)])
+    monkeypatch.setattr(train_tiny, "score", lambda prompt, prediction, answer: False)
+    return micro
+
+
+def test_toy_rows_by_default_both_drafts_and_two_lookaheads(toys):
+    """The default methods on the toys at --lookahead 1 3 and temperatures 0 1: every draft for
+    the lossless and specdiff rows, the data draft for the paper's simsd, sampling on walk only."""
+    args = bench.parse_args(["--temperatures", "0", "1"])
+    args.lookahead = [1, 3]
+    tasks = bench.toy_tasks(args, ("cpu", torch.float32, {}))
+    rows = {tuple(r) for name, task in tasks.items() for r in bench.plan(name, task, args)}
+    both = ("data", "distilled")
+    expected = {(m, None, None) for m in ("target", "target-dyn0.9", "target-dyn0.7", "ar")}
+    expected |= {("draft", d, None) for d in both}
+    expected |= {(m, d, L) for m in ("simsd-lossless", "simsd-lossless-dyn0.9", "specdiff")
+                 for d in both for L in (1, 3)}
+    expected |= {("simsd", "data", L) for L in (1, 3)}
+    assert rows == {(task, m, d, L, None if m == "ar" else 4, t) for task in ("sort", "walk")
+                    for t in (0.0, 1.0) for m, d, L in expected if task == "walk" or t == 0.0}
+    assert tasks["sort"].folders["specdiff's distilled draft"] == toys["distilled"]  # no own
+
+
+@pytest.fixture
+def two_threads():
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
+def test_toy_run_states_one_thread_and_the_drafts(toys, two_threads, capsys):
+    """The toys on a CPU run one thread unless --threads says otherwise."""
+    bench.main(["--tasks", "walk", "--num-prompts", "2", "--new-tokens", "8", "--answer-cap", "8",
+                "--methods", "simsd-lossless", "--lookahead", "2"])
+    out = capsys.readouterr().out
+    result = strict_json(out.strip().splitlines()[-1])
+    assert result["threads"] == 1 and torch.get_num_threads() == 1 and "- threads: 1" in out
+    assert f"specdiff's distilled draft {toys['distilled']}" in out
+    rows = {(r["method"], r["draft"], r["lookahead"]): r for r in result["rows"]}
+    assert set(rows) == {("target", None, None), ("simsd-lossless", "data", 2),
+                         ("simsd-lossless", "distilled", 2)}
+    assert all(r["outputs_equal_target"] == 1.0 for r in rows.values() if r["draft"])
+
+
+# ----------------------------------------------------------------------------- refused input
+
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, run_scripts):
+    """As in decode.py: a sentence, exit 2, no traceback, and never a hang."""
+    (tmp_path / "empty.jsonl").write_text('{"prompt": "hi"}\n{"prompt": ""}\n')
+    cases = [(["--num-prompts", "1000", "--tasks", "walk"],
+              "asked for 1000 distinct held-out walk prompts; found only 376"),
+             (["--num-prompts", "1000000"], "at most 1000 held-out prompts per task"),
+             (["--threads", "1000000"], "--threads must be from 1 to this machine's"),
+             (["--threads", "0"], "--threads must be from 1 to this machine's"),
+             (["--model", "m", "--draft", "d", "--prompts", str(tmp_path / "empty.jsonl")],
+              "the prompt on line 2 is empty"),
+             (["--temperatures", "inf"], "--temperatures must be a finite number >= 0"),
+             (["--lookahead", "0"], "--lookahead must be an integer >= 1; got 0")]
+    for (args, sentence), proc in zip(cases, run_scripts("bench.py", [a for a, _ in cases])):
         err = proc.stderr
         assert proc.returncode == 2 and sentence in err and "Traceback" not in err, (args, err)
         assert err.strip().splitlines()[-1].startswith("bench.py: error: ")
+
+
+def refusal(argv, capsys):
+    """bench.main's sentence for argv, which must exit with status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_block_errors_say_what_the_config_holds(tmp_path, micro, random_model, capsys):
+    """No "block None", and no advice about other checkpoints."""
+    b4 = write_checkpoint(random_model, tmp_path / "b4", 0, 1, block_size=4)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"prompt": "hi"}\n')
+    err = refusal(["--model", b4, "--draft", micro["data"], "--prompts", str(ok)], capsys)
+    assert ("the draft was trained with no block_size in its config.json and the target with "
+            "block 4") in err
+    err += refusal(["--model", b4, "--draft", b4, "--prompts", str(ok), "--blocks", "8"], capsys)
+    assert "block 8 requested but the models were trained with block 4" in err
+    assert "None" not in err and "-b8" not in err
+    assert "--shapes takes TARGET:DRAFT" in refusal(["--shapes", "sdar-8b"], capsys)
