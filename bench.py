@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import decode
-import model as sdar
+import model
 import speculative
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
@@ -72,9 +72,9 @@ DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "draft", "ar", "s
 ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 # A line of the table. draft None: no draft; lookahead None: not speculative; block None: AR.
 Row = namedtuple("Row", "task method draft lookahead block temperature")
-TINY = sdar.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY = model.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
-SHAPES = {**sdar.PRESETS, "tiny": TINY}
+SHAPES = {**model.PRESETS, "tiny": TINY}
 
 
 # A task: prompts [(text, answer or None)], scorer, whether sampled rows run (a sampled answer can
@@ -350,7 +350,7 @@ def load(path, device, dtype, loaded):
     key = Path(path).resolve()
     if key not in loaded:
         try:
-            loaded[key] = (sdar.load(path, device, dtype), sdar.load_tokenizer(path))
+            loaded[key] = (model.load(path, device, dtype), model.load_tokenizer(path))
         except (OSError, ValueError) as e:
             fail(f"cannot load the checkpoint {path}: {e}")
     return loaded[key]
@@ -364,7 +364,7 @@ def build_task(prompts, score, sampled, targets, drafts, ar_drafts, where):
     for role, target in targets.items():
         for draft in (drafts if role == "target" else ar_drafts).values():
             try:
-                speculative.check_pair(models[target][0], models[draft][0], models[target][1],
+                model.check_pair(models[target][0], models[draft][0], models[target][1],
                                        models[draft][1])
             except ValueError as e:
                 fail(f"the draft {draft} cannot propose to {target}: {e}")
@@ -523,7 +523,7 @@ def random_model(config, device, dtype, seed):
     """Random weights of `config`'s shape, built on the meta device and materialised once on
     `device` (an 8B model builds in seconds): normals of std 0.02, norms at 1."""
     with torch.device("meta"):
-        m = sdar.Transformer(config).to(dtype)
+        m = model.Transformer(config).to(dtype)
     m = m.to_empty(device=device).eval()
     if config.tie_word_embeddings:
         m.lm_head.weight = m.model.embed_tokens.weight  # to_empty materialises each module's copy
