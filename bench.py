@@ -4,28 +4,15 @@
     python bench.py --model T --draft D --prompts p.jsonl  # checkpoints: an SDAR or a Qwen3 target
     python bench.py --shapes sdar-8b:sdar-1.7b             # random weights, real shapes: forwards
 
-Rows: the target alone, static (`target`) and dynamic (`target-dyn0.9`, `target-dyn0.7`: also
-every position above the threshold), the strongest things it does alone; `draft` alone; `ar`, an
-autoregressive target alone. A speculative row names its draft (`data`: trained on the task,
-`distilled`: on its target's outputs) and lookahead L (blocks drafted per target forward).
-`simsd-lossless` and `simsd-lossless-dyn0.9` return, greedy, exactly what `target` and
-`target-dyn0.9` return; the paper's `simsd` (draft-step order), `simsd-position`, `simsd-dyn0.9`
-and `simsd-exact` do not; `specdiff` drafts for the autoregressive target.
-
-Two protocols, never mixed. Quality, run first (it warms every row up): stop at EOS. Latency:
-fixed new tokens, stop tokens ignored, prefill excluded, in --repeats passes over the prompts,
-each prompt running every row before the next. A pass's tok/s is the median over prompts, a
-row's the median over passes. A speedup pairs decodes of one prompt in one pass, seconds apart,
-so that a slow spell of the machine slows both: the median over prompts of the row's tok/s over
-its baseline's (`target` at the same block and temperature, `ar` for `specdiff`), then over
-passes. "projected" is the speedup SDAR-8B with SDAR-1.7B would get from the row's forward
-counts (projected_cost). The headline: the best speculative row (lossless first) against the
-fastest target-alone row within 1 point of the static target's accuracy; withheld when a row's
-speedup differs between passes by more than SPREAD.
+Rows: the target alone (`target`, `target-dyn0.9`, `target-dyn0.7`: its strongest decodings),
+the `draft` alone, an autoregressive target alone (`ar`), and speculative rows, each naming its
+draft (`data` or `distilled`) and lookahead L. `simsd-lossless*` return what `target*` return; the
+paper's `simsd*` do not; `specdiff` drafts for the AR target. Quality decodes stop at EOS; latency
+decodes make fixed new tokens in --repeats passes, each prompt running every row before the next,
+and a speedup compares a row with its baseline on the same prompt in the same pass (paired).
 """
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -39,14 +26,15 @@ from pathlib import Path
 import torch
 
 import decode
+import mask as masks
 import model
 import speculative
+import train_tiny
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
 SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
 DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
-DEFAULT_LOOKAHEAD = inspect.signature(speculative.generate).parameters["lookahead"].default
 PAPER_DRAFT = "data"  # the paper's rows use it unless --drafts says otherwise, as the paper does
 
 # How a row decodes. kind: target, draft or ar (alone), simsd (an SDAR target with a draft) or
@@ -73,14 +61,13 @@ ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 # A line of the table. draft None: no draft; lookahead None: not speculative; block None: AR.
 Row = namedtuple("Row", "task method draft lookahead block temperature")
 TINY = model.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
+                    num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
 SHAPES = {**model.PRESETS, "tiny": TINY}
 
-
 # A task: prompts [(text, answer or None)], scorer, whether sampled rows run (a sampled answer can
-# be right), tokenizer, models (target: SDAR, ar: Qwen3, either may be None; drafts by name, of the
-# SDAR target and alone; ar_drafts, of the AR target) and folders by role.
-Task = namedtuple("Task", "prompts score sampled tok target ar drafts ar_drafts folders")
+# be right), tokenizer, the SDAR target and the AR one (either may be None), drafts {name: model}
+# (of both targets), and its folders by role.
+Task = namedtuple("Task", "prompts score sampled tok target ar drafts folders")
 
 
 def fail(message):
@@ -105,43 +92,38 @@ def projected_cost(target_forwards, draft_forwards, tokens):
 
 def decode_once(row, task, ids, n, stop_ids, seed):
     """One decode of `row` on prompt ids: (new tokens, decode.Stats)."""
-    method, sampling = METHODS[row.method], decode.Sampling(row.temperature)
-    ar = method.kind in ("ar", "specdiff")
-    target = task.ar if ar else task.target
-    draft = (task.ar_drafts if ar else task.drafts).get(row.draft)
+    method = METHODS[row.method]
+    target = task.ar if method.kind in ("ar", "specdiff") else task.target
+    draft = task.drafts.get(row.draft)
     device = decode.device_of(target if draft is None else draft)
-    generator = torch.Generator(device).manual_seed(seed)
+    common = dict(sampling=decode.Sampling(row.temperature), stop_ids=stop_ids,
+                  generator=torch.Generator(device).manual_seed(seed))
     if method.kind == "ar":
-        return decode.generate_ar(target, ids, n, sampling=sampling, stop_ids=stop_ids,
-                                  generator=generator)
-    if method.kind in ("target", "draft"):
-        alone = draft if method.kind == "draft" else target
-        return decode.generate(alone, ids, n, block=row.block, strategy=method.strategy,
-                               threshold=method.threshold, sampling=sampling, stop_ids=stop_ids,
-                               generator=generator)
-    return speculative.generate(target, draft, ids, n, block=row.block, strategy=method.strategy,
-                                threshold=method.threshold, sampling=sampling,
-                                verify=method.verify, accept=method.accept,
-                                lookahead=row.lookahead, stop_ids=stop_ids, generator=generator)
+        return decode.generate_ar(target, ids, n, **common)
+    diffusion = dict(block=row.block, strategy=method.strategy, threshold=method.threshold, **common)
+    if method.kind == "target":
+        return decode.generate(target, ids, n, **diffusion)
+    if method.kind == "draft":
+        return decode.generate(draft, ids, n, **diffusion)
+    return speculative.generate(target, draft, ids, n, verify=method.verify, accept=method.accept,
+                                lookahead=row.lookahead, **diffusion)
 
 
 def measure(tasks, rows, new_tokens, answer_cap, repeats):
     """{row: record}: per task, the quality decode of every prompt (outputs; correct, None without
     an answer), then `repeats` latency passes over the prompts (the Stats of each decode)."""
-    records = {row: {"outputs": [], "correct": [], "passes": []} for row in rows}
+    records = {row: {"outputs": [], "correct": [], "passes": [[] for _ in range(repeats)]}
+               for row in rows}
     for name, task in tasks.items():
         mine = [row for row in rows if row.task == name]
         chats = [task.tok.chat(text) for text, _ in task.prompts]
         for i, (ids, (text, answer)) in enumerate(zip(chats, task.prompts)):
             for row in mine:
                 out, _ = decode_once(row, task, ids, answer_cap, task.tok.stop_ids, i)
-                said = task.tok.decode(out)
                 records[row]["outputs"].append(out)
-                records[row]["correct"].append(None if answer is None else
-                                               task.score(text, said, answer))
+                correct = None if answer is None else task.score(text, task.tok.decode(out), answer)
+                records[row]["correct"].append(correct)
         for p in range(repeats):
-            for row in mine:
-                records[row]["passes"].append([])
             for i, ids in enumerate(chats):
                 for row in mine:
                     _, stats = decode_once(row, task, ids, new_tokens, (), i)
@@ -168,8 +150,7 @@ def tok_s(one_pass):
 
 
 def paired(rec, base):
-    """Per pass, the median over prompts of a row's tok/s over its baseline's on the same prompt:
-    the two decodes run seconds apart, so that a slow spell of the machine slows both."""
+    """Per pass, the median over prompts of a row's tok/s over its baseline's on the same prompt."""
     return [median([ratio(a, b) for a, b in zip(tok_s(mine), tok_s(theirs))])
             for mine, theirs in zip(rec["passes"], base["passes"])]
 
@@ -193,29 +174,31 @@ def equal_share(records, row):
     return ratio(sum(a == b for a, b in pairs), len(pairs))
 
 
+def table_row(row, records):
+    """A row's JSON fields: the Stats fields summed over the first latency pass (later passes
+    repeat its counts) and what the table shows."""
+    rec = records[row]
+    first = rec["passes"][0]
+    n = {key: sum(getattr(s, key) for s in first) for key in asdict(first[0])}
+    kind = METHODS[row.method].kind
+    speculating = kind in ("simsd", "specdiff")
+    forwards = (0, n["forwards"]) if kind == "draft" else (n["forwards"], n["draft_forwards"])
+    speedups = paired(rec, records[baseline(row, records)])
+    scored = [c for c in rec["correct"] if c is not None]
+    return {**row._asdict(), **n,
+            "tok_s": median([median(tok_s(one)) for one in rec["passes"]]),
+            "speedup": median(speedups), "speedup_passes": speedups, "spread": spread(speedups),
+            "cost": projected_cost(*forwards, n["tokens"]),
+            "tokens_per_target_forward": ratio(n["tokens"], forwards[0]),
+            "steps_matched": ratio(n["matched"], n["steps"]) if speculating else None,
+            "acceptance": ratio(n["accepted"], n["drafted"]) if speculating else None,
+            "drafting": ratio(n["draft_seconds"], n["seconds"]) if speculating else None,
+            "accuracy": 100 * ratio(sum(scored), len(scored)) if scored else None,
+            "outputs_equal_target": equal_share(records, row)}
+
+
 def table_rows(records):
-    """One dict per row: its JSON fields (the Stats fields summed over the latency protocol's
-    prompts, and what the table shows)."""
-    out = {}
-    for row, rec in records.items():
-        first = rec["passes"][0]  # later passes repeat its counts
-        n = {key: sum(getattr(s, key) for s in first) for key in asdict(first[0])}
-        alone = METHODS[row.method].kind == "draft"  # its forwards are the draft's
-        spec = METHODS[row.method].kind in ("simsd", "specdiff")
-        forwards = (0, n["forwards"]) if alone else (n["forwards"], n["draft_forwards"])
-        speedups = paired(rec, records[baseline(row, records)])
-        scored = [c for c in rec["correct"] if c is not None]
-        out[row] = {**row._asdict(), **n,
-                    "tok_s": median([median(tok_s(one)) for one in rec["passes"]]),
-                    "speedup": median(speedups), "speedup_passes": speedups,
-                    "spread": spread(speedups),
-                    "cost": projected_cost(*forwards, n["tokens"]),
-                    "tokens_per_target_forward": ratio(n["tokens"], forwards[0]),
-                    "steps_matched": ratio(n["matched"], n["steps"]) if spec else None,
-                    "acceptance": ratio(n["accepted"], n["drafted"]) if spec else None,
-                    "drafting": ratio(n["draft_seconds"], n["seconds"]) if spec else None,
-                    "accuracy": 100 * ratio(sum(scored), len(scored)) if scored else None,
-                    "outputs_equal_target": equal_share(records, row)}
+    out = {row: table_row(row, records) for row in records}
     for row, r in out.items():
         r["projected_speedup"] = ratio(out[baseline(row, out)]["cost"], r["cost"])
     return list(out.values())
@@ -230,18 +213,15 @@ def name(row):
     return row["method"] + (f" ({', '.join(extras)})" if extras else "")
 
 
-def baseline_name(row):
-    return "ar" if METHODS[row["method"]].kind in ("ar", "specdiff") else "target"
-
-
 def versus(spec, base):
     """How `spec` compares with `base`, measured and projected, and what limits it when slower."""
     measured = ratio(spec["speedup"], base["speedup"])
     projected = ratio(spec["projected_speedup"], base["projected_speedup"])
     if measured is None or projected is None:
         return f"{name(spec)} against {name(base)}: not measured"
+    against = "ar" if METHODS[base["method"]].kind == "ar" else "target"
     line = (f"{name(spec)} runs at {measured:.2f}x {name(base)} measured ({spec['speedup']:.2f}x "
-            f"against {base['speedup']:.2f}x {baseline_name(base)}), {projected:.2f}x projected")
+            f"against {base['speedup']:.2f}x {against}), {projected:.2f}x projected")
     if measured < 1:
         per_forward = ratio(spec["matched"], spec["forwards"]) or 0.0
         line += (f"; {1 - measured:.0%} slower measured: drafting takes "
@@ -277,11 +257,11 @@ def headlines(rows):
     """Per task, block and temperature: comparisons(), unless a row has fewer than two timing
     passes, or a speedup that differs between passes by more than SPREAD: then a sentence."""
     lines = []
-    for task, block, temp in dict.fromkeys((r["task"], r["block"], r["temperature"])
-                                           for r in rows if r["block"]):
-        group = [r for r in rows if (r["task"], r["temperature"]) == (task, temp)
+    groups = dict.fromkeys((r["task"], r["block"], r["temperature"]) for r in rows if r["block"])
+    for task, block, temperature in groups:
+        group = [r for r in rows if (r["task"], r["temperature"]) == (task, temperature)
                  and r["block"] in (block, None)]
-        sampling = "greedy" if temp == 0 else f"temperature {temp:g}"
+        sampling = "greedy" if temperature == 0 else f"temperature {temperature:g}"
         where = f"{task}, block {block}, {sampling}"
         unchecked = [r for r in group if r["spread"] is None]
         jumpy = max(group, key=lambda r: r["spread"] or 0.0)
@@ -325,7 +305,9 @@ def clean(value):
         return round(value, 4) if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: clean(v) for k, v in value.items()}
-    return [clean(v) for v in value] if isinstance(value, list) else value
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
 
 
 def report(conditions, rows):
@@ -337,13 +319,12 @@ def report(conditions, rows):
         print(f"\n{task}:\n\n" + markdown(list(COLUMNS), cells))
     lines = headlines(rows)
     print("\n" + "\n".join(lines))
-    kept = ("device", "dtype", "threads")
-    result = {**{k: conditions[k] for k in kept}, "spread_limit": SPREAD, "headlines": lines,
-              "rows": rows}
+    result = {key: conditions[key] for key in ("device", "dtype", "threads")}
+    result.update(spread_limit=SPREAD, headlines=lines, rows=rows)
     print(json.dumps(clean(result), allow_nan=False))
 
 
-# ----------------------------------------------------------------------------- models and prompts
+# ----------------------------------------------------------------------------- tasks and rows
 
 def load(path, device, dtype, loaded):
     """(model, tokenizer) of a folder, each loaded once; a sentence, not a traceback."""
@@ -356,26 +337,22 @@ def load(path, device, dtype, loaded):
     return loaded[key]
 
 
-def build_task(prompts, score, sampled, targets, drafts, ar_drafts, where):
-    """A Task from folders: targets {"target" and/or "ar": path}; drafts {name: path} of the SDAR
-    target (and alone), ar_drafts of the AR one; each pair checked. where: (device, dtype, {})."""
-    models = {path: load(path, *where) for path in [*targets.values(), *drafts.values(),
-                                                    *ar_drafts.values()]}
-    for role, target in targets.items():
-        for draft in (drafts if role == "target" else ar_drafts).values():
+def build_task(prompts, score, sampled, targets, drafts, where):
+    """A Task from folders: targets {"target" and/or "ar": path}, drafts {name: path}, every draft
+    checked against every target. where: (device, dtype, {} of what is loaded)."""
+    loaded = {path: load(path, *where) for path in [*targets.values(), *drafts.values()]}
+    for target in targets.values():
+        for draft in drafts.values():
             try:
-                model.check_pair(models[target][0], models[draft][0], models[target][1],
-                                       models[draft][1])
+                model.check_pair(loaded[target][0], loaded[draft][0], loaded[target][1],
+                                 loaded[draft][1])
             except ValueError as e:
                 fail(f"the draft {draft} cannot propose to {target}: {e}")
-    specdiff_drafts = ar_drafts if "ar" in targets else {}
-    folders = {**targets, **{f"{d} draft": path for d, path in drafts.items()},
-               **{f"specdiff's {d} draft": path for d, path in specdiff_drafts.items()}}
-    role = {r: models[targets[r]][0] if r in targets else None for r in ("target", "ar")}
-    tok = models[next(iter(drafts.values()))][1]  # the draft's: it covers every target's ids
-    return Task(prompts, score, sampled, tok, role["target"], role["ar"],
-                {d: models[path][0] for d, path in drafts.items()},
-                {d: models[path][0] for d, path in ar_drafts.items()}, folders)
+    roles = {role: loaded[path][0] for role, path in targets.items()}
+    folders = {**targets, **{f"{d} draft": path for d, path in drafts.items()}}  # by role
+    tok = loaded[next(iter(drafts.values()))][1]  # the draft's: it covers every target's ids
+    return Task(prompts, score, sampled, tok, roles.get("target"), roles.get("ar"),
+                {d: loaded[path][0] for d, path in drafts.items()}, folders)
 
 
 def read_prompts(path, n):
@@ -384,20 +361,18 @@ def read_prompts(path, n):
         lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         fail(f"--prompts {path} cannot be read as JSONL ({e}); give one JSON object per line")
-    if not lines or any(not isinstance(x, dict) or not isinstance(x.get("prompt"), str)
-                        for x in lines):
-        fail(f'--prompts {path} must hold one {{"prompt": ..., "answer": ...}} object per line')
-    empty = [i for i, x in enumerate(lines, 1) if not x["prompt"]]
-    if empty:
-        fail(f"--prompts {path}: the prompt on line {empty[0]} is empty; decoding starts from "
-             "at least one token")
+    for i, x in enumerate(lines, 1):
+        if not isinstance(x, dict) or not isinstance(x.get("prompt"), str) or not x["prompt"]:
+            fail(f'--prompts {path}: line {i} is not a {{"prompt": ..., "answer": ...}} object '
+                 "with a prompt of at least one character")
+    if not lines:
+        fail(f"--prompts {path} holds no prompt")
     answers = [None if x.get("answer") is None else str(x["answer"]) for x in lines]
     return [(x["prompt"], answer) for x, answer in zip(lines, answers)][:n]
 
 
 def toy_tasks(args, where):
     """{task: Task} of train_tiny's toys (trained first if missing) on held-out prompts."""
-    import train_tiny  # the toy default only; real checkpoints never need it
     n, prompts = args.num_prompts or DEFAULT_PROMPTS, {}
     for task in args.tasks or train_tiny.TASKS:
         try:
@@ -410,11 +385,9 @@ def toy_tasks(args, where):
     for task, chosen in prompts.items():
         folders = train_tiny.folders(task)
         drafts = {d: folders[d] for d in args.drafts or train_tiny.DRAFTS}
-        ar_drafts = {d: folders.get(f"ar-{d}", path) for d, path in drafts.items()}  # its own
         targets = {"target": folders["target"], "ar": folders["ar"]}
         sampled = task != "sort"  # a sorted list has one right answer: greedy only
-        tasks[task] = build_task(chosen, train_tiny.score, sampled, targets, drafts, ar_drafts,
-                                 where)
+        tasks[task] = build_task(chosen, train_tiny.score, sampled, targets, drafts, where)
     return tasks
 
 
@@ -425,8 +398,10 @@ def checkpoint_tasks(args, where):
     kind = load(args.model, *where)[0].config.model_type
     targets = {"target" if kind == "sdar" else "ar": args.model}
     drafts = {Path(args.draft).name: args.draft}
-    contains = lambda prompt, output, answer: answer.strip() in output  # noqa: E731
-    return {"prompts": build_task(prompts, contains, True, targets, drafts, drafts, where)}
+
+    def contains(prompt, output, answer):
+        return answer.strip() in output
+    return {"prompts": build_task(prompts, contains, True, targets, drafts, where)}
 
 
 def blocks_of(task, asked):
@@ -438,6 +413,16 @@ def blocks_of(task, asked):
         fail(f"block {wrong[0]} requested but the models were trained with block {trained} "
              f"(block_size in their config.json); use --blocks {trained}")
     return asked or [trained or 4]
+
+
+def drafts_of(method, task, args):
+    """The drafts of a method's rows: none alone; by default PAPER_DRAFT for the paper's rows,
+    as in the paper; every draft otherwise."""
+    if method.kind in ("target", "ar"):
+        return [None]
+    if method.verify in ("simsd", "exact") and PAPER_DRAFT in task.drafts and not args.drafts:
+        return [PAPER_DRAFT]
+    return list(task.drafts)
 
 
 def plan(task_name, task, args):
@@ -453,8 +438,10 @@ def plan(task_name, task, args):
     rows = []
     for temperature in temperatures:
         for block in blocks_of(task, args.blocks):
-            for method in (m for m in dict.fromkeys(methods) if runnable[METHODS[m].kind]):
+            for method in dict.fromkeys(methods):
                 m = METHODS[method]
+                if runnable[m.kind] is None:
+                    continue
                 lookaheads = args.lookahead if m.kind in ("simsd", "specdiff") else [None]
                 row_block = None if m.kind == "ar" else block
                 rows += [Row(task_name, method, d, L, row_block, temperature)
@@ -462,45 +449,23 @@ def plan(task_name, task, args):
     return list(dict.fromkeys(rows))
 
 
-def drafts_of(method, task, args):
-    """The drafts of a method's rows: none alone; by default PAPER_DRAFT for the paper's rows,
-    as in the paper; every draft otherwise."""
-    if method.kind in ("target", "ar"):
-        return [None]
-    if method.verify in ("simsd", "exact") and PAPER_DRAFT in task.drafts and not args.drafts:
-        return [PAPER_DRAFT]
-    return list(task.drafts)
-
-
 def conditions(args, tasks, device, dtype, new_tokens, source):
-    def sizes(task):
-        drafts = {f"{d} draft": m for d, m in task.drafts.items()}
-        models = {"target": task.target, "ar": task.ar, **drafts}
-        return ", ".join(f"{role} {sum(p.numel() for p in m.parameters()) / 1e6:.3g}M"
-                         for role, m in models.items() if m is not None)
-
-    def folders(task):
-        return ", ".join(f"{role} {path}" for role, path in task.folders.items())
+    def described(task):
+        models = {"target": task.target, "ar": task.ar,
+                  **{f"{d} draft": m for d, m in task.drafts.items()}}
+        sizes = [f"{role} {sum(p.numel() for p in m.parameters()) / 1e6:.3g}M ({task.folders[role]})"
+                 for role, m in models.items() if m is not None]
+        return ", ".join(sizes)
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "parameters": "; ".join(f"{t}: {sizes(task)}" for t, task in tasks.items()),
-        "folders": "; ".join(f"{t}: {folders(task)}" for t, task in tasks.items()),
-        "batch": 1, "steps": "one position per step of the schedule (steps = block)",
+        "threads": torch.get_num_threads(), "batch": 1,
+        "models": "; ".join(f"{t}: {described(task)}" for t, task in tasks.items()),
         "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
-        f"{args.repeats} passes over the prompts; tok/s: the median over passes of each pass's "
-        "median over prompts; speedup: the same of the row's tok/s over its baseline's on the "
-        "same prompt, decoded seconds apart",
-        "quality": f"stop at EOS or {args.answer_cap} tokens; '= target': the share of greedy "
-        "outputs equal to those of the row a lossless row reproduces",
-        "projected": f"the speedup against the same baseline if the target were SDAR-8B "
-        f"({TARGET_GB} GB of bf16 weights) and the draft SDAR-1.7B ({DRAFT_GB} GB) on a GPU "
-        "where a forward at batch 1 costs its weight bytes over memory bandwidth: time per token "
-        f"proportional to (target forwards x {TARGET_GB} + draft forwards x {DRAFT_GB}) / tokens, "
-        "from the row's latency forward counts. A projection, not a measurement",
-        "headline": f"withheld when a row's speedup differs between passes by more than "
-        f"{SPREAD:.0%}",
+        f"{args.repeats} passes; tok/s and speedup: medians over prompts, then over passes",
+        "quality": f"stop at EOS or {args.answer_cap} tokens",
+        "projected": f"target SDAR-8B ({TARGET_GB} GB bf16), draft SDAR-1.7B ({DRAFT_GB} GB), "
+        "a forward costing its weight bytes over memory bandwidth: not a measurement",
     }
 
 
@@ -529,8 +494,11 @@ def random_model(config, device, dtype, seed):
         m.lm_head.weight = m.model.embed_tokens.weight  # to_empty materialises each module's copy
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        for param, p in m.named_parameters():
-            p.fill_(1.0) if param.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+        for param_name, p in m.named_parameters():
+            if param_name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
     return m
 
 
@@ -545,32 +513,25 @@ def median_time(run, repeats, device):
     return statistics.median(seconds)
 
 
-def forwards_at(target, draft, B, ctx, device):
-    """{forward: (query tokens, weight bytes, a call)} at block B after ctx random tokens: a
-    target denoise step, its verification forward of one drafted block (one position per step)
-    in the lossless/exact layout and in the simsd layout, and a draft step."""
-    mask_id = target.config.mask_token_id
-    tcache, dcache = target.new_cache(ctx + B * B + 2 * B), draft.new_cache(ctx + B)
-    prompt = torch.randint(0, mask_id, (ctx + B,), device=device)
-    decode.prefill(target, prompt[:ctx], tcache, B)
-    decode.prefill(draft, prompt[:ctx], dcache, B)
-    masked, drafted = torch.full((B,), mask_id, device=device), prompt[ctx:]
-    step_map = torch.arange(1, B + 1, device=device)  # position i revealed at step i + 1
-    proposal = speculative.Proposal(ctx, masked < 0, drafted, step_map, 0, drafted.expand(B, B),
-                                    None)
-    weights = [sum(p.nbytes for p in m.parameters()) for m in (target, draft)]
-    out = {"target denoise step": (B, weights[0], partial(
-        decode.forward_block, target, masked[:0], masked, ctx, tcache))}
-    for label, mode in (("lossless/exact", "lossless"), ("simsd", "simsd")):
-        opt = speculative.options(target, draft, B, ctx, block=B, steps=None, strategy="static",
-                                  threshold=0.9, sampling=decode.GREEDY, verify=mode, accept=None,
-                                  lookahead=1, eos_min_prob=0.0, stop_ids=())
-        ids, pos, attend, _ = speculative.layout([proposal], masked[:0], opt)
-        out[f"target verify, {label}"] = (len(ids), weights[0],
-                                          partial(target, ids[None], pos, attend, tcache))
-    out["draft step"] = (B, weights[1], partial(decode.forward_block, draft, masked[:0], masked,
-                                                ctx, dcache))
-    return out
+def layouts(B):
+    """{forward: (attention mask, positions after the context)} of the forwards one block costs:
+    a denoise step (the target's, or the draft's), and the target's verification of a block drafted
+    one position per step, lossless or exact (B copies, mask.copies) or simsd (2B, mask.verify)."""
+    step = torch.ones(B, B, dtype=torch.bool)
+    return {"target denoise step": (step, torch.arange(B)),
+            "target verify, lossless/exact": (masks.copies(B, B), torch.arange(B).repeat(B)),
+            "target verify, simsd": (masks.verify(torch.arange(1, B + 1)),
+                                     torch.arange(B).repeat(2)),
+            "draft step": (step, torch.arange(B))}
+
+
+def forward_seconds(m, attend, pos, ctx, repeats, device):
+    """Median seconds of one forward of m over the layout (attend, pos) after ctx cached tokens."""
+    cache = m.new_cache(ctx + len(pos))
+    ids = torch.randint(0, m.config.vocab_size - 1, (ctx + len(pos),), device=device)
+    decode.prefill(m, ids[:ctx], cache, 1)
+    call = partial(m, ids[None, ctx:], pos.to(device) + ctx, attend.to(device), cache)
+    return median_time(call, repeats, device)
 
 
 @torch.inference_mode()
@@ -579,37 +540,37 @@ def shapes_main(args, device, dtype):
     if len(names) != 2 or any(n not in SHAPES for n in names):
         fail(f"--shapes takes TARGET:DRAFT with names from {', '.join(sorted(SHAPES))}")
     target, draft = (random_model(SHAPES[n], device, dtype, seed) for seed, n in enumerate(names))
-    new, args.repeats, dev = args.new_tokens or 256, args.repeats or 3, torch.device(device)
-    bw = args.bandwidth and args.bandwidth * 1e9
-    if device == "cuda" and not bw:  # bytes read + written per second by a large copy
+    new, repeats, dev = args.new_tokens or 256, args.repeats or 3, torch.device(device)
+    bandwidth = args.bandwidth and args.bandwidth * 1e9
+    if device == "cuda" and not bandwidth:  # bytes read + written per second by a large copy
         a = torch.empty(2 ** 28, device=device)
-        bw = 2 * a.nbytes / median_time(lambda: torch.empty_like(a).copy_(a), 5, dev)
+        bandwidth = 2 * a.nbytes / median_time(lambda: torch.empty_like(a).copy_(a), 5, dev)
     blocks, cells = [], []
     for B in args.blocks or [4, 8]:
         forwards = []
-        for label, (tokens, nbytes, run) in forwards_at(target, draft, B, args.context,
-                                                        device).items():
-            seconds = median_time(run, args.repeats, dev)
-            floor = bw and nbytes / bw / seconds
-            forwards.append({"name": label, "tokens": tokens, "ms": seconds * 1e3,
+        for label, (attend, pos) in layouts(B).items():
+            m = draft if label == "draft step" else target
+            seconds = forward_seconds(m, attend, pos, args.context, repeats, dev)
+            nbytes = sum(p.nbytes for p in m.parameters())
+            floor = bandwidth and nbytes / bandwidth / seconds  # the share of the bytes floor
+            forwards.append({"name": label, "tokens": len(pos), "ms": seconds * 1e3,
                              "weight_bytes": nbytes, "floor_fraction": floor})
-            cells.append([B, label, tokens, f"{seconds * 1e3:.2f}", f"{nbytes / 1e9:.3f}",
+            cells.append([B, label, len(pos), f"{seconds * 1e3:.2f}", f"{nbytes / 1e9:.3f}",
                           show(floor, ".0%")])
         prompt = torch.randint(0, target.config.mask_token_id, (args.context,)).tolist()
-        vanilla = median_time(partial(decode.generate, target, prompt, new, block=B),
-                              args.repeats, dev)
-        blocks.append({"block": B, "forwards": forwards, "vanilla_tok_s": new / vanilla})
+        vanilla = new / median_time(partial(decode.generate, target, prompt, new, block=B),
+                                    repeats, dev)
+        blocks.append({"block": B, "forwards": forwards, "vanilla_tok_s": vanilla})
+        cells.append([B, f"vanilla decoding: {vanilla:.1f} tok/s", "", "", "", ""])
     gpu = torch.cuda.get_device_name(dev) if device == "cuda" else None
     print(f"- {gpu or device}, {str(dtype).removeprefix('torch.')}, threads "
-          f"{torch.get_num_threads()}, batch 1, {args.context} context tokens prefilled, median "
-          f"of {args.repeats} after one warm-up; vanilla: {new} new tokens, prefill included\n")
+          f"{torch.get_num_threads()}, batch 1, {args.context} context tokens cached, median "
+          f"of {repeats} after one warm-up; vanilla: {new} new tokens, prefill included\n")
     print(markdown(["block", "forward", "query tokens", "ms", "weight GB",
-                    "fraction of the weight-bytes floor"], cells) + "\n")
-    print(markdown(["block", "vanilla tok/s"], [[b["block"], f"{b['vanilla_tok_s']:.1f}"]
-                                                for b in blocks]))
+                    "fraction of the weight-bytes floor"], cells))
     peak = torch.cuda.max_memory_allocated(dev) if device == "cuda" else None
     result = {"device": device, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu,
-              "peak_memory_bytes": peak, "bandwidth_GBps": bw and bw / 1e9,
+              "peak_memory_bytes": peak, "bandwidth_GBps": bandwidth and bandwidth / 1e9,
               "threads": torch.get_num_threads(), "target": names[0], "draft": names[1],
               "context": args.context, "new_tokens": new, "batch": 1, "blocks": blocks}
     print(json.dumps(clean(result), allow_nan=False))
@@ -626,13 +587,13 @@ def parse_args(argv=None):
     add("--prompts", help='JSONL, one {"prompt": ..., "answer": ...} per line (answer optional)')
     add("--num-prompts", type=int, help=f"prompts per task (default: {DEFAULT_PROMPTS} held-out "
         "toy prompts per task, or every line of --prompts)")
-    add("--tasks", nargs="+", help="toy tasks (default: all of train_tiny.TASKS)")
-    add("--drafts", nargs="+", help="toy drafts of train_tiny.DRAFTS: data (trained on the task), "
-        f"distilled (on the target's outputs); default: all, the paper's rows {PAPER_DRAFT}")
+    add("--tasks", nargs="+", choices=train_tiny.TASKS, help="toy tasks (default: all)")
+    add("--drafts", nargs="+", choices=train_tiny.DRAFTS, help="toy drafts: data (trained on the "
+        f"task), distilled (on the target's decoding); default: both, {PAPER_DRAFT} for the paper's")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
         help=f"rows, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
     add("--lookahead", type=int, nargs="+", help="blocks drafted per target forward, a row each "
-        f"(default: 1 and speculative.generate's default, {DEFAULT_LOOKAHEAD})")
+        f"(default: 1 and speculative.generate's default, {speculative.LOOKAHEAD})")
     add("--temperatures", type=float, nargs="+", help="0 = greedy (default); sampled rows run "
         "only where a sampled answer can be right")
     add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, "
@@ -650,17 +611,16 @@ def parse_args(argv=None):
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, "
         "else float32")
     add("--threads", type=int, help=f"CPU threads, 1 to {os.cpu_count()} (default: 1 for the toys "
-        "on a CPU, whose micro models are dispatch-bound: one thread is as fast when the machine "
-        "is quiet and far faster when it is not; else torch's default)")
+        "on a CPU: their micro models are as fast on one thread, and far faster under load)")
     return p.parse_args(argv)
 
 
 def check_args(args):
     """Every option in range, every combination meaningful: a sentence and exit 2 otherwise."""
-    whole = {"--num-prompts": [args.num_prompts], "--new-tokens": [args.new_tokens],
-             "--answer-cap": [args.answer_cap], "--repeats": [args.repeats],
-             "--blocks": args.blocks or [], "--lookahead": args.lookahead or []}
-    for flag, values in whole.items():
+    counts = {"--num-prompts": [args.num_prompts], "--new-tokens": [args.new_tokens],
+              "--answer-cap": [args.answer_cap], "--repeats": [args.repeats],
+              "--blocks": args.blocks or [], "--lookahead": args.lookahead or []}
+    for flag, values in counts.items():
         small = [v for v in values if v is not None and v < 1]
         if small:
             fail(f"{flag} must be an integer >= 1; got {small[0]}")
@@ -673,30 +633,22 @@ def check_args(args):
              f"{args.threads}")
     if args.context < 0 or args.bandwidth is not None and not 0 < args.bandwidth < math.inf:
         fail("--context must be >= 0 and --bandwidth a finite number of GB/s above 0")
-    if args.shapes and (args.model or args.draft or args.prompts):
+    checkpoints = [flag is not None for flag in (args.model, args.draft, args.prompts)]
+    if args.shapes and any(checkpoints):
         fail("--shapes uses random weights; it takes no --model, --draft or --prompts")
-    given = [flag is not None for flag in (args.model, args.draft, args.prompts)]
-    if not args.shapes and any(given) and not all(given):
+    if any(checkpoints) and not all(checkpoints):
         fail("checkpoints need all of --model, --draft and --prompts FILE.jsonl")
     if (args.tasks or args.drafts) and (args.model or args.shapes):
         fail("--tasks and --drafts choose toys; checkpoints take --draft and --prompts")
     if args.model is None and (args.num_prompts or 0) > MAX_TOY_PROMPTS:
         fail(f"--num-prompts {args.num_prompts} is more than a toy run takes: at most "
              f"{MAX_TOY_PROMPTS} held-out prompts per task")
-    if args.tasks or args.drafts:
-        import train_tiny
-        tasks = [t for t in args.tasks or () if t not in train_tiny.TASKS]
-        if tasks:
-            fail(f"--tasks {tasks[0]} is not one of {', '.join(train_tiny.TASKS)}")
-        drafts = [d for d in args.drafts or () if d not in train_tiny.DRAFTS]
-        if drafts:
-            fail(f"--drafts {drafts[0]} is not one of {', '.join(train_tiny.DRAFTS)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    args.lookahead = list(dict.fromkeys(args.lookahead or [1, DEFAULT_LOOKAHEAD]))
+    args.lookahead = list(dict.fromkeys(args.lookahead or [1, speculative.LOOKAHEAD]))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but this machine has no CUDA GPU")
@@ -704,7 +656,10 @@ def main(argv=None):
     if args.threads or toys_on_cpu:
         torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    (shapes_main if args.shapes else table_main)(args, device, dtype)
+    if args.shapes:
+        shapes_main(args, device, dtype)
+    else:
+        table_main(args, device, dtype)
 
 
 if __name__ == "__main__":
