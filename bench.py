@@ -100,7 +100,8 @@ def decode_once(row, task, ids, n, stop_ids, seed):
                   generator=torch.Generator(device).manual_seed(seed))
     if method.kind == "ar":
         return decode.generate_ar(target, ids, n, **common)
-    diffusion = dict(block=row.block, strategy=method.strategy, threshold=method.threshold, **common)
+    diffusion = dict(block=row.block, strategy=method.strategy, threshold=method.threshold,
+                     **common)
     if method.kind == "target":
         return decode.generate(target, ids, n, **diffusion)
     if method.kind == "draft":
@@ -453,9 +454,9 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
     def described(task):
         models = {"target": task.target, "ar": task.ar,
                   **{f"{d} draft": m for d, m in task.drafts.items()}}
-        sizes = [f"{role} {sum(p.numel() for p in m.parameters()) / 1e6:.3g}M ({task.folders[role]})"
-                 for role, m in models.items() if m is not None]
-        return ", ".join(sizes)
+        sizes = {role: sum(p.numel() for p in m.parameters()) / 1e6
+                 for role, m in models.items() if m is not None}
+        return ", ".join(f"{role} {n:.3g}M ({task.folders[role]})" for role, n in sizes.items())
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "batch": 1,
@@ -588,8 +589,9 @@ def parse_args(argv=None):
     add("--num-prompts", type=int, help=f"prompts per task (default: {DEFAULT_PROMPTS} held-out "
         "toy prompts per task, or every line of --prompts)")
     add("--tasks", nargs="+", choices=train_tiny.TASKS, help="toy tasks (default: all)")
-    add("--drafts", nargs="+", choices=train_tiny.DRAFTS, help="toy drafts: data (trained on the "
-        f"task), distilled (on the target's decoding); default: both, {PAPER_DRAFT} for the paper's")
+    add("--drafts", nargs="+", choices=train_tiny.DRAFTS, help="toy drafts: data (trained on "
+        "the task), distilled (on the target's decoding); default: both (the paper's rows: "
+        f"{PAPER_DRAFT})")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
         help=f"rows, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
     add("--lookahead", type=int, nargs="+", help="blocks drafted per target forward, a row each "
