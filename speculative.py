@@ -20,14 +20,13 @@ A diffusion target verifies in one of three ways (`verify`):
              when, so the output is not the target's own, and when sampling it is biased.
   simsd    - the paper's layout, one copy [block | masks] (mask.verify), and the same acceptance;
              deeper than one layer, a mask token also sees later reveals through other masks.
-With exact and simsd, accept="position" is the paper's rule, the longest agreeing prefix in position
-order; it can commit tokens that were judged with a later-rejected token in place.
+With exact and simsd, accept="position" (the paper's rule: the longest agreeing prefix in position
+order) can commit tokens that were judged with a later-rejected token in place.
 
 An autoregressive (Qwen3) target verifies causally (SpecDiff): one forward on [its newest committed
-token | the drafted tokens, in position order]; the logits before each drafted token judge it, and
-the token at the first rejection, or after the last drafted one, is the target's (a bonus). The
-output is the target's own, greedy and sampled: when sampling, the draft reveals its leftmost
-positions first, so that every drafted token is drawn before any token to its right is chosen.
+token | the drafted tokens, in position order] judges each drafted token by the logits before it;
+the token at the first rejection, or after the last drafted one (a bonus), is the target's. The
+output is the target's own, greedy and sampled (sampling drafts leftmost positions first).
 
 Host syncs per iteration: one, the verdict's readback; one more per draft step when drafting is
 dynamic; and on CUDA two `synchronize` calls that time drafting for the stats.
@@ -46,9 +45,8 @@ LOOKAHEAD = 1  # blocks proposed to one target forward by default (bench.py meas
 
 @dataclass
 class Block:
-    """The block being decoded, at positions start..start+B-1: its tokens (the mask id where
-    unknown) and which are known, on the target's device; on the host, how many are unknown
-    (`masks`), the target steps taken on it (`done`) and how many leading tokens were returned."""
+    """The block being decoded at positions start..: its tokens (the mask id where unknown) and
+    which are known; how many are unknown, the target steps taken on it, the tokens returned."""
     start: int
     tokens: torch.Tensor
     known: torch.Tensor
@@ -109,18 +107,17 @@ class Options:
     end: int  # the position after the last token max_new_tokens allows
 
 
-# What acceptance committed, as L + 1 rows of B (the proposed blocks and the block after them): the
-# tokens (the mask id where unknown) and which are known after the commit, and each position's fate:
-# 0 known before (or never drafted), 1 committed as drafted (in a matched step), 2 the target's own
-# token (or step), 3 drafted but not committed.
+# What acceptance committed, as L + 1 rows of B (the proposed blocks and the next): the tokens (the
+# mask id where unknown), which are known after the commit, and each position's fate: 0 known before
+# or never drafted, 1 committed as drafted, 2 the target's own token, 3 drafted but not committed.
 Verdict = namedtuple("Verdict", "tokens known fate")
 
 
 @dataclass
 class Run:
     """One decode's state. pending: completed blocks the draft (and a diffusion target) has not
-    stored yet, fed in front of its next forward; target_pending: an AR target's committed tokens
-    that its cache lacks (its newest). The generator lives on the draft's device."""
+    stored yet, fed in front of its next forward; target_pending: the AR target's newest token,
+    which its cache lacks. The generator lives on the draft's device."""
     target: torch.nn.Module
     draft: torch.nn.Module
     tcache: object
@@ -179,8 +176,8 @@ def propose(run, n_blocks, opt):
     after storing the one before in the draft's cache (tentatively: commit() rewinds what the
     target does not commit). Returns one Proposal per block."""
     B, blk, ddev, dev = opt.block, run.block, decode.device_of(run.draft), run.block.tokens.device
-    x, known, masks_left, done = blk.tokens.to(ddev), blk.known.to(ddev), blk.masks, blk.done
-    pending = run.pending.to(ddev)
+    x, known, pending = blk.tokens.to(ddev), blk.known.to(ddev), run.pending.to(ddev)
+    masks_left, done = blk.masks, blk.done
     strategy = "left" if opt.verify is None and not opt.sampling.greedy else opt.strategy
     proposals = []
     for j in range(n_blocks):
@@ -236,13 +233,11 @@ def causal_layout(proposals, target_pending, n_masks):
 # ----------------------------------------------------------------------------- 4. accept
 
 def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
-    """Each row's verdict on a drafted token d (...,), with draft distributions p (..., V) and
-    target distributions q (..., V). Greedy accepts d when it is argmax q; sampling keeps it with
-    probability min(1, q(d) / p(d)) (modified rejection sampling). A rejected row takes the target's
-    token, argmax q or a draw from normalize(max(q - p, 0)), so that each row's token is
-    distributed as q whatever the draft did. eos_min_prob: a stop token the target chooses needs
-    this probability, else it is chosen again without stop tokens (this changes the target's
-    output). Returns tokens, ok."""
+    """(tokens, ok): each row's verdict on a drafted token d (...,), given draft and target
+    distributions p and q (..., V). Greedy accepts d when it is argmax q; sampling with probability
+    min(1, q(d) / p(d)), else draws from normalize(max(q - p, 0)): a row's token is distributed as
+    q whatever the draft did. eos_min_prob: a stop token the target picks needs this probability,
+    else it picks again without stop tokens (which changes the target's output)."""
     chosen = q
     if stop_ids and eos_min_prob > 0:  # gate the stop tokens the target does not really want
         stops = torch.tensor(list(stop_ids), device=q.device)
@@ -258,7 +253,7 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
         return torch.rand(shape, generator=generator, device=source).to(d.device)
 
     q_d, p_d = q.gather(-1, d[..., None])[..., 0], p.gather(-1, d[..., None])[..., 0]
-    ok = uniform(d.shape) * p_d < q_d
+    ok = uniform(d.shape) * p_d < q_d  # modified rejection sampling
     residual = (chosen - p).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, chosen)  # p == q: q
     gumbel = -torch.log(-torch.log(uniform(residual.shape).clamp(min=1e-20)))
@@ -266,8 +261,8 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
 
 
 def in_time_order(ok, order):
-    """The rows committed when rows are judged in time order (order: each row's rank; equal ranks
-    are one step): every row up to the earliest rejected rank, all rows of that rank included."""
+    """The rows committed when judged in time order (order: each row's rank): every row up to the
+    earliest rejected rank, all rows of that rank included."""
     first = torch.where(ok, order.max() + 1, order).min()
     return order <= first
 
@@ -292,8 +287,8 @@ def accept_lossless(proposals, q, run, opt):
     first = torch.where(differs, index, len(differs)).min()  # the first step that differs
     committed = revealed & (index <= first)[:, None]  # every matched step, then the target's own
     as_drafted = committed & (index < first)[:, None]
-    block_of = [torch.full((p.steps,), j, device=q.device) for j, p in enumerate(proposals)]
-    block_of = torch.cat(block_of)  # (G,): the proposed block of each copy
+    block_of = torch.cat([torch.full((p.steps,), j, device=q.device)  # (G,): each copy's block
+                          for j, p in enumerate(proposals)])
 
     def fold(x):  # (G, B) -> (L, B): each block's steps summed (a position commits at most once)
         rows = torch.zeros(len(proposals), opt.block, dtype=torch.long, device=q.device)
@@ -370,7 +365,7 @@ def finish(proposals, committed, tokens, as_drafted, opt):
 # ----------------------------------------------------------------------------- 5. commit
 
 def readback(verdict, proposals):
-    """The verdict, and the proposals' tokens and step maps, as lists: one copy to the host."""
+    """The verdict, the proposals' tokens and step maps, as lists: one copy to the host."""
     parts = dict(tokens=verdict.tokens, known=verdict.known, fate=verdict.fate,
                  drafted=torch.stack([p.tokens for p in proposals]),
                  steps=torch.stack([p.step for p in proposals]))
@@ -392,8 +387,7 @@ def steps_taken(fate, steps, lossless):
 
 
 def count(stats, seen, taken, draft_seconds):
-    """Add one iteration to the stats. A draft step is matched when all its positions were committed
-    as drafted."""
+    """Add one iteration to the stats ; matched: draft steps committed whole as drafted."""
     stats.forwards += 1
     stats.steps += sum(taken)
     stats.draft_seconds += draft_seconds
@@ -407,12 +401,10 @@ def count(stats, seen, taken, draft_seconds):
 
 def commit(run, seen, taken, verdict, proposals, draft_len, opt):
     """Each cache keeps the leading blocks committed exactly as drafted that it stored in this
-    iteration (the target: their clean copies; the draft: as it drafted them; never the last
-    proposed block); an AR target keeps its pending token and the accepted ones. The other
-    completed blocks become pending, the first incomplete block the current one. Returns the
-    tokens now returnable."""
-    B, L = opt.block, len(proposals)
-    kept = 0
+    iteration (never the last proposed block); an AR target keeps its pending token and the
+    accepted ones. The other completed blocks become pending, the first incomplete block the
+    current one. Returns the tokens now returnable."""
+    B, L, kept = opt.block, len(proposals), 0
     while kept < L - 1 and all(f in (0, 1) for f in seen["fate"][kept]):
         kept += 1
     if opt.verify is None:  # an AR target: the token after the accepted ones is pending next
@@ -482,9 +474,8 @@ def options(target, draft, max_new_tokens, prompt_len, *, block, steps, strategy
 
 
 def start(target, draft, prompt, generator, opt):
-    """The Run after the prefill: the draft and a diffusion target cache the prompt's aligned
-    blocks (its tail is the current block's known part); an AR target caches every prompt token
-    but the newest, which its first forward verifies with."""
+    """The Run after the prefill: the draft and a diffusion target cache the prompt's whole blocks
+    (its tail is the current block's known part); an AR target all but its newest token."""
     B, ar = opt.block, opt.verify is None
     aligned = len(prompt) - len(prompt) % B
     room = opt.end + 3 * B + opt.lookahead * B * (B + 1)
