@@ -586,7 +586,7 @@ def parse_args(argv=None):
     add("--model", help="target checkpoint folder, SDAR or Qwen3 (with --draft and --prompts)")
     add("--draft", help="draft SDAR checkpoint folder")
     add("--prompts", help='JSONL, one {"prompt": ..., "answer": ...} per line (answer optional)')
-    add("--num-prompts", type=int, help=f"prompts per task (default: {DEFAULT_PROMPTS} held-out "
+    add("--num-prompts", type=count, help=f"prompts per task (default: {DEFAULT_PROMPTS} held-out "
         "toy prompts per task, or every line of --prompts)")
     add("--tasks", nargs="+", choices=train_tiny.TASKS, help="toy tasks (default: all)")
     add("--drafts", nargs="+", choices=train_tiny.DRAFTS, help="toy drafts: data (trained on "
@@ -594,17 +594,17 @@ def parse_args(argv=None):
         f"{PAPER_DRAFT})")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
         help=f"rows, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
-    add("--lookahead", type=int, nargs="+", help="blocks drafted per target forward, a row each "
+    add("--lookahead", type=count, nargs="+", help="blocks drafted per target forward, a row each "
         f"(default: 1 and speculative.generate's default, {speculative.LOOKAHEAD})")
     add("--temperatures", type=float, nargs="+", help="0 = greedy (default); sampled rows run "
         "only where a sampled answer can be right")
-    add("--new-tokens", type=int, help="latency protocol: fixed new tokens (default: toys 32, "
+    add("--new-tokens", type=count, help="latency protocol: fixed new tokens (default: toys 32, "
         "checkpoints 128, --shapes 256)")
-    add("--answer-cap", type=int, help="quality protocol: most new tokens before EOS (default: "
+    add("--answer-cap", type=count, help="quality protocol: most new tokens before EOS (default: "
         "toys 64, checkpoints 256)")
-    add("--repeats", type=int, help="timed passes over the prompts (default 2, the fewest the "
+    add("--repeats", type=count, help="timed passes over the prompts (default 2, the fewest the "
         "headline's spread check needs); --shapes: timed runs per forward (default 3)")
-    add("--blocks", type=int, nargs="+", help="block lengths (default: the checkpoint's, else 4; "
+    add("--blocks", type=count, nargs="+", help="block lengths (default: the checkpoint's, else 4; "
         "--shapes: 4 8)")
     add("--shapes", help=f"TARGET:DRAFT random-weight models, from {', '.join(sorted(SHAPES))}")
     add("--context", type=int, default=512, help="--shapes: prefilled tokens (default 512)")
@@ -617,15 +617,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def count(text):
+    """argparse's type of the counts: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
 def check_args(args):
     """Every option in range, every combination meaningful: a sentence and exit 2 otherwise."""
-    counts = {"--num-prompts": [args.num_prompts], "--new-tokens": [args.new_tokens],
-              "--answer-cap": [args.answer_cap], "--repeats": [args.repeats],
-              "--blocks": args.blocks or [], "--lookahead": args.lookahead or []}
-    for flag, values in counts.items():
-        small = [v for v in values if v is not None and v < 1]
-        if small:
-            fail(f"{flag} must be an integer >= 1; got {small[0]}")
     valid, allowed = decode.RANGES["temperature"]
     invalid = [v for v in args.temperatures or () if not valid(v)]
     if invalid:

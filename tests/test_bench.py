@@ -291,7 +291,7 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, run_scripts):
              (["--model", "m", "--draft", "d", "--prompts", str(tmp_path / "empty.jsonl")],
               "line 2 is not a {\"prompt\": ..., \"answer\": ...} object"),
              (["--temperatures", "inf"], "--temperatures must be a finite number >= 0"),
-             (["--lookahead", "0"], "--lookahead must be an integer >= 1; got 0")]
+             (["--lookahead", "0"], "argument --lookahead: must be an integer >= 1; got 0")]
     for (args, sentence), proc in zip(cases, run_scripts("bench.py", [a for a, _ in cases])):
         err = proc.stderr
         assert proc.returncode == 2 and sentence in err and "Traceback" not in err, (args, err)
