@@ -321,8 +321,9 @@ class Printer:
         return repr(self.tok.decode([token]))[1:-1]
 
     def legend(self):
-        target = "t@s>u@k the target's u at its step k" if self.mode == "lossless" else \
-            "t@s>u the target's u instead"
+        target = "t@s>u the target's u instead"
+        if self.mode == "lossless":
+            target = "t@s>u@k the target's u at its step k"
         kinds = [("known", "known"), ("accepted", "t@s committed as drafted"), ("target", target),
                  ("dropped", "t@s dropped"), ("bonus", "u the AR target's bonus")]
         painted = "  ".join(self.paint(kind, words) for kind, words in kinds)
