@@ -47,12 +47,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 # ----------------------------------------------------------------------------- the tasks
 
 TASKS = ("sort", "walk")
-
-
-def _draw_sort(rng):
-    """One (prompt, answer): 8-12 random digits and their sorted list."""
-    xs = [rng.randrange(10) for _ in range(rng.randint(8, 12))]
-    return f"sort {''.join(map(str, xs))}", str(sorted(xs))
+WALK_PROMPT = re.compile(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)")
 
 
 @functools.cache
@@ -65,9 +60,12 @@ def _walks(x, k, b, lo, hi):
     return _walks(x - 1, k - 1, b, lo, hi) + _walks(x + 1, k - 1, b, lo, hi)
 
 
-def _draw_walk(rng):
-    """One (prompt, answer), the walk uniform among the valid ones (each step goes down with the
-    share of valid walks that do), so the model learns their spread rather than one favourite."""
+def _draw(task, rng):
+    """One (prompt, answer): 8-12 digits to sort, or a walk drawn uniformly among the valid ones
+    (each step goes down with the share of valid walks that do), so that all are learned."""
+    if task == "sort":
+        xs = [rng.randrange(10) for _ in range(rng.randint(8, 12))]
+        return f"sort {''.join(map(str, xs))}", str(sorted(xs))
     while True:
         lo, hi = sorted(rng.sample(range(10), 2))
         a, b, n = rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(10, 14)
@@ -81,19 +79,15 @@ def _draw_walk(rng):
     return f"walk {a} to {b} in {n} steps within {lo}-{hi}", f"{a}{moves}"
 
 
-DRAW = {"sort": _draw_sort, "walk": _draw_walk}
-
-
 def _is_heldout(prompt):
     """A fixed eighth of all prompts, chosen by hash: the splits never share a prompt."""
     return zlib.crc32(prompt.encode()) % 8 == 0
 
 
 def examples(n, split="heldout", seed=0, task="sort"):
-    """n (prompt, answer) pairs, the same for the same (split, seed, task). The splits draw from
-    different seed streams and are disjoint sets of prompts (_is_heldout). Held-out prompts are
-    distinct (a repeat would count twice); training repeats walk prompts with fresh answers.
-    For walk, the answer is one valid answer of many: score with score(), not ==."""
+    """n (prompt, answer) pairs, the same for the same arguments; the splits share no prompt.
+    Held-out prompts are distinct (a repeat would count twice); training repeats walk prompts
+    with fresh answers. A walk's answer is one valid answer of many: score with score(), not ==."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     if task not in TASKS:
@@ -104,8 +98,8 @@ def examples(n, split="heldout", seed=0, task="sort"):
     out, seen = [], set()
     for _ in range(100 * n + 10_000):  # bounded: there are only ~380 held-out walk prompts
         if len(out) == n:
-            return out
-        prompt, answer = DRAW[task](rng)
+            break
+        prompt, answer = _draw(task, rng)
         if _is_heldout(prompt) == heldout and not (heldout and prompt in seen):
             seen.add(prompt)
             out.append((prompt, answer))
@@ -134,22 +128,12 @@ def outside_training(prompt):
 
 
 def score(prompt, prediction, answer):
-    """sort: exact match after stripping surrounding whitespace (' [1, 2]\\n' counts; '[1,2]' and
-    '[1, 2] done' do not: the spacing inside is part of the format the model learns).
-    walk: validity, whatever the reference answer says (see _valid_walk)."""
-    if task_of(prompt) == "walk":
-        return _valid_walk(prompt, prediction)
-    return prediction.strip() == answer.strip()
-
-
-WALK_PROMPT = re.compile(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)")
-
-
-def _valid_walk(prompt, prediction):
-    """'3+4-3+4+5' answers 'walk 3 to 5 in 4 steps within 2-6': n moves from a ending on b,
-    each sign agreeing with its step of exactly 1, every digit within lo..hi."""
-    a, b, n, lo, hi = map(int, WALK_PROMPT.fullmatch(prompt).groups())
+    """sort: exact match but for surrounding whitespace. walk: any valid walk, whatever the
+    reference: n moves from a to b, each sign agreeing with its step of 1, all within lo..hi."""
     s = prediction.strip()
+    if task_of(prompt) == "sort":
+        return s == answer.strip()
+    a, b, n, lo, hi = map(int, WALK_PROMPT.fullmatch(prompt).groups())
     if not re.fullmatch(r"\d([+-]\d)*", s):
         return False
     xs = [int(c) for c in s[::2]]
