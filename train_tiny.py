@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -144,10 +143,8 @@ def score(prompt, prediction, answer):
 
 # ----------------------------------------------------------------------------- models
 
-@dataclass(frozen=True)
-class Preset:
-    """A toy model: its shape, default steps and peak learning rate, the tasks it learns, and
-    the preset whose decodes it learns from (None: the task's data)."""
+class Preset(NamedTuple):
+    """A toy model's shape, steps, peak learning rate, tasks, and teacher (None: the data)."""
     shape: dict
     steps: int
     lr: float
@@ -174,8 +171,7 @@ AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokeniz
 
 
 def folders(task):
-    """A task's toy folders by role: "target" (SDAR), its drafts "data" and "distilled", and
-    "ar" (the AR target of every task)."""
+    """A task's toy folders by role: its SDAR "target", drafts "data" and "distilled", and "ar"."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
     prefix = "" if task == "sort" else f"{task}-"
@@ -191,27 +187,26 @@ def tasks_of(folder):
 
 
 def complete(folder):
+    """Whether a folder holds a finished checkpoint: write() writes config.json last."""
     files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
     return all((Path(folder) / f).is_file() for f in files)
 
 
 def config(name, tok):
-    """The Config of a preset. block_size stays None: trained on 4 and 8. The AR model keeps all
-    260 embedding rows (as Qwen3 pads its embedding past its tokenizer): one id space for all."""
+    """A preset's Config, block_size None (trained on 4 and 8). The AR model keeps all 260
+    embedding rows (as Qwen3 pads its embedding past its tokenizer): one id space for all."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
     shape = PRESETS[name].shape
     mask_id = None if shape.get("model_type") == "qwen3" else tok.mask_id
     return Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
-                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=mask_id,
-                       block_size=None, **shape)
+                  rope_theta=1e4, max_position_embeddings=1024, mask_token_id=mask_id,
+                  block_size=None, **shape)
 
 
 def init_model(config, seed=0):
-    """PyTorch's default init (Linear: uniform(+-1/sqrt(fan_in)); Embedding: N(0, 1)), with the
-    projections that write into the residual stream scaled by 1/sqrt(2 * layers) as in GPT-2.
-    Qwen's std 0.02 is meant for width 4096: at width 48 it starves the signal, and the deep
-    target sat on a plateau for hundreds of steps."""
+    """PyTorch's default init, with the projections into the residual stream scaled by
+    1/sqrt(2 * layers) as in GPT-2 (Qwen's std 0.02 starves the signal at width 48)."""
     torch.manual_seed(seed)
     m = Transformer(config)
     with torch.no_grad():
@@ -225,9 +220,9 @@ def init_model(config, seed=0):
 
 class Row(NamedTuple):
     """A training sequence: the chat prompt's ids and the response's (the answer and its stop
-    token; a target's decode keeps the rest of the stop token's block as it wrote it). A decode
-    also keeps its trajectory: step (R,), the step of its block that revealed each response
-    position, and picks (S, R), the target's pick at each one in the state before each step."""
+    token; a target's decode keeps the rest of that block as it wrote it). A decode also has step
+    (R,), the step of its block that revealed each position, and picks (S, R), the target's pick
+    at each position in the state before each step."""
     prompt: list
     response: list
     step: torch.Tensor | None = None
@@ -246,10 +241,8 @@ def mixed(tasks, n, seed):
 
 
 def batch(rows, tok, device="cpu"):
-    """x0 (N, n) token ids and is_resp (N, n) bool: each row's prompt and response, then
-    <|endoftext|> up to the longest row. Pads count as response, as in SDAR (it pads with EOS
-    and trains on it): decoding fills the rest of the stop token's block the same way, so the
-    model learns what follows a stop instead of seeing never-trained context there."""
+    """x0 (N, n) and is_resp (N, n): each row's prompt and response, then <|endoftext|> pads that
+    count as response, as in SDAR: the model learns what follows a stop token in its block."""
     pad = tok.id_of("<|endoftext|>")
     n = max(len(r.prompt) + len(r.response) for r in rows)
     ids = [r.prompt + r.response + [pad] * (n - len(r.prompt) - len(r.response)) for r in rows]
@@ -258,8 +251,8 @@ def batch(rows, tok, device="cpu"):
 
 
 def trajectories(rows, n, device="cpu"):
-    """step (N, n) and picks (N, S, n) of decoded rows where batch() puts them; step 0 (known)
-    outside the responses."""
+    """step (N, n) and picks (N, S, n) of decoded rows, where batch() puts their tokens; step 0
+    (known) outside the responses."""
     step = torch.zeros(len(rows), n, dtype=torch.long)
     picks = torch.zeros(len(rows), DISTILL["block"], n, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -460,9 +453,8 @@ def byte_tokenizer():
 
 
 def write(model, folder):
-    """A checkpoint folder: its config.json removed, then tokenizer files, model.safetensors and
-    config.json (each written atomically), so that a folder with config.json holds a finished
-    model. An AR model gets a tokenizer without <|MASK|>, like a real Qwen3."""
+    """A checkpoint folder, config.json last (removed first), so that a folder with config.json
+    holds a finished model. An AR model's tokenizer has no <|MASK|>, like a real Qwen3's."""
     (Path(folder) / "config.json").unlink(missing_ok=True)
     specials = AR_SPECIALS if model.config.model_type == "qwen3" else AR_SPECIALS + ("<|MASK|>",)
     write_byte_tokenizer(folder, specials=specials)
