@@ -40,6 +40,7 @@ from model import Config, Transformer, load, load_tokenizer, save, write_byte_to
 ROOT = Path(__file__).parent
 OUT = ROOT / "out"  # the toy folders: OUT/tiny-<preset>
 BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
+MAX_NEW_TOKENS = 48  # room for the longest answer (36 bytes) and its stop token
 MAX_EVAL = 300  # held-out prompts per task at most: walk has ~380
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -271,18 +272,17 @@ UNSURE = 0.5  # a trajectory label's weight on the target's pick where the targe
 
 
 @torch.inference_mode()
-def decode_batch(target, ids, stop_ids, max_new_tokens):
-    """decode.generate's DISTILL decoding of N prompts of one length at once, ids (N, T): one
-    batched KV cache, each block denoised for all rows together (a row whose block is full takes
-    no more reveals), until every row has a stop token or max_new_tokens are written. From the
-    prompt's last block on: tokens (N, L), step (N, L) and picks (N, S, L) as in Row."""
+def decode_batch(target, ids, stop_ids):
+    """decode.generate's DISTILL decoding of prompts of one length, ids (N, T), in one batched
+    cache (a row whose block is full takes no more reveals) until every row has a stop token or
+    MAX_NEW_TOKENS are written: the responses' tokens (N, R), step (N, R), picks (N, S, R)."""
     (N, T), B = ids.shape, DISTILL["block"]
     aligned = T - T % B
-    cache = target.new_cache(T + max_new_tokens + 2 * B, batch_size=N)
+    cache = target.new_cache(T + MAX_NEW_TOKENS + 2 * B, batch_size=N)
     decode.prefill(target, ids[:, :aligned], cache, B)
     tail, pending, stops = ids[:, aligned:], ids[:, :0], torch.tensor(stop_ids)
     done, out = torch.zeros(N, dtype=torch.bool), []
-    for start in range(aligned, T + max_new_tokens, B):
+    for start in range(aligned, T + MAX_NEW_TOKENS, B):
         n_known = tail.shape[1]
         x = torch.cat([tail, tail.new_full((N, B - n_known), target.config.mask_token_id)], 1)
         known = (torch.arange(B) < n_known).expand(N, B)
@@ -296,11 +296,11 @@ def decode_batch(target, ids, stop_ids, max_new_tokens):
         if done.all():
             break
         tail, pending = tail[:, :0], d.tokens
-    tokens, step, picks = zip(*out)
-    return torch.cat(tokens, 1), torch.cat(step, 1), torch.cat(picks, 2)
+    tokens, step, picks = (torch.cat(parts, -1) for parts in zip(*out))
+    return tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]  # the prompt's tail cut off
 
 
-def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
+def target_rows(target, tok, prompts, batch_size=512):
     """The target's decodes of prompts as Rows, each response up to the end of the block of its
     first stop token (all of it if none). Prompts of one token length are decoded together."""
     by_length, out, B = {}, [], DISTILL["block"]
@@ -310,9 +310,7 @@ def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
     for T, group in sorted(by_length.items()):
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
-            tokens, step, picks = decode_batch(target, torch.tensor(chunk), tok.stop_ids,
-                                               max_new_tokens)
-            tokens, step, picks = tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]
+            tokens, step, picks = decode_batch(target, torch.tensor(chunk), tok.stop_ids)
             is_stop = torch.isin(tokens, torch.tensor(tok.stop_ids))  # (N, R)
             first_stop = is_stop.float().argmax(1).masked_fill(~is_stop.any(1), tokens.shape[1] - 1)
             ends = ((T + first_stop) // B + 1) * B - T  # the end of that token's block
