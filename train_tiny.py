@@ -331,9 +331,8 @@ def distillation_rows(teacher, tok, tasks, n, seed):
 # ----------------------------------------------------------------------------- objectives
 
 def noise(x0, is_resp, mask_id, generator=None):
-    """x_t: each response token masked with probability p ~ U(1e-3, 1), one p per row; a row
-    left with no masked token gets one uniformly chosen response token masked.
-    Returns x_t (B, n), masked (B, n) bool, p (B, 1)."""
+    """x_t (B, n), masked (B, n) and p (B, 1): each response token masked with probability
+    p ~ U(1e-3, 1), one p per row; a row left with none masked gets one at random."""
     B, n = x0.shape
     rand = functools.partial(torch.rand, generator=generator, device=x0.device)
     p = 1e-3 + (1 - 1e-3) * rand(B, 1)
@@ -356,8 +355,8 @@ def denoising_logits(model, xt, x0, is_resp, block):
 
 
 def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
-    """Sum over masked x_t positions of cross-entropy / p, divided by the number of response
-    tokens in the batch (pads included). No shift: the logits at i predict x0[i]."""
+    """SDAR's: the sum over masked positions of cross-entropy / p, divided by the number of
+    response tokens (pads included). No shift: the logits at i predict x0[i]."""
     xt, masked, p = noise(x0, is_resp, mask_id, generator)
     logits, cut = denoising_logits(model, xt, x0, is_resp, block)
     sel = masked[:, cut:]
@@ -367,12 +366,11 @@ def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
 
 def trajectory_loss(model, x0, is_resp, step, picks, mask_id, generator=None):
     """The target's own steps: in each block of each row one state its decode passed through,
-    drawn uniformly among its steps (state s: the positions revealed at steps >= s are masked).
-    Each masked position is labelled with the target's pick in that state: all the weight on it
-    where the target revealed it at step s, UNSURE where it left it masked (the rest spread
-    evenly), since a position left masked was less sure than the threshold and the one revealed:
-    the draft learns which positions its target reveals, not only what it writes. Cross-entropy,
-    averaged. step (B, n) and picks (B, S, n) as trajectories() lays them out."""
+    drawn uniformly (state s: the positions revealed at steps >= s are masked). Each masked
+    position is labelled with the target's pick in that state: all the weight where the target
+    revealed it at step s, UNSURE where it left it masked (the rest spread evenly), since that
+    position was less sure than the threshold and the one revealed: the draft learns which
+    positions its target reveals, not only what it writes. step (B, n), picks (B, S, n)."""
     (N, n), B = x0.shape, DISTILL["block"]
     per_block = F.pad(step, (0, -n % B)).view(N, -1, B).amax(-1)  # (N, blocks): steps taken
     draw = torch.rand(per_block.shape, generator=generator, device=x0.device)
