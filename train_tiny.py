@@ -319,15 +319,6 @@ def target_rows(target, tok, prompts, batch_size=512):
     return out
 
 
-def distillation_rows(teacher, tok, tasks, n, seed):
-    """The teacher's decodes of the distinct prompts among n training pairs (DISTILL_PROMPTS at
-    most), shuffled: decoded by length, they must not come in runs."""
-    prompts = list(dict.fromkeys(p for p, _ in mixed(tasks, n, seed)))[:DISTILL_PROMPTS]
-    data = target_rows(teacher, tok, prompts)
-    random.Random(seed).shuffle(data)
-    return data
-
-
 # ----------------------------------------------------------------------------- objectives
 
 def noise(x0, is_resp, mask_id, generator=None):
@@ -399,9 +390,9 @@ def ar_loss(model, x0, is_resp, pad_id):
 # ----------------------------------------------------------------------------- training
 
 def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
-    """AdamW, 5% warmup then cosine decay to lr/10, on batches of data (Rows, in order, cycled).
-    The objective follows the model and the rows: next-token for an AR model; else SDAR's (one
-    block length per batch), or trajectory_loss on a target's decodes. Returns it in eval mode."""
+    """AdamW, 5% warmup then cosine decay to lr/10, on batches of data (Rows, in order, cycled):
+    ar_loss for an AR model, trajectory_loss on a target's decodes, else sdar_loss (one block
+    length per batch). Returns the model in eval mode."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen, rng = torch.Generator(device).manual_seed(seed), random.Random(seed)
@@ -427,16 +418,18 @@ def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
     return model.eval()
 
 
-def evaluate(model, tok, n=100, block=4, seed=0, task="sort", strategy="static"):
-    """Held-out score of greedy decoding: vanilla block diffusion for an SDAR model (static: one
-    token per step; or dynamic, as DISTILL), next-token decoding for an AR one (block unused)."""
+def evaluate(model, tok, n=100, block=4, task="sort", strategy="static"):
+    """Held-out score of greedy decoding: block diffusion (static or dynamic, as DISTILL) for an
+    SDAR model, next-token decoding for an AR one (block and strategy unused)."""
     hits = 0
-    for prompt, answer in examples(n, "heldout", seed, task):
+    for prompt, answer in examples(n, "heldout", task=task):
         if model.config.model_type == "qwen3":
-            ids, _ = decode.generate_ar(model, tok.chat(prompt), 48, stop_ids=tok.stop_ids)
+            ids, _ = decode.generate_ar(model, tok.chat(prompt), MAX_NEW_TOKENS,
+                                        stop_ids=tok.stop_ids)
         else:
-            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, strategy=strategy,
-                                     threshold=DISTILL["threshold"], stop_ids=tok.stop_ids)
+            ids, _ = decode.generate(model, tok.chat(prompt), MAX_NEW_TOKENS, block=block,
+                                     strategy=strategy, threshold=DISTILL["threshold"],
+                                     stop_ids=tok.stop_ids)
         hits += score(prompt, tok.decode(ids), answer)
     return hits / n
 
@@ -460,39 +453,44 @@ def write(model, folder):
 # ----------------------------------------------------------------------------- workers
 
 def run_preset(name, args):
-    """Train one preset, write its folder, score it. Returns (seconds, {(task, block or None):
-    held-out score})."""
+    """Train one preset, write its folder and score it: the line that reports it."""
     tok, preset = byte_tokenizer(), PRESETS[name]
-    steps, lr, tasks = args.steps or preset.steps, args.lr or preset.lr, preset.tasks
+    steps, lr = args.steps or preset.steps, args.lr or preset.lr
     t0 = time.perf_counter()
-    if preset.teacher:
+    pairs = mixed(preset.tasks, steps * args.batch_size, args.seed)
+    if preset.teacher:  # its decodes of the distinct prompts, shuffled out of length order
         teacher = load(args.out / f"tiny-{preset.teacher}")
-        data = distillation_rows(teacher, tok, tasks, steps * args.batch_size, args.seed)
+        prompts = list(dict.fromkeys(p for p, _ in pairs))[:DISTILL_PROMPTS]
+        data = target_rows(teacher, tok, prompts)
+        random.Random(args.seed).shuffle(data)
     else:
-        data = rows(mixed(tasks, steps * args.batch_size, args.seed), tok)
-    m = train(init_model(config(name, tok), args.seed), tok, data, steps=steps, lr=lr,
-              batch_size=args.batch_size, seed=args.seed, device=args.device).cpu()
-    write(m, args.out / f"tiny-{name}")
-    seconds = time.perf_counter() - t0
-    blocks = [None] if m.config.model_type == "qwen3" else [DISTILL["block"]]
+        data = rows(pairs, tok)
+    model = init_model(config(name, tok), args.seed)
+    model = train(model, tok, data, steps=steps, lr=lr, batch_size=args.batch_size,
+                  seed=args.seed, device=args.device).cpu()
+    write(model, args.out / f"tiny-{name}")
+    report = f"{name}: trained in {time.perf_counter() - t0:.0f}s"
+    if not args.eval:
+        return report
     strategy = DISTILL["strategy"] if preset.teacher else "static"  # as a distilled draft learned
-    scores = {(task, block): evaluate(m, tok, args.eval, block, task=task, strategy=strategy)
-              for task in tasks for block in blocks if args.eval}
-    return seconds, scores
-
-
-def start_worker(threads):
-    torch.set_num_threads(threads)
+    if model.config.model_type == "qwen3":
+        block, how = None, "AR, greedy"
+    else:
+        block = DISTILL["block"]
+        how = f"block {block}, greedy, dynamic" if preset.teacher else f"block {block}, greedy"
+    for task in preset.tasks:
+        acc = evaluate(model, tok, args.eval, block, task=task, strategy=strategy)
+        report += f"; held-out {task} {acc:.1%} of {args.eval} ({how})"
+    return report
 
 
 def train_all(names, args):
-    """Train presets in args.workers processes, each distilled draft after its teacher. The parent
-    alone prints: a line when a model starts and when it is written. Ctrl-C stops every worker at
-    once (terminate), and the models already written stay."""
+    """Train presets in args.workers processes, each distilled draft after its teacher; only the
+    parent prints. Ctrl-C stops every worker at once, and the models already written stay."""
     ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
     answer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers inherit it: only we answer
     try:
-        pool = ctx.Pool(args.workers, initializer=start_worker, initargs=(args.threads,))
+        pool = ctx.Pool(args.workers, initializer=torch.set_num_threads, initargs=(args.threads,))
     finally:
         signal.signal(signal.SIGINT, answer)
     todo, running = list(names), {}
@@ -505,8 +503,8 @@ def train_all(names, args):
                 todo.remove(name)
                 say(args, f"{name}: {describe(name, args)}...")
             for name in [n for n, job in running.items() if job.ready()]:
-                seconds, scores = running.pop(name).get()  # a worker's exception is raised here
-                say(args, finished(name, seconds, scores, args), always=bool(args.eval))
+                report = running.pop(name).get()  # a worker's exception is raised here
+                say(args, report, always=bool(args.eval))
             time.sleep(0.2)
     finally:
         pool.terminate()
@@ -526,15 +524,6 @@ def describe(name, args):
             f"{args.steps or preset.steps} steps of {args.batch_size} on {source}")
 
 
-def finished(name, seconds, scores, args):
-    decoding = "greedy, dynamic" if PRESETS[name].teacher else "greedy"
-    parts = [f"{name}: trained in {seconds:.0f}s"]
-    for (task, block), acc in scores.items():
-        how = f"block {block}, {decoding}" if block else "AR, greedy"
-        parts.append(f"held-out {task} {acc:.1%} of {args.eval} ({how})")
-    return "; ".join(parts)
-
-
 # ----------------------------------------------------------------------------- entry points
 
 def missing(out):
@@ -542,10 +531,9 @@ def missing(out):
 
 
 def ensure_trained(quiet=False):
-    """Train the toys without a complete folder in OUT (one left half-written by an interrupted
-    run is not complete), as `python train_tiny.py` does. A lock file in OUT serialises first
-    runs started together: the second says that it waits, then trains whatever is still missing.
-    quiet: print only that it waits and what it trains."""
+    """Train the toys that lack a complete folder in OUT, as `python train_tiny.py` does. A lock
+    file in OUT makes a second caller wait, then train whatever is still missing. quiet: print
+    only that it waits and what it trains."""
     if not missing(OUT):
         return
     OUT.mkdir(parents=True, exist_ok=True)
@@ -585,8 +573,7 @@ def parse(argv):
     add("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
         help=f"models to train (default: all, i.e. {' '.join(PRESETS)}); a distilled draft needs "
         "its target, trained in the same run or already in --out")
-    add("--steps", type=int, help=f"optimizer steps, >= 1, of each chosen preset (default: "
-        f"{steps})")
+    add("--steps", type=int, help=f"optimizer steps of each chosen preset, >= 1 (default: {steps})")
     add("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     add("--lr", type=float, help=f"peak learning rate, > 0 (default: {lrs})")
     add("--seed", type=int, default=0, help="seed of the weights, data and noise (default 0)")
@@ -596,8 +583,7 @@ def parse(argv):
     add("--workers", type=int, help=f"models trained at once, one process each, 1 to {CORES} "
         "(default: one per core, at most one per model)")
     add("--threads", type=int, default=1, help=f"torch threads per worker, 1 to {CORES} (default "
-        "1: at the toys' sizes per-operation overhead dominates, so one single-threaded worker per "
-        "core is fastest, and threads that wait on each other stall when anything else runs)")
+        "1: at the toys' sizes one single-threaded worker per core is fastest)")
     add("--eval", type=int, default=100, metavar="N", help="held-out prompts per task to score "
         f"after training, 0 to {MAX_EVAL} (default 100; 0: skip)")
     add("--quiet", action="store_true", help="print only the held-out scores")
@@ -609,12 +595,11 @@ def parse(argv):
 def check(args):
     """Exit with one sentence (status 2) at the first option out of range."""
     ranges = {"--workers": (args.workers, 1, CORES), "--threads": (args.threads, 1, CORES),
-              "--steps": (args.steps, 1, None), "--batch-size": (args.batch_size, 1, None),
+              "--steps": (args.steps, 1, math.inf), "--batch-size": (args.batch_size, 1, math.inf),
               "--eval": (args.eval, 0, MAX_EVAL)}
     for flag, (value, low, high) in ranges.items():
-        in_range = value is None or (low <= value and (high is None or value <= high))
-        if not in_range:
-            allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        if value is not None and not low <= value <= high:
+            allowed = f">= {low}" if high == math.inf else f"from {low} to {high}"
             fail(f"{flag} must be an integer {allowed}; got {value}")
     if args.lr is not None and not 0 < args.lr < math.inf:
         fail(f"--lr must be a finite number > 0; got {args.lr}")
