@@ -8,11 +8,9 @@ A confident model writes a sort in parallel for free. Like chat text, a walk has
 continuations (a sign and the digit after it are uncertain jointly, sharp given each other), so
 parallel decoding has a price.
 
-Per task an SDAR target (6 layers) and two 1-layer drafts: "data", trained on the task (SDAR's
-objective, sdar_loss), and "distilled", trained on the states its target passed through while
-decoding training prompts, with the target's picks as labels (trajectory_loss); and one AR (Qwen3)
-target for both tasks. `python train_tiny.py` writes out/tiny-<preset>, checkpoint folders that
-model.load reads like real ones.
+Per task an SDAR target (6 layers) and two 1-layer drafts, "data" (trained on the task, sdar_loss)
+and "distilled" (on its target's decodes of training prompts, trajectory_loss); one AR (Qwen3)
+target for both tasks. `python train_tiny.py` writes them as checkpoint folders, out/tiny-<preset>.
 """
 import argparse
 import fcntl
