@@ -8,11 +8,9 @@ A confident model writes a sort in parallel for free. Like chat text, a walk has
 continuations (a sign and the digit after it are uncertain jointly, sharp given each other), so
 parallel decoding has a price.
 
-Per task an SDAR target (6 layers) and two 1-layer drafts: "data", trained on the task (SDAR's
-objective, sdar_loss), and "distilled", trained on the states its target passed through while
-decoding training prompts, with the target's picks as labels (trajectory_loss); and one AR (Qwen3)
-target for both tasks. `python train_tiny.py` writes out/tiny-<preset>, checkpoint folders that
-model.load reads like real ones.
+Per task an SDAR target (6 layers) and two 1-layer drafts, "data" (trained on the task, sdar_loss)
+and "distilled" (on its target's decodes of training prompts, trajectory_loss); one AR (Qwen3)
+target for both tasks. `python train_tiny.py` writes them as checkpoint folders, out/tiny-<preset>.
 """
 import argparse
 import fcntl
@@ -27,7 +25,6 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,18 +38,14 @@ from model import Config, Transformer, load, load_tokenizer, save, write_byte_to
 ROOT = Path(__file__).parent
 OUT = ROOT / "out"  # the toy folders: OUT/tiny-<preset>
 BLOCKS = (4, 8)  # drawn per batch; config.json leaves block_size unset, so decode accepts both
+MAX_NEW_TOKENS = 48  # room for the longest answer (36 bytes) and its stop token
 MAX_EVAL = 300  # held-out prompts per task at most: walk has ~380
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 # ----------------------------------------------------------------------------- the tasks
 
 TASKS = ("sort", "walk")
-
-
-def _draw_sort(rng):
-    """One (prompt, answer): 8-12 random digits and their sorted list."""
-    xs = [rng.randrange(10) for _ in range(rng.randint(8, 12))]
-    return f"sort {''.join(map(str, xs))}", str(sorted(xs))
+WALK_PROMPT = re.compile(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)")
 
 
 @functools.cache
@@ -65,9 +58,12 @@ def _walks(x, k, b, lo, hi):
     return _walks(x - 1, k - 1, b, lo, hi) + _walks(x + 1, k - 1, b, lo, hi)
 
 
-def _draw_walk(rng):
-    """One (prompt, answer), the walk uniform among the valid ones (each step goes down with the
-    share of valid walks that do), so the model learns their spread rather than one favourite."""
+def _draw(task, rng):
+    """One (prompt, answer): 8-12 digits to sort, or a walk drawn uniformly among the valid ones
+    (each step goes down with the share of valid walks that do), so that all are learned."""
+    if task == "sort":
+        xs = [rng.randrange(10) for _ in range(rng.randint(8, 12))]
+        return f"sort {''.join(map(str, xs))}", str(sorted(xs))
     while True:
         lo, hi = sorted(rng.sample(range(10), 2))
         a, b, n = rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(10, 14)
@@ -81,19 +77,15 @@ def _draw_walk(rng):
     return f"walk {a} to {b} in {n} steps within {lo}-{hi}", f"{a}{moves}"
 
 
-DRAW = {"sort": _draw_sort, "walk": _draw_walk}
-
-
 def _is_heldout(prompt):
     """A fixed eighth of all prompts, chosen by hash: the splits never share a prompt."""
     return zlib.crc32(prompt.encode()) % 8 == 0
 
 
 def examples(n, split="heldout", seed=0, task="sort"):
-    """n (prompt, answer) pairs, the same for the same (split, seed, task). The splits draw from
-    different seed streams and are disjoint sets of prompts (_is_heldout). Held-out prompts are
-    distinct (a repeat would count twice); training repeats walk prompts with fresh answers.
-    For walk, the answer is one valid answer of many: score with score(), not ==."""
+    """n (prompt, answer) pairs, the same for the same arguments; the splits share no prompt.
+    Held-out prompts are distinct (a repeat would count twice); training repeats walk prompts
+    with fresh answers. A walk's answer is one valid answer of many: score with score(), not ==."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     if task not in TASKS:
@@ -104,8 +96,8 @@ def examples(n, split="heldout", seed=0, task="sort"):
     out, seen = [], set()
     for _ in range(100 * n + 10_000):  # bounded: there are only ~380 held-out walk prompts
         if len(out) == n:
-            return out
-        prompt, answer = DRAW[task](rng)
+            break
+        prompt, answer = _draw(task, rng)
         if _is_heldout(prompt) == heldout and not (heldout and prompt in seen):
             seen.add(prompt)
             out.append((prompt, answer))
@@ -134,22 +126,12 @@ def outside_training(prompt):
 
 
 def score(prompt, prediction, answer):
-    """sort: exact match after stripping surrounding whitespace (' [1, 2]\\n' counts; '[1,2]' and
-    '[1, 2] done' do not: the spacing inside is part of the format the model learns).
-    walk: validity, whatever the reference answer says (see _valid_walk)."""
-    if task_of(prompt) == "walk":
-        return _valid_walk(prompt, prediction)
-    return prediction.strip() == answer.strip()
-
-
-WALK_PROMPT = re.compile(r"walk (\d) to (\d) in (\d+) steps within (\d)-(\d)")
-
-
-def _valid_walk(prompt, prediction):
-    """'3+4-3+4+5' answers 'walk 3 to 5 in 4 steps within 2-6': n moves from a ending on b,
-    each sign agreeing with its step of exactly 1, every digit within lo..hi."""
-    a, b, n, lo, hi = map(int, WALK_PROMPT.fullmatch(prompt).groups())
+    """sort: exact match but for surrounding whitespace. walk: any valid walk, whatever the
+    reference: n moves from a to b, each sign agreeing with its step of 1, all within lo..hi."""
     s = prediction.strip()
+    if task_of(prompt) == "sort":
+        return s == answer.strip()
+    a, b, n, lo, hi = map(int, WALK_PROMPT.fullmatch(prompt).groups())
     if not re.fullmatch(r"\d([+-]\d)*", s):
         return False
     xs = [int(c) for c in s[::2]]
@@ -160,10 +142,8 @@ def _valid_walk(prompt, prediction):
 
 # ----------------------------------------------------------------------------- models
 
-@dataclass(frozen=True)
-class Preset:
-    """A toy model: its shape, default steps and peak learning rate, the tasks it learns, and
-    the preset whose decodes it learns from (None: the task's data)."""
+class Preset(NamedTuple):
+    """A toy model's shape, steps, peak learning rate, tasks, and teacher (None: the data)."""
     shape: dict
     steps: int
     lr: float
@@ -190,8 +170,7 @@ AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokeniz
 
 
 def folders(task):
-    """A task's toy folders by role: "target" (SDAR), its drafts "data" and "distilled", and
-    "ar" (the AR target of every task)."""
+    """A task's toy folders by role: its SDAR "target", drafts "data" and "distilled", and "ar"."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
     prefix = "" if task == "sort" else f"{task}-"
@@ -207,27 +186,26 @@ def tasks_of(folder):
 
 
 def complete(folder):
+    """Whether a folder holds a finished checkpoint: write() writes config.json last."""
     files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
     return all((Path(folder) / f).is_file() for f in files)
 
 
 def config(name, tok):
-    """The Config of a preset. block_size stays None: trained on 4 and 8. The AR model keeps all
-    260 embedding rows (as Qwen3 pads its embedding past its tokenizer): one id space for all."""
+    """A preset's Config, block_size None (trained on 4 and 8). The AR model keeps all 260
+    embedding rows (as Qwen3 pads its embedding past its tokenizer): one id space for all."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {list(PRESETS)}")
     shape = PRESETS[name].shape
     mask_id = None if shape.get("model_type") == "qwen3" else tok.mask_id
     return Config(vocab_size=tok.vocab_size, num_attention_heads=4, num_key_value_heads=2,
-                       rope_theta=1e4, max_position_embeddings=1024, mask_token_id=mask_id,
-                       block_size=None, **shape)
+                  rope_theta=1e4, max_position_embeddings=1024, mask_token_id=mask_id,
+                  block_size=None, **shape)
 
 
 def init_model(config, seed=0):
-    """PyTorch's default init (Linear: uniform(+-1/sqrt(fan_in)); Embedding: N(0, 1)), with the
-    projections that write into the residual stream scaled by 1/sqrt(2 * layers) as in GPT-2.
-    Qwen's std 0.02 is meant for width 4096: at width 48 it starves the signal, and the deep
-    target sat on a plateau for hundreds of steps."""
+    """PyTorch's default init, with the projections into the residual stream scaled by
+    1/sqrt(2 * layers) as in GPT-2 (Qwen's std 0.02 starves the signal at width 48)."""
     torch.manual_seed(seed)
     m = Transformer(config)
     with torch.no_grad():
@@ -241,9 +219,9 @@ def init_model(config, seed=0):
 
 class Row(NamedTuple):
     """A training sequence: the chat prompt's ids and the response's (the answer and its stop
-    token; a target's decode keeps the rest of the stop token's block as it wrote it). A decode
-    also keeps its trajectory: step (R,), the step of its block that revealed each response
-    position, and picks (S, R), the target's pick at each one in the state before each step."""
+    token; a target's decode keeps the rest of that block as it wrote it). A decode also has step
+    (R,), the step of its block that revealed each position, and picks (S, R), the target's pick
+    at each position in the state before each step."""
     prompt: list
     response: list
     step: torch.Tensor | None = None
@@ -262,10 +240,8 @@ def mixed(tasks, n, seed):
 
 
 def batch(rows, tok, device="cpu"):
-    """x0 (N, n) token ids and is_resp (N, n) bool: each row's prompt and response, then
-    <|endoftext|> up to the longest row. Pads count as response, as in SDAR (it pads with EOS
-    and trains on it): decoding fills the rest of the stop token's block the same way, so the
-    model learns what follows a stop instead of seeing never-trained context there."""
+    """x0 (N, n) and is_resp (N, n): each row's prompt and response, then <|endoftext|> pads that
+    count as response, as in SDAR: the model learns what follows a stop token in its block."""
     pad = tok.id_of("<|endoftext|>")
     n = max(len(r.prompt) + len(r.response) for r in rows)
     ids = [r.prompt + r.response + [pad] * (n - len(r.prompt) - len(r.response)) for r in rows]
@@ -274,8 +250,8 @@ def batch(rows, tok, device="cpu"):
 
 
 def trajectories(rows, n, device="cpu"):
-    """step (N, n) and picks (N, S, n) of decoded rows where batch() puts them; step 0 (known)
-    outside the responses."""
+    """step (N, n) and picks (N, S, n) of decoded rows, where batch() puts their tokens; step 0
+    (known) outside the responses."""
     step = torch.zeros(len(rows), n, dtype=torch.long)
     picks = torch.zeros(len(rows), DISTILL["block"], n, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -294,18 +270,17 @@ UNSURE = 0.5  # a trajectory label's weight on the target's pick where the targe
 
 
 @torch.inference_mode()
-def decode_batch(target, ids, stop_ids, max_new_tokens):
-    """decode.generate's DISTILL decoding of N prompts of one length at once, ids (N, T): one
-    batched KV cache, each block denoised for all rows together (a row whose block is full takes
-    no more reveals), until every row has a stop token or max_new_tokens are written. From the
-    prompt's last block on: tokens (N, L), step (N, L) and picks (N, S, L) as in Row."""
+def decode_batch(target, ids, stop_ids):
+    """decode.generate's DISTILL decoding of prompts of one length, ids (N, T), in one batched
+    cache (a row whose block is full takes no more reveals) until every row has a stop token or
+    MAX_NEW_TOKENS are written: the responses' tokens (N, R), step (N, R), picks (N, S, R)."""
     (N, T), B = ids.shape, DISTILL["block"]
     aligned = T - T % B
-    cache = target.new_cache(T + max_new_tokens + 2 * B, batch_size=N)
+    cache = target.new_cache(T + MAX_NEW_TOKENS + 2 * B, batch_size=N)
     decode.prefill(target, ids[:, :aligned], cache, B)
     tail, pending, stops = ids[:, aligned:], ids[:, :0], torch.tensor(stop_ids)
     done, out = torch.zeros(N, dtype=torch.bool), []
-    for start in range(aligned, T + max_new_tokens, B):
+    for start in range(aligned, T + MAX_NEW_TOKENS, B):
         n_known = tail.shape[1]
         x = torch.cat([tail, tail.new_full((N, B - n_known), target.config.mask_token_id)], 1)
         known = (torch.arange(B) < n_known).expand(N, B)
@@ -319,11 +294,11 @@ def decode_batch(target, ids, stop_ids, max_new_tokens):
         if done.all():
             break
         tail, pending = tail[:, :0], d.tokens
-    tokens, step, picks = zip(*out)
-    return torch.cat(tokens, 1), torch.cat(step, 1), torch.cat(picks, 2)
+    tokens, step, picks = (torch.cat(parts, -1) for parts in zip(*out))
+    return tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]  # the prompt's tail cut off
 
 
-def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
+def target_rows(target, tok, prompts, batch_size=512):
     """The target's decodes of prompts as Rows, each response up to the end of the block of its
     first stop token (all of it if none). Prompts of one token length are decoded together."""
     by_length, out, B = {}, [], DISTILL["block"]
@@ -333,9 +308,7 @@ def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
     for T, group in sorted(by_length.items()):
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
-            tokens, step, picks = decode_batch(target, torch.tensor(chunk), tok.stop_ids,
-                                               max_new_tokens)
-            tokens, step, picks = tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]
+            tokens, step, picks = decode_batch(target, torch.tensor(chunk), tok.stop_ids)
             is_stop = torch.isin(tokens, torch.tensor(tok.stop_ids))  # (N, R)
             first_stop = is_stop.float().argmax(1).masked_fill(~is_stop.any(1), tokens.shape[1] - 1)
             ends = ((T + first_stop) // B + 1) * B - T  # the end of that token's block
@@ -344,21 +317,11 @@ def target_rows(target, tok, prompts, max_new_tokens=48, batch_size=512):
     return out
 
 
-def distillation_rows(teacher, tok, tasks, n, seed):
-    """The teacher's decodes of the distinct prompts among n training pairs (DISTILL_PROMPTS at
-    most), shuffled: decoded by length, they must not come in runs."""
-    prompts = list(dict.fromkeys(p for p, _ in mixed(tasks, n, seed)))[:DISTILL_PROMPTS]
-    data = target_rows(teacher, tok, prompts)
-    random.Random(seed).shuffle(data)
-    return data
-
-
 # ----------------------------------------------------------------------------- objectives
 
 def noise(x0, is_resp, mask_id, generator=None):
-    """x_t: each response token masked with probability p ~ U(1e-3, 1), one p per row; a row
-    left with no masked token gets one uniformly chosen response token masked.
-    Returns x_t (B, n), masked (B, n) bool, p (B, 1)."""
+    """x_t (B, n), masked (B, n) and p (B, 1): each response token masked with probability
+    p ~ U(1e-3, 1), one p per row; a row left with none masked gets one at random."""
     B, n = x0.shape
     rand = functools.partial(torch.rand, generator=generator, device=x0.device)
     p = 1e-3 + (1 - 1e-3) * rand(B, 1)
@@ -381,8 +344,8 @@ def denoising_logits(model, xt, x0, is_resp, block):
 
 
 def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
-    """Sum over masked x_t positions of cross-entropy / p, divided by the number of response
-    tokens in the batch (pads included). No shift: the logits at i predict x0[i]."""
+    """SDAR's: the sum over masked positions of cross-entropy / p, divided by the number of
+    response tokens (pads included). No shift: the logits at i predict x0[i]."""
     xt, masked, p = noise(x0, is_resp, mask_id, generator)
     logits, cut = denoising_logits(model, xt, x0, is_resp, block)
     sel = masked[:, cut:]
@@ -392,12 +355,11 @@ def sdar_loss(model, x0, is_resp, block, mask_id, generator=None):
 
 def trajectory_loss(model, x0, is_resp, step, picks, mask_id, generator=None):
     """The target's own steps: in each block of each row one state its decode passed through,
-    drawn uniformly among its steps (state s: the positions revealed at steps >= s are masked).
-    Each masked position is labelled with the target's pick in that state: all the weight on it
-    where the target revealed it at step s, UNSURE where it left it masked (the rest spread
-    evenly), since a position left masked was less sure than the threshold and the one revealed:
-    the draft learns which positions its target reveals, not only what it writes. Cross-entropy,
-    averaged. step (B, n) and picks (B, S, n) as trajectories() lays them out."""
+    drawn uniformly (state s: the positions revealed at steps >= s are masked). Each masked
+    position is labelled with the target's pick in that state: all the weight where the target
+    revealed it at step s, UNSURE where it left it masked (the rest spread evenly), since that
+    position was less sure than the threshold and the one revealed: the draft learns which
+    positions its target reveals, not only what it writes. step (B, n), picks (B, S, n)."""
     (N, n), B = x0.shape, DISTILL["block"]
     per_block = F.pad(step, (0, -n % B)).view(N, -1, B).amax(-1)  # (N, blocks): steps taken
     draw = torch.rand(per_block.shape, generator=generator, device=x0.device)
@@ -426,9 +388,9 @@ def ar_loss(model, x0, is_resp, pad_id):
 # ----------------------------------------------------------------------------- training
 
 def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
-    """AdamW, 5% warmup then cosine decay to lr/10, on batches of data (Rows, in order, cycled).
-    The objective follows the model and the rows: next-token for an AR model; else SDAR's (one
-    block length per batch), or trajectory_loss on a target's decodes. Returns it in eval mode."""
+    """AdamW, 5% warmup then cosine decay to lr/10, on batches of data (Rows, in order, cycled):
+    ar_loss for an AR model, trajectory_loss on a target's decodes, else sdar_loss (one block
+    length per batch). Returns the model in eval mode."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen, rng = torch.Generator(device).manual_seed(seed), random.Random(seed)
@@ -454,16 +416,18 @@ def train(model, tok, data, *, steps, batch_size, lr, seed=0, device="cpu"):
     return model.eval()
 
 
-def evaluate(model, tok, n=100, block=4, seed=0, task="sort", strategy="static"):
-    """Held-out score of greedy decoding: vanilla block diffusion for an SDAR model (static: one
-    token per step; or dynamic, as DISTILL), next-token decoding for an AR one (block unused)."""
+def evaluate(model, tok, n=100, block=4, task="sort", strategy="static"):
+    """Held-out score of greedy decoding: block diffusion (static or dynamic, as DISTILL) for an
+    SDAR model, next-token decoding for an AR one (block and strategy unused)."""
     hits = 0
-    for prompt, answer in examples(n, "heldout", seed, task):
+    for prompt, answer in examples(n, "heldout", task=task):
         if model.config.model_type == "qwen3":
-            ids, _ = decode.generate_ar(model, tok.chat(prompt), 48, stop_ids=tok.stop_ids)
+            ids, _ = decode.generate_ar(model, tok.chat(prompt), MAX_NEW_TOKENS,
+                                        stop_ids=tok.stop_ids)
         else:
-            ids, _ = decode.generate(model, tok.chat(prompt), 48, block=block, strategy=strategy,
-                                     threshold=DISTILL["threshold"], stop_ids=tok.stop_ids)
+            ids, _ = decode.generate(model, tok.chat(prompt), MAX_NEW_TOKENS, block=block,
+                                     strategy=strategy, threshold=DISTILL["threshold"],
+                                     stop_ids=tok.stop_ids)
         hits += score(prompt, tok.decode(ids), answer)
     return hits / n
 
@@ -476,9 +440,8 @@ def byte_tokenizer():
 
 
 def write(model, folder):
-    """A checkpoint folder: its config.json removed, then tokenizer files, model.safetensors and
-    config.json (each written atomically), so that a folder with config.json holds a finished
-    model. An AR model gets a tokenizer without <|MASK|>, like a real Qwen3."""
+    """A checkpoint folder, config.json last (removed first), so that a folder with config.json
+    holds a finished model. An AR model's tokenizer has no <|MASK|>, like a real Qwen3's."""
     (Path(folder) / "config.json").unlink(missing_ok=True)
     specials = AR_SPECIALS if model.config.model_type == "qwen3" else AR_SPECIALS + ("<|MASK|>",)
     write_byte_tokenizer(folder, specials=specials)
@@ -488,39 +451,44 @@ def write(model, folder):
 # ----------------------------------------------------------------------------- workers
 
 def run_preset(name, args):
-    """Train one preset, write its folder, score it. Returns (seconds, {(task, block or None):
-    held-out score})."""
+    """Train one preset, write its folder and score it: the line that reports it."""
     tok, preset = byte_tokenizer(), PRESETS[name]
-    steps, lr, tasks = args.steps or preset.steps, args.lr or preset.lr, preset.tasks
+    steps, lr = args.steps or preset.steps, args.lr or preset.lr
     t0 = time.perf_counter()
-    if preset.teacher:
+    pairs = mixed(preset.tasks, steps * args.batch_size, args.seed)
+    if preset.teacher:  # its decodes of the distinct prompts, shuffled out of length order
         teacher = load(args.out / f"tiny-{preset.teacher}")
-        data = distillation_rows(teacher, tok, tasks, steps * args.batch_size, args.seed)
+        prompts = list(dict.fromkeys(p for p, _ in pairs))[:DISTILL_PROMPTS]
+        data = target_rows(teacher, tok, prompts)
+        random.Random(args.seed).shuffle(data)
     else:
-        data = rows(mixed(tasks, steps * args.batch_size, args.seed), tok)
-    m = train(init_model(config(name, tok), args.seed), tok, data, steps=steps, lr=lr,
-              batch_size=args.batch_size, seed=args.seed, device=args.device).cpu()
-    write(m, args.out / f"tiny-{name}")
-    seconds = time.perf_counter() - t0
-    blocks = [None] if m.config.model_type == "qwen3" else [DISTILL["block"]]
+        data = rows(pairs, tok)
+    model = init_model(config(name, tok), args.seed)
+    model = train(model, tok, data, steps=steps, lr=lr, batch_size=args.batch_size,
+                  seed=args.seed, device=args.device).cpu()
+    write(model, args.out / f"tiny-{name}")
+    report = f"{name}: trained in {time.perf_counter() - t0:.0f}s"
+    if not args.eval:
+        return report
     strategy = DISTILL["strategy"] if preset.teacher else "static"  # as a distilled draft learned
-    scores = {(task, block): evaluate(m, tok, args.eval, block, task=task, strategy=strategy)
-              for task in tasks for block in blocks if args.eval}
-    return seconds, scores
-
-
-def start_worker(threads):
-    torch.set_num_threads(threads)
+    if model.config.model_type == "qwen3":
+        block, how = None, "AR, greedy"
+    else:
+        block = DISTILL["block"]
+        how = f"block {block}, greedy, dynamic" if preset.teacher else f"block {block}, greedy"
+    for task in preset.tasks:
+        acc = evaluate(model, tok, args.eval, block, task=task, strategy=strategy)
+        report += f"; held-out {task} {acc:.1%} of {args.eval} ({how})"
+    return report
 
 
 def train_all(names, args):
-    """Train presets in args.workers processes, each distilled draft after its teacher. The parent
-    alone prints: a line when a model starts and when it is written. Ctrl-C stops every worker at
-    once (terminate), and the models already written stay."""
+    """Train presets in args.workers processes, each distilled draft after its teacher; only the
+    parent prints. Ctrl-C stops every worker at once, and the models already written stay."""
     ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
     answer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers inherit it: only we answer
     try:
-        pool = ctx.Pool(args.workers, initializer=start_worker, initargs=(args.threads,))
+        pool = ctx.Pool(args.workers, initializer=torch.set_num_threads, initargs=(args.threads,))
     finally:
         signal.signal(signal.SIGINT, answer)
     todo, running = list(names), {}
@@ -533,8 +501,8 @@ def train_all(names, args):
                 todo.remove(name)
                 say(args, f"{name}: {describe(name, args)}...")
             for name in [n for n, job in running.items() if job.ready()]:
-                seconds, scores = running.pop(name).get()  # a worker's exception is raised here
-                say(args, finished(name, seconds, scores, args), always=bool(args.eval))
+                report = running.pop(name).get()  # a worker's exception is raised here
+                say(args, report, always=bool(args.eval))
             time.sleep(0.2)
     finally:
         pool.terminate()
@@ -554,15 +522,6 @@ def describe(name, args):
             f"{args.steps or preset.steps} steps of {args.batch_size} on {source}")
 
 
-def finished(name, seconds, scores, args):
-    decoding = "greedy, dynamic" if PRESETS[name].teacher else "greedy"
-    parts = [f"{name}: trained in {seconds:.0f}s"]
-    for (task, block), acc in scores.items():
-        how = f"block {block}, {decoding}" if block else "AR, greedy"
-        parts.append(f"held-out {task} {acc:.1%} of {args.eval} ({how})")
-    return "; ".join(parts)
-
-
 # ----------------------------------------------------------------------------- entry points
 
 def missing(out):
@@ -570,10 +529,9 @@ def missing(out):
 
 
 def ensure_trained(quiet=False):
-    """Train the toys without a complete folder in OUT (one left half-written by an interrupted
-    run is not complete), as `python train_tiny.py` does. A lock file in OUT serialises first
-    runs started together: the second says that it waits, then trains whatever is still missing.
-    quiet: print only that it waits and what it trains."""
+    """Train the toys that lack a complete folder in OUT, as `python train_tiny.py` does. A lock
+    file in OUT makes a second caller wait, then train whatever is still missing. quiet: print
+    only that it waits and what it trains."""
     if not missing(OUT):
         return
     OUT.mkdir(parents=True, exist_ok=True)
@@ -613,8 +571,7 @@ def parse(argv):
     add("--preset", nargs="+", choices=[*PRESETS, "all"], default=["all"],
         help=f"models to train (default: all, i.e. {' '.join(PRESETS)}); a distilled draft needs "
         "its target, trained in the same run or already in --out")
-    add("--steps", type=int, help=f"optimizer steps, >= 1, of each chosen preset (default: "
-        f"{steps})")
+    add("--steps", type=int, help=f"optimizer steps of each chosen preset, >= 1 (default: {steps})")
     add("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     add("--lr", type=float, help=f"peak learning rate, > 0 (default: {lrs})")
     add("--seed", type=int, default=0, help="seed of the weights, data and noise (default 0)")
@@ -624,8 +581,7 @@ def parse(argv):
     add("--workers", type=int, help=f"models trained at once, one process each, 1 to {CORES} "
         "(default: one per core, at most one per model)")
     add("--threads", type=int, default=1, help=f"torch threads per worker, 1 to {CORES} (default "
-        "1: at the toys' sizes per-operation overhead dominates, so one single-threaded worker per "
-        "core is fastest, and threads that wait on each other stall when anything else runs)")
+        "1: at the toys' sizes one single-threaded worker per core is fastest)")
     add("--eval", type=int, default=100, metavar="N", help="held-out prompts per task to score "
         f"after training, 0 to {MAX_EVAL} (default 100; 0: skip)")
     add("--quiet", action="store_true", help="print only the held-out scores")
@@ -637,12 +593,11 @@ def parse(argv):
 def check(args):
     """Exit with one sentence (status 2) at the first option out of range."""
     ranges = {"--workers": (args.workers, 1, CORES), "--threads": (args.threads, 1, CORES),
-              "--steps": (args.steps, 1, None), "--batch-size": (args.batch_size, 1, None),
+              "--steps": (args.steps, 1, math.inf), "--batch-size": (args.batch_size, 1, math.inf),
               "--eval": (args.eval, 0, MAX_EVAL)}
     for flag, (value, low, high) in ranges.items():
-        in_range = value is None or (low <= value and (high is None or value <= high))
-        if not in_range:
-            allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        if value is not None and not low <= value <= high:
+            allowed = f">= {low}" if high == math.inf else f"from {low} to {high}"
             fail(f"{flag} must be an integer {allowed}; got {value}")
     if args.lr is not None and not 0 < args.lr < math.inf:
         fail(f"--lr must be a finite number > 0; got {args.lr}")
