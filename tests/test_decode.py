@@ -201,8 +201,11 @@ def test_ar_cache_equals_recomputing_everything(temperature, random_model, promp
     m = random_model(model_type="qwen3", sharpen=1.0)
     sampling = decode.Sampling(temperature, top_k=30, top_p=0.95) if temperature else decode.GREEDY
     for P in (1, 2, 5):
-        a, stats = decode.generate_ar(m, prompt(P, P), 17, sampling=sampling, generator=torch.Generator().manual_seed(P))
-        b, _ = decode.generate_ar(m, prompt(P, P), 17, sampling=sampling, generator=torch.Generator().manual_seed(P),
+        def seeded():
+            return torch.Generator().manual_seed(P)
+
+        a, stats = decode.generate_ar(m, prompt(P, P), 17, sampling=sampling, generator=seeded())
+        b, _ = decode.generate_ar(m, prompt(P, P), 17, sampling=sampling, generator=seeded(),
                                   cached=False)
         assert a == b and len(a) == 17 and stats.forwards == 17
 

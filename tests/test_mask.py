@@ -63,7 +63,10 @@ def step_maps(seed=0):
         for _ in range(6):
             known = [rng.random() < 0.3 for _ in range(block)]
             m = block - sum(known)
-            steps = rng.sample(range(1, m + 1), m) if rng.random() < 0.5 else [rng.randint(1, max(m, 1)) for _ in range(m)]
+            if rng.random() < 0.5:
+                steps = rng.sample(range(1, m + 1), m)  # a permutation
+            else:
+                steps = [rng.randint(1, max(m, 1)) for _ in range(m)]  # ties
             it = iter(steps)
             yield block, [0 if k else next(it) for k in known]
 

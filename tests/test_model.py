@@ -313,7 +313,8 @@ def test_folder_without_weights(ckpt, refuses):
 @pytest.mark.parametrize("edit,message", [
     (lambda s: s.pop("model.norm.weight"), r"missing \['model.norm.weight'\]"),
     (lambda s: s.update(extra=torch.zeros(2)), r"unexpected \['extra'\]"),
-    (lambda s: s.update({"model.norm.weight": torch.zeros(5)}), r"mis-shaped \['model.norm.weight \(5,\) != \(48,\)'\]"),
+    (lambda s: s.update({"model.norm.weight": torch.zeros(5)}),
+     r"mis-shaped \['model.norm.weight \(5,\) != \(48,\)'\]"),
 ])
 def test_wrong_tensors_are_listed(ckpt, edit, message, refuses):
     """Missing, unexpected and mis-shaped tensors are named in the error."""
