@@ -105,7 +105,9 @@ class Stats:
     draft_forwards: int = 0
     drafted: int = 0  # tokens the draft proposed
     accepted: int = 0  # drafted tokens committed as drafted
-    matched: int = 0  # draft steps the target committed exactly as proposed
+    matched: int = 0  # proposed steps the target committed exactly as proposed
+    draft_matched: int = 0  # of them, the draft's
+    width: int = 0  # query tokens of the target forwards
     seconds: float = 0.0  # decoding, prefill excluded
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # of `seconds`, drafting
@@ -181,7 +183,8 @@ def forward_block(model, pending, x, start, cache):
 
 
 def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strategy="static",
-            threshold=0.9, sampling=GREEDY, generator=None, record=False):
+            threshold=0.9, sampling=GREEDY, generator=None, record=False, probs=None,
+            refresh=True):
     """Fill a block's unknown positions: the one denoiser, of the target alone and of the draft.
 
     x (B,): the block's tokens at positions start..start+B-1 (or (N, B): a batch of blocks at the
@@ -192,6 +195,9 @@ def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strateg
     the block completed last, and the first forward stores them (commits them to the cache);
     without one (the oracle), the whole sequence so far, recomputed at every step.
     record=True keeps each step's picks (and distributions when sampling) for verification.
+    probs (B, V): distributions to take the first step from instead of a forward; refresh=False
+    takes every later step from the first step's distributions too, with fresh picks at each
+    state: a chain proposed from one forward (or from none, given probs).
     Host syncs: none, except one per step of dynamic decoding (is the block full?).
     """
     mask_id = model.config.mask_token_id
@@ -203,12 +209,13 @@ def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strateg
     for s, k in enumerate(quotas, start=1):
         if strategy == "dynamic" and s > 1 and not todo.any():
             break  # dynamic revealed more than scheduled: the block is full early
-        logits = forward_block(model, pending, x, start, cache)
-        forwards += 1
-        if cache is not None:
-            cache.commit(pending.shape[-1])  # pending is stored; the block's own keys are scratch
-            pending = pending[..., :0]
-        probs = sampling.distribution(logits, suppress=mask_id)  # (B, V)
+        if probs is None or s > 1 and refresh:
+            logits = forward_block(model, pending, x, start, cache)
+            forwards += 1
+            if cache is not None:
+                cache.commit(pending.shape[-1])  # pending is stored; the block's keys are scratch
+                pending = pending[..., :0]
+            probs = sampling.distribution(logits, suppress=mask_id)  # (B, V)
         tokens = sampling.pick(probs, generator)
         revealed = reveal(probs, tokens, todo, k, strategy, threshold)
         x = torch.where(revealed, tokens, x)

@@ -9,7 +9,7 @@ Layouts, for a block of B positions:
   training       [x_t ; x_0], both halves at the same positions              training
   SimSD verify   [the block, drafted positions as references | B masks]      verify
   exact verify   one copy of the block per proposed state, each blind to the others   copies
-  one forward    [pending | clean copies of drafted blocks | one part per block]      lookahead
+  one forward    [pending | clean copies of proposed blocks | one part per state]     tree
 A step map `step` is a LongTensor (B,): 0 for a known position, s >= 1 for a position the draft
 revealed at its step s. Ties are allowed (a step may reveal several positions).
 Run `python mask.py` to see the layouts drawn.
@@ -66,26 +66,34 @@ def copies(n, block, device=None):
     return copy[:, None] == copy[None, :]
 
 
-def lookahead(parts, n_pending, block):
-    """The mask of one target forward over [pending | clean_1 .. clean_{L-1} | part_1 .. part_L].
+def tree(parts, n_pending, block, ancestors, cleans):
+    """The mask of one target forward over [pending | clean copies | parts], one part per node of
+    a tree of proposals (a node before its children).
 
-    pending: completed blocks not yet in the cache (n_pending tokens, whole blocks, maybe none),
-    stored by this forward. clean_j: proposed block j as drafted, seen as storing it would see it.
-    part_j: the verification tokens of block j, with their own mask parts[j] (verify or copies).
-    pending and the clean copies are block-causal and every later token sees them, except that
-    part_j sees only clean_<j: block j is verified as if the blocks before it were stored as
-    drafted. A part sees its own tokens only, by its own mask.
+    parts: each node's own (n, n) mask: a proposed state is copies(1, B), the paper's layout of a
+    block is verify(step). ancestors (N, N) bool: node n is node m or descends from it.
+    cleans: the nodes (ascending) that start a block after their parent's; each has a clean copy
+    of the block before it (B tokens, complete, as proposed on its path), in this order.
+    pending (n_pending tokens, whole blocks) is block-causal, and everything sees it. A clean copy
+    sees itself and the clean copies of its node's ancestors, as storing those blocks would see
+    them; a part sees the clean copies of its node and of its ancestors, and itself by its own
+    mask. A chain of L blocks (ancestors lower-triangular, cleans 1..L-1) is lookahead: block j
+    is verified as if the blocks before it were stored as proposed.
     """
-    L, dev = len(parts), parts[0].device
-    pending = torch.arange(n_pending, device=dev) // block - n_pending // block  # blocks -k..-1
-    group = torch.cat([pending, torch.arange(1, L, device=dev).repeat_interleave(block)])
+    dev, P = ancestors.device, n_pending
+    cleans = torch.as_tensor(cleans, dtype=torch.long, device=dev)
+    sees = ancestors[:, cleans]  # (N, C): node n sees clean copy c
     sizes = torch.tensor([len(p) for p in parts], device=dev)
-    part = torch.arange(1, L + 1, device=dev).repeat_interleave(sizes)  # part j: 1-based
-    n = len(group)
-    out = torch.zeros(n + len(part), n + len(part), dtype=torch.bool, device=dev)
-    out[:n, :n] = group[None, :] <= group[:, None]
-    out[n:, :n] = group[None, :] < part[:, None]
-    out[n:, n:] = torch.block_diag(*parts)
+    part_of = torch.arange(len(parts), device=dev).repeat_interleave(sizes)
+    n_clean = len(cleans) * block
+    n = P + n_clean + len(part_of)
+    out = torch.zeros(n, n, dtype=torch.bool, device=dev)
+    out[:P, :P] = block_causal(P, block, device=dev)
+    out[P:, :P] = True
+    out[P:P + n_clean, P:P + n_clean] = sees[cleans].repeat_interleave(block, 0).repeat_interleave(
+        block, 1)
+    out[P + n_clean:, P:P + n_clean] = sees[part_of].repeat_interleave(block, 1)
+    out[P + n_clean:, P + n_clean:] = torch.block_diag(*parts)
     return out
 
 
@@ -121,18 +129,21 @@ def examples():
         return f"{s}{kind}{i}"
     labels = [label(s, i, t) for s in (1, 2, 3) for i, t in enumerate(step.tolist())]
     exact = render(copies(3, 4), labels)
-    parts = [copies(2, 2), copies(2, 2)]  # block 2: two blocks of two steps each
-    labels = ["c0", "c1"] + [f"{name}{s}{i}" for name in "ab" for s in (1, 2) for i in (0, 1)]
-    ahead = render(lookahead(parts, 0, 2), labels)
+    parent = [-1, 0, 0, 1]  # the current state; the draft's next state, the target's; next block
+    ancestors = torch.tensor([[m == n or m == parent[n] or m == 0 for m in range(4)]
+                              for n in range(4)])
+    labels = ["c0", "c1"] + [f"{name}{i}" for name in "rdsb" for i in (0, 1)]
+    trie = render(tree([copies(1, 2)] * 4, 0, 2, ancestors, [3]), labels)
     return [
         ("SimSD verification, block 4: position 0 known, 1, 2, 3 drafted at steps 2, 1, 3.\n"
          "rN@t / mN@t = reference / mask token of position N; mask row mN@t sees the block as\n"
          "the draft saw it just before step t.", simsd),
         ("Exact (and lossless) verification: one copy per proposed state; label s + r/m/k + i:\n"
          "in the copy before step s, position i is revealed / masked / known.", exact),
-        ("Lookahead, block 2, two proposed blocks of two steps: c = the clean copy of block a,\n"
-         "stored as drafted; a1 a2 = the copies of block a, b1 b2 = of block b, which sees c.",
-         ahead)]
+        ("A trie of proposals, block 2: r = the current state; d and s = the states the draft and\n"
+         "the target itself propose after it (each a copy, blind to the others); c = the block as\n"
+         "the draft completes it after d, a clean copy, seen as storing it would; b = the next\n"
+         "block, all masked, after c.", trie)]
 
 
 def main(argv=None):

@@ -191,9 +191,15 @@ class KVCache:
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def commit(self, n):
+    def commit(self, n, keep=None):
+        """Keep n of the last forward's new slots: the first n, or those at offsets `keep` (n
+        ascending ints), moved to the front as if the forward had written only them."""
         if not 0 <= n <= self.written:
             raise ValueError(f"cannot commit {n} tokens: the last forward wrote {self.written}.")
+        if keep is not None:
+            src = torch.as_tensor(keep, device=self.k.device) + self.len
+            for kv in (self.k, self.v):
+                kv[:, :, :, self.len:self.len + n] = kv[:, :, :, src]
         self.len += n
         self.written -= n
 

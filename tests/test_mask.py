@@ -150,30 +150,38 @@ def test_copies_matches_loop():
         assert mask.copies(n, block).tolist() == want
 
 
-def test_lookahead_matches_loop():
-    """[pending | clean copies | parts]: pending is block-causal and seen by all; clean copy j sees
-    pending and clean copies <= j; part j sees pending, clean copies < j and itself by its own mask."""
+def test_tree_matches_loop():
+    """[pending | clean copies | parts] for random trees: pending is block-causal and seen by all; the
+    clean copy of node c sees pending and the clean copies of c and its ancestors; the part of node n
+    sees pending, the clean copies of n and its ancestors, and itself by its own mask."""
     rng = random.Random(4)
-    for _ in range(60):
-        block, L, n_pending = rng.randint(1, 4), rng.randint(1, 4), rng.choice([0, 1, 2])
-        parts = [mask.copies(rng.randint(1, 3), block) if rng.random() < 0.5
-                 else mask.verify(T([rng.randint(0, 3) for _ in range(block)])) for _ in range(L)]
-        M = mask.lookahead(parts, n_pending * block, block).tolist()
+    for _ in range(80):
+        block, N, n_pending = rng.randint(1, 4), rng.randint(1, 6), rng.choice([0, 1, 2])
+        parent = [-1] + [rng.randrange(n) for n in range(1, N)]
+        blocks = [0]
+        for n in range(1, N):
+            blocks.append(blocks[parent[n]] + (rng.random() < 0.4))
+        cleans = [n for n in range(1, N) if blocks[n] > blocks[parent[n]]]
+
+        def up(n):  # n and its ancestors
+            return {n} | (up(parent[n]) if parent[n] >= 0 else set())
+        ancestors = T([[m in up(n) for m in range(N)] for n in range(N)])
+        parts = [mask.copies(1, block) if rng.random() < 0.5
+                 else mask.verify(T([rng.randint(0, 3) for _ in range(block)])) for _ in range(N)]
+        M = mask.tree(parts, n_pending * block, block, ancestors, cleans).tolist()
         kinds = [("p", i // block) for i in range(n_pending * block)]
-        kinds += [("c", j) for j in range(1, L) for _ in range(block)]
-        kinds += [("v", j, r) for j, part in enumerate(parts, 1) for r in range(len(part))]
+        kinds += [("c", c) for c in cleans for _ in range(block)]
+        kinds += [("v", n, r) for n, part in enumerate(parts) for r in range(len(part))]
         for q, kq in enumerate(kinds):
             for k, kk in enumerate(kinds):
                 if kq[0] == "p":
                     want = kk[0] == "p" and kk[1] <= kq[1]
-                elif kq[0] == "c":
-                    want = kk[0] == "p" or (kk[0] == "c" and kk[1] <= kq[1])
                 elif kk[0] == "p":
                     want = True
                 elif kk[0] == "c":
-                    want = kk[1] < kq[1]
+                    want = kk[1] in up(kq[1])
                 else:
-                    want = kk[1] == kq[1] and bool(parts[kq[1] - 1][kq[2], kk[2]])
+                    want = kq[0] == "v" and kk[1] == kq[1] and bool(parts[kq[1]][kq[2], kk[2]])
                 assert M[q][k] == want, (q, k, kinds[q], kinds[k])
 
 
@@ -186,7 +194,8 @@ def test_device_and_dtype(device):
     dev = torch.device(device)
     step = torch.tensor([0, 2, 1, 3], device=device)
     made = [mask.block_causal(5, 4, 2, device=dev), mask.training(6, 2, device=dev), mask.verify(step),
-            mask.copies(3, 4, dev), mask.lookahead([mask.verify(step), mask.copies(2, 4, dev)], 4, 4)]
+            mask.copies(3, 4, dev), mask.tree([mask.verify(step), mask.copies(2, 4, dev)], 4, 4,
+                                           torch.ones(2, 2, dtype=torch.bool, device=dev).tril(), [1])]
     for M in made:
         assert M.dtype == torch.bool and M.device.type == dev.type
 
@@ -196,9 +205,10 @@ def test_main_draws_the_layouts_takes_help_and_ends_quietly_in_a_pipe(run_script
     pipe = subprocess.Popen([sys.executable, "mask.py"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     drawn, helped = run_scripts("mask.py", [[], ["--help"]])
-    for label in ["k0", "r1@2", "r2@1", "r3@3", "m1@2", "m2@1", "m3@3", "Lookahead"]:
+    for label in ["k0", "r1@2", "r2@1", "r3@3", "m1@2", "m2@1", "m3@3", "A trie of proposals"]:
         assert label in drawn.stdout
     assert "m2@1 # | . . . | # # #" in drawn.stdout  # step 1's mask row sees no reference
+    assert "b0 # # | . . | . . | . . | # #" in drawn.stdout  # the next block sees the clean copy
     assert helped.returncode == 0 and "usage: mask.py" in helped.stdout
     pipe.stdout.read(10)
     pipe.stdout.close()  # what `| head -c 10` does

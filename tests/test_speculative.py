@@ -99,14 +99,24 @@ def test_lossless_greedy_on_the_toy_pairs():
                     assert got == want, (task, text, strategy, L)
 
 
-def test_self_draft_commits_lookahead_blocks_per_forward(random_model, prompt):
-    """Draft = target: every block is accepted whole, and one target forward commits L blocks."""
+def test_a_draft_equal_to_the_target_commits_every_proposed_step(random_model, prompt):
+    """Draft = target: every proposed step is matched. Lossless, one target forward commits the
+    L - 1 blocks drafted and the first step of the next (its all-masked state, after a clean copy
+    of the block before): B (L - 1) tokens a forward once the blocks are under way; the paper's
+    exact verification commits the L blocks drafted."""
     m = random_model(3, 2)
-    for L in (1, 2, 3):
-        out, stats, seen = run(m, m, prompt(8), 12 * L, block=4, lookahead=L)
-        assert out == decode.generate(m, prompt(8), 12 * L, block=4)[0]
-        assert stats.accepted == stats.drafted and stats.matched == stats.steps
-        assert stats.tokens / stats.forwards >= 0.8 * L * 4  # the prompt is aligned: no tail
+    want = decode.generate(m, prompt(8), 36, block=4)[0]
+    for L, verify in itertools.product((1, 2, 3), ("lossless", "exact")):
+        out, stats, seen = run(m, m, prompt(8), 36, block=4, lookahead=L, verify=verify,
+                               proposer="draft", drafting="step")
+        assert out == want
+        assert stats.accepted == stats.drafted and stats.draft_matched == stats.matched
+        per_forward = 4 * (L - 1) if verify == "lossless" and L > 1 else 4 * L
+        assert stats.tokens / stats.forwards >= 0.9 * per_forward  # the prompt is aligned
+        if verify == "lossless" and L > 1:  # a step from each all-masked next block, unproposed
+            assert stats.steps - stats.forwards <= stats.matched < stats.steps
+        else:
+            assert stats.matched == stats.steps
 
 
 # ----------------------------------------------------------------------------- lossless, sampled
@@ -359,37 +369,53 @@ def test_caches_equal_the_oracle_after_every_iteration(verify, made_caches, pair
 
 # ----------------------------------------------------------------------------- the layouts
 
-def proposed(target, draft, prompt_ids, lookahead, verify, block=4):
-    """The draft's proposals for lookahead blocks after prompt_ids and the target's logits at the
-    rows that verify them, from one forward on speculative.layout."""
+def verified(target, draft, prompt_ids, lookahead, verify, proposer="draft", block=4):
+    """The proposals for lookahead blocks after prompt_ids as speculative.grow lays them out (a
+    hybrid's target chain from its own distributions at the first state, computed apart), and the
+    target's logits at the rows that verify them, from one forward on speculative.layout."""
     opt = speculative.options(target, draft, 32, len(prompt_ids), block=block, steps=None,
                               strategy="static", threshold=0.9, sampling=decode.GREEDY,
                               verify=verify, accept=None, lookahead=lookahead, eos_min_prob=0.0,
-                              stop_ids=())
+                              stop_ids=(), proposer=proposer, drafting="step")
     run_ = speculative.start(target, draft, torch.tensor(prompt_ids), None, opt)
-    proposals = speculative.propose(run_, lookahead, opt)
-    ids, pos, attend, n_context = speculative.layout(proposals, run_.pending, opt)
+    if proposer == "hybrid":
+        aligned = len(prompt_ids) - len(prompt_ids) % block
+        seq = torch.tensor(prompt_ids[:aligned] + run_.block.tokens.tolist())
+        logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0]
+        run_.hint = decode.GREEDY.distribution(logits[-block:], suppress=opt.mask_id)
+    chains = speculative.propose(run_, lookahead, opt)
+    tree = speculative.grow(chains, lookahead, run_.block, opt)
+    ids, pos, attend, rows = speculative.layout(tree, run_.tpending, run_.block.start, opt)
     with torch.no_grad():
-        logits = target(ids[None], pos, attend, run_.tcache)[0, n_context:]
-    return proposals, logits
+        logits = target(ids[None], pos, attend, run_.tcache)[0, rows]
+    return tree, logits
 
 
 @torch.no_grad()
-def test_exact_copies_equal_separate_forwards(pairs, prompt):
-    """Every copy of every proposed block (lookahead 3): the target's logits equal a separate no-cache
-    forward on the whole sequence in that state, the blocks before it as drafted."""
+@pytest.mark.parametrize("verify,proposer", [("exact", "draft"), ("lossless", "draft"),
+                                             ("lossless", "hybrid")])
+def test_every_proposed_state_equals_a_separate_forward(verify, proposer, pairs, prompt):
+    """Every state of the tree (lookahead 3; the paper's chain, the lossless one with its
+    all-masked next block, a trie of the draft's and the target's chains): the target's logits
+    equal a separate no-cache forward on the whole sequence in that state, the blocks before it
+    as proposed on its path."""
     target, draft = pairs[1]
+    mask_id, branched = target.config.mask_token_id, 0
     for P in (5, 8):
         prompt_ids = prompt(P, P)
-        proposals, logits = proposed(target, draft, prompt_ids, 3, "lossless")
-        before, row = prompt_ids[:P - P % 4], 0
-        for p in proposals:
-            for state in torch.where(p.masked(), target.config.mask_token_id, p.tokens):
-                seq = torch.tensor(before + state.tolist())
-                want = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), 4))[0]
-                torch.testing.assert_close(logits[row:row + 4], want[-4:], rtol=1e-4, atol=1e-4)
-                row += 4
-            before += p.tokens.tolist()
+        tree, logits = verified(target, draft, prompt_ids, 3, verify, proposer)
+        for n, state in enumerate(tree.states.tolist()):
+            before, m = [], n
+            while tree.parent[m] >= 0:  # the clean copies of the path's blocks
+                if tree.block[m] > tree.block[tree.parent[m]]:
+                    before = tree.arrival[m].tolist() + before
+                m = tree.parent[m]
+            seq = torch.tensor(prompt_ids[:P - P % 4] + before + state)
+            want = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), 4))[0]
+            torch.testing.assert_close(logits[4 * n:4 * n + 4], want[-4:], rtol=1e-4, atol=1e-4)
+        assert mask_id in tree.states[-1].tolist()
+        branched += len(set(tree.parent)) < len(tree.parent)
+    assert branched == (proposer == "hybrid") * 2  # the two chains part: a trie, not a chain
 
 
 @torch.no_grad()
@@ -402,13 +428,12 @@ def test_simsd_equals_exact_in_one_layer_and_differs_deeper(random_model, prompt
         target = random_model(7, layers)
         worst = 0.0
         for P in (5, 6):
-            proposals, simsd = proposed(target, draft, prompt(P, P), 3, "simsd")
-            _, exact = proposed(target, draft, prompt(P, P), 3, "exact")
-            simsd = simsd.view(3, 2, 4, -1)[:, 1]  # the mask tokens
+            tree, simsd = verified(target, draft, prompt(P, P), 3, "simsd")
+            _, exact = verified(target, draft, prompt(P, P), 3, "exact")
             offset = 0
-            for j, p in enumerate(proposals):
+            for j, p in enumerate(tree.chains[speculative.DRAFT][0]):
                 for i in (p.step > 0).nonzero().flatten().tolist():
-                    a, b = simsd[j, i], exact[(offset + p.step[i] - 1) * 4 + i]
+                    a, b = simsd[4 * j + i], exact[(offset + p.step[i] - 1) * 4 + i]
                     worst = max(worst, (a - b).abs().max().item())
                 offset += p.steps
         report(f"simsd vs exact layout logits, {layers} layer(s): max |diff| = {worst:.3g}")
