@@ -16,7 +16,9 @@ row within 1 point of the static target's accuracy; a comparison whose rows' spe
 between passes by more than SPREAD is withheld.
 """
 import argparse
+import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,33 +36,57 @@ import mask as masks
 import model
 import speculative
 import train_tiny
+import verifier
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
 SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
 DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
 PAPER_DRAFT = "data"  # the paper's rows use it unless --drafts says otherwise, as the paper does
+LOSSLESS_DRAFT = "distilled"  # the lossless rows' unless --drafts says otherwise: the better proposer
+LOOKAHEADS = (1, 2, 3)  # the speculative rows' by default: 1, the default (2) and one past it
 
-# How a row decodes. kind: target, draft or ar (alone), simsd (an SDAR target with a draft) or
-# specdiff (an AR target with a draft); reproduces: the row a lossless one equals when greedy.
-Method = namedtuple("Method", "kind strategy threshold verify accept reproduces",
-                    defaults=("static", 0.9, None, None, None))
+# How a row decodes. kind: target, draft or ar (alone), self (an SDAR target proposing for
+# itself: target-alone, lossless), simsd (an SDAR target with a draft) or specdiff (an AR target
+# with a draft); reproduces: the row a lossless one equals when greedy; proposer and drafting: a
+# lossless row's (speculative.generate's).
+Method = namedtuple("Method", "kind strategy threshold verify accept reproduces proposer drafting",
+                    defaults=("static", 0.9, None, None, None, None, None))
+DYN = ("dynamic", 0.9)
 METHODS = {
     "target": Method("target"),
-    "target-dyn0.9": Method("target", "dynamic", 0.9),
+    "target-dyn0.9": Method("target", *DYN),
     "target-dyn0.7": Method("target", "dynamic", 0.7),
+    "target-self": Method("self", verify="lossless", reproduces="target"),
+    "target-self-dyn0.9": Method("self", *DYN, "lossless", reproduces="target-dyn0.9"),
     "draft": Method("draft"),
     "ar": Method("ar"),
-    "simsd-lossless": Method("simsd", verify="lossless", reproduces="target"),
-    "simsd-lossless-dyn0.9": Method("simsd", "dynamic", 0.9, "lossless", None, "target-dyn0.9"),
+    "simsd-lossless": Method("simsd", verify="lossless", reproduces="target", proposer="draft",
+                             drafting="step"),
+    "simsd-lossless-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9", "draft",
+                                    "step"),
+    "simsd-lossless-block": Method("simsd", verify="lossless", reproduces="target",
+                                   proposer="draft", drafting="block"),
+    "simsd-lossless-block-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9",
+                                          "draft", "block"),
+    "simsd-hybrid": Method("simsd", verify="lossless", reproduces="target", proposer="hybrid",
+                           drafting="step"),
+    "simsd-hybrid-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9", "hybrid",
+                                  "step"),
+    "simsd-hybrid-block": Method("simsd", verify="lossless", reproduces="target",
+                                 proposer="hybrid", drafting="block"),
+    "simsd-hybrid-block-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9",
+                                        "hybrid", "block"),
     "simsd": Method("simsd", verify="simsd", accept="step"),
     "simsd-position": Method("simsd", verify="simsd", accept="position"),
-    "simsd-dyn0.9": Method("simsd", "dynamic", 0.9, "simsd", "step"),
+    "simsd-dyn0.9": Method("simsd", *DYN, "simsd", "step"),
     "simsd-exact": Method("simsd", verify="exact", accept="step"),
     "specdiff": Method("specdiff", reproduces="ar"),
 }
-DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "draft", "ar", "simsd-lossless",
-                   "simsd-lossless-dyn0.9", "simsd", "specdiff")
+DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "target-self", "target-self-dyn0.9",
+                   "draft", "ar", "simsd-lossless", "simsd-lossless-dyn0.9", "simsd-lossless-block",
+                   "simsd-lossless-block-dyn0.9", "simsd-hybrid-block", "simsd-hybrid-block-dyn0.9",
+                   "simsd", "specdiff")
 ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 # A line of the table. draft None: no draft; lookahead None: not speculative; block None: AR.
 Row = namedtuple("Row", "task method draft lookahead block temperature")
@@ -111,7 +137,8 @@ def decode_once(row, task, ids, n, stop_ids, seed):
     if method.kind == "draft":
         return decode.generate(draft, ids, n, **diffusion)
     return speculative.generate(target, draft, ids, n, verify=method.verify, accept=method.accept,
-                                lookahead=row.lookahead, **diffusion)
+                                lookahead=row.lookahead, proposer=method.proposer,
+                                drafting=method.drafting, **diffusion)
 
 
 def measure(tasks, rows, new_tokens, answer_cap, repeats):
@@ -186,7 +213,7 @@ def table_row(row, records):
     first = rec["passes"][0]
     n = {key: sum(getattr(s, key) for s in first) for key in asdict(first[0])}
     kind = METHODS[row.method].kind
-    speculating = kind in ("simsd", "specdiff")
+    speculating = kind in ("self", "simsd", "specdiff")
     forwards = (0, n["forwards"]) if kind == "draft" else (n["forwards"], n["draft_forwards"])
     speedups = paired(rec, records[baseline(row, records)])
     scored = [c for c in rec["correct"] if c is not None]
@@ -198,6 +225,9 @@ def table_row(row, records):
             "steps_matched": ratio(n["matched"], n["steps"]) if speculating else None,
             "acceptance": ratio(n["accepted"], n["drafted"]) if speculating else None,
             "drafting": ratio(n["draft_seconds"], n["seconds"]) if speculating else None,
+            "draft_forwards_per_target_forward": ratio(n["draft_forwards"], n["forwards"])
+            if speculating else None,
+            "width": ratio(n["width"], n["forwards"]) if speculating else None,
             "accuracy": 100 * ratio(sum(scored), len(scored)) if scored else None,
             "outputs_equal_target": equal_share(records, row)}
 
@@ -254,9 +284,15 @@ def comparisons(group):
         near = [r for r in group if r["accuracy"] is not None and r["accuracy"] >= floor]
         best_alone = fastest([r for r in near if r["method"] in ALONE])
         lossless = [r for r in near if METHODS[r["method"]].verify == "lossless"]
+        drafted = [r for r in lossless if r["draft"] is not None]
+        selves = [r for r in lossless if METHODS[r["method"]].kind == "self"]
         paper = [r for r in group if METHODS[r["method"]].verify in ("simsd", "exact")]
         paper_near = [r for r in paper if r in near]
-        lines += [versus(fastest(rows), best_alone) for rows in (lossless, paper_near) if rows]
+        # does speculation beat the target's best alone; does a draft pay over the target
+        # proposing for itself; does the target proposing for itself beat its best alone
+        pairs = [(drafted, [best_alone]), (drafted, selves), (selves, [best_alone]),
+                 (paper_near, [best_alone])]
+        lines += [versus(fastest(rows), fastest(bases)) for rows, bases in pairs if rows and bases]
         if paper and not paper_near:
             top = fastest(paper)
             lines.append(f"no paper SimSD row is within 1 point of the static target's accuracy "
@@ -297,7 +333,9 @@ COLUMNS = {  # header: (JSON field, format)
     "speedup": ("speedup", ".2f"), "projected": ("projected_speedup", ".2f"),
     "tokens / target forward": ("tokens_per_target_forward", ".2f"),
     "steps matched": ("steps_matched", ".0%"), "acceptance": ("acceptance", ".0%"),
-    "drafting": ("drafting", ".0%"), "accuracy %": ("accuracy", ".1f"),
+    "drafting": ("drafting", ".0%"),
+    "draft fwd / target fwd": ("draft_forwards_per_target_forward", ".2f"),
+    "width": ("width", ".1f"), "accuracy %": ("accuracy", ".1f"),
     "= target": ("outputs_equal_target", ".0%"),
 }
 
@@ -420,11 +458,12 @@ def blocks_of(task, asked):
 
 def drafts_of(method, task, args):
     """The drafts of a method's rows: none alone; by default PAPER_DRAFT for the paper's rows,
-    as in the paper; every draft otherwise."""
-    if method.kind in ("target", "ar"):
+    as in the paper, LOSSLESS_DRAFT for the lossless ones; every draft otherwise."""
+    if method.kind in ("target", "ar", "self"):
         return [None]
-    if method.verify in ("simsd", "exact") and PAPER_DRAFT in task.drafts and not args.drafts:
-        return [PAPER_DRAFT]
+    default = {"simsd": PAPER_DRAFT, "exact": PAPER_DRAFT, "lossless": LOSSLESS_DRAFT}
+    if default.get(method.verify) in task.drafts and not args.drafts:
+        return [default[method.verify]]
     return list(task.drafts)
 
 
@@ -436,7 +475,9 @@ def plan(task_name, task, args):
     ar_baseline = task.target is None or any(METHODS[m].kind == "specdiff" for m in methods)
     methods += ["target"] + (["ar"] if ar_baseline else [])  # what the rows are measured against
     runnable = {"target": task.target, "simsd": task.target, "ar": task.ar, "specdiff": task.ar,
-                "draft": task.drafts or None}
+                "draft": task.drafts or None, "self": task.target}
+    ahead = {"simsd": args.lookahead, "specdiff": args.lookahead,  # the target proposes 2 at most
+             "self": sorted({min(L, 2) for L in args.lookahead})}
     temperatures = [t for t in args.temperatures or [0.0] if t == 0 or task.sampled]
     rows = []
     for temperature in temperatures:
@@ -445,7 +486,7 @@ def plan(task_name, task, args):
                 m = METHODS[method]
                 if runnable[m.kind] is None:
                     continue
-                lookaheads = args.lookahead if m.kind in ("simsd", "specdiff") else [None]
+                lookaheads = ahead.get(m.kind, [None])
                 row_block = None if m.kind == "ar" else block
                 rows += [Row(task_name, method, d, L, row_block, temperature)
                          for d in drafts_of(m, task, args) for L in lookaheads]
@@ -579,6 +620,90 @@ def shapes_main(args, device, dtype):
     print(json.dumps(clean(result), allow_nan=False))
 
 
+# ----------------------------------------------------------------------------- the time split
+
+SPLIT_METHODS = ("target-dyn0.9", "target-self-dyn0.9", "simsd-lossless-dyn0.9",
+                 "simsd-lossless-block-dyn0.9", "simsd-hybrid-block")
+# Where a function's own time goes (its callees' apart); the rest of a decode is Python.
+PARTS = {"picking and reveal": [decode.Sampling.distribution, decode.Sampling.pick, decode.reveal,
+                                verifier.draw, verifier.judge],
+         "layout": [verifier.grow, verifier.layout, verifier.causal_layout, masks.block_causal],
+         "accept and commit": [verifier.accept_lossless, verifier.accept_paper,
+                               verifier.accept_causal, speculative.commit],
+         "readback": [verifier.to_host], "prefill": [decode.prefill]}
+
+
+@contextlib.contextmanager
+def split_time(target, draft, device):
+    """Seconds per part of the decodes run inside: each function of PARTS and each model's forward
+    wrapped to add its own time to its part (synchronised on CUDA); a prefill's forwards count to
+    the prefill. Yields the totals."""
+    totals, stack, undo = collections.Counter(), [], []
+
+    def timed(fn, part):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            stack.append([part, 0.0])
+            t0 = decode.sync(device)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = decode.sync(device) - t0
+                _, inner = stack.pop()
+                inside = "prefill" if any(p == "prefill" for p, _ in stack) else part
+                totals[inside] += seconds - inner
+                if stack:
+                    stack[-1][1] += seconds
+        return run
+    for part, fns in PARTS.items():
+        for fn in fns:  # wherever the function is looked up: its module, a class, an importer
+            for owner in (decode, decode.Sampling, verifier, speculative, masks):
+                if getattr(owner, fn.__name__, None) is fn:
+                    undo.append((owner, fn.__name__, fn))
+                    setattr(owner, fn.__name__, timed(fn, part))
+    for m, part in ((target, "target forward"), (draft, "draft forwards")):
+        if m is not None:
+            undo.append((m, "forward", None))
+            m.forward = timed(m.forward, part)
+    try:
+        yield totals
+    finally:
+        for owner, name, fn in reversed(undo):
+            if fn is None:
+                delattr(owner, name)  # the model's own forward again
+            else:
+                setattr(owner, name, fn)
+
+
+def split_main(args, device, dtype):
+    """Per toy task, each method's decode time per target forward, split into PARTS, the model
+    forwards and Python (the rest), on the latency protocol at the default lookahead."""
+    args.methods = args.methods or SPLIT_METHODS
+    tasks = toy_tasks(args, (device, dtype, {}))
+    new, cells = args.new_tokens or 32, []
+    for task_name, task in tasks.items():
+        rows = [r for r in plan(task_name, task, args) if r.method in args.methods
+                and r.lookahead in (None, speculative.LOOKAHEAD) and r.draft != "data"]
+        for r in rows:
+            chats = [task.tok.chat(text) for text, _ in task.prompts]
+            for i, ids in enumerate(chats[:2]):  # warm-up
+                decode_once(r, task, ids, new, (), i)
+            seconds = forwards = 0
+            model = task.target if METHODS[r.method].kind != "ar" else task.ar
+            with split_time(model, task.drafts.get(r.draft), torch.device(device)) as parts:
+                for i, ids in enumerate(chats):
+                    stats = decode_once(r, task, ids, new, (), i)[1]
+                    seconds, forwards = seconds + stats.seconds, forwards + stats.forwards
+            parts.pop("prefill", None)
+            parts["Python"] = seconds - sum(parts.values())
+            names = ["target forward", "draft forwards", *list(PARTS)[:-1], "Python"]
+            cells.append([task_name, name(r._asdict()), f"{1e3 * seconds / forwards:.2f}"] +
+                         [f"{1e3 * parts[n] / forwards:.2f}" for n in names])
+    print(f"- ms per target forward (an iteration), {len(chats)} prompts per task, {new} new tokens, "
+          f"{device}, {torch.get_num_threads()} thread(s)\n")
+    print(markdown(["task", "method", "total", *names], cells))
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -593,11 +718,12 @@ def parse_args(argv=None):
     add("--tasks", nargs="+", choices=train_tiny.TASKS, help="toy tasks (default: all)")
     add("--drafts", nargs="+", choices=train_tiny.DRAFTS, help="toy drafts: data (trained on "
         "the task), distilled (on the target's decoding); default: both (the paper's rows: "
-        f"{PAPER_DRAFT})")
+        f"{PAPER_DRAFT}; the lossless ones: {LOSSLESS_DRAFT})")
     add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
         help=f"rows, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})")
-    add("--lookahead", type=count, nargs="+", help="blocks drafted per target forward, a row each "
-        f"(default: 1 and speculative.generate's default, {speculative.LOOKAHEAD})")
+    add("--lookahead", type=count, nargs="+", help="blocks one target forward reaches, a row each "
+        f"(default: {' '.join(map(str, LOOKAHEADS))}; the target proposing for itself reaches 2 "
+        "at most)")
     add("--temperatures", type=float, nargs="+", help="0 = greedy (default); sampled rows run "
         "only where a sampled answer can be right")
     add("--new-tokens", type=count, help="latency protocol: fixed new tokens (default: toys 32, "
@@ -609,6 +735,9 @@ def parse_args(argv=None):
     add("--blocks", type=count, nargs="+", help="block lengths (default: the checkpoint's, else 4; "
         "--shapes: 4 8)")
     add("--shapes", help=f"TARGET:DRAFT random-weight models, from {', '.join(sorted(SHAPES))}")
+    add("--split", action="store_true", help="the toys' decode time per target forward split into "
+        "the target's and the draft's forwards, picking and reveal, layout, accept and commit, "
+        f"readback and Python (methods: default {', '.join(SPLIT_METHODS)})")
     add("--context", type=int, default=512, help="--shapes: prefilled tokens (default 512)")
     add("--bandwidth", type=float, help="--shapes: GB/s for the floor (default: measured on CUDA)")
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -653,7 +782,7 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    args.lookahead = list(dict.fromkeys(args.lookahead or [1, speculative.LOOKAHEAD]))
+    args.lookahead = list(dict.fromkeys(args.lookahead or LOOKAHEADS))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but this machine has no CUDA GPU")
@@ -663,6 +792,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     if args.shapes:
         shapes_main(args, device, dtype)
+    elif args.split:
+        split_main(args, device, dtype)
     else:
         table_main(args, device, dtype)
 

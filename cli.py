@@ -20,16 +20,19 @@ WEIGHTS_HELP = ("download weights with the Hugging Face CLI, e.g. `huggingface-c
                 "JetLM/SDAR-8B-Chat --local-dir SDAR-8B-Chat`, then pass --model SDAR-8B-Chat")
 MAX_FORWARD = 8192  # query tokens in one forward: its (T, T) attention mask must fit in memory
 # Flags a mode cannot act on are refused, not ignored: {mode: (flags, what the mode is)}.
+SPECULATIVE = {"verify", "accept", "eos_min_prob", "draft_device", "show", "lookahead",
+               "proposer", "drafting"}
 REFUSED = {
-    "vanilla": ({"verify", "accept", "eos_min_prob", "draft_device", "show", "lookahead"},
-                "decoding without --draft"),
-    "ar": ({"block", "steps", "strategy", "threshold", "verify", "accept", "eos_min_prob",
-            "draft_device", "show", "lookahead"}, "an autoregressive --model decoding alone"),
-    "specdiff": ({"verify", "accept", "eos_min_prob"},
+    "vanilla": (SPECULATIVE, "decoding without --draft"),
+    "ar": ({"block", "steps", "strategy", "threshold"} | SPECULATIVE,
+           "an autoregressive --model decoding alone"),
+    "specdiff": ({"verify", "accept", "eos_min_prob", "proposer"},
                  "an autoregressive target, which verifies causally, in position order"),
     "lossless": ({"accept", "eos_min_prob"},
                  "--verify lossless, which follows the target's own order and output"),
-    "simsd": (set(), ""),
+    "self": ({"accept", "eos_min_prob", "draft_device", "proposer", "drafting"},
+             "--draft self, where the target proposes for itself, without a draft model"),
+    "simsd": ({"proposer"}, "the paper's verification, which judges a draft's tokens"),
 }
 
 
@@ -52,7 +55,14 @@ def parse_args(argv=None):
     add("--model", help="checkpoint folder (config.json, safetensors, tokenizer files); default: "
         "the toy targets")
     add("--draft", help="SDAR draft folder: decode speculatively (default with the toys: the toy "
-        f"{train_tiny.DEFAULT_DRAFT} draft)")
+        f"{train_tiny.DEFAULT_DRAFT} draft); or 'self': the target proposes for itself from its "
+        "own last logits, losslessly, with no draft model")
+    add("--proposer", choices=["draft", "hybrid"], help="with a draft folder and --verify lossless: "
+        "who proposes: the draft, or the draft and the target itself (hybrid); default hybrid with "
+        "--strategy static, draft with dynamic")
+    add("--drafting", choices=["step", "block"], help="the draft's forwards: one per denoising "
+        "step, or one per block whose confidences SDAR's rule is applied to step after step "
+        f"(default {speculative.DRAFTING} with --verify lossless, step with the paper's and SpecDiff)")
     add("--vanilla", action="store_true", help="decode with the target alone")
     add("--verify", choices=["lossless", "exact", "simsd"], help="how an SDAR target verifies "
         "(default lossless: exactly the target's own decoding; exact and simsd: the paper's "
@@ -108,8 +118,8 @@ def check_flags(args):
             fail(f"{flag(name)} is empty")
     if args.vanilla and args.draft:
         fail("--vanilla decodes without a draft; drop --draft or --vanilla")
-    if args.draft and not args.model:
-        fail("--draft needs --model; the toy models bring their own drafts")
+    if args.draft and args.draft != "self" and not args.model:
+        fail("--draft needs --model; the toy models bring their own drafts (or --draft self)")
     if args.model is None and (args.system is not None or args.no_think):
         which = "--system" if args.system is not None else "--no-think"
         fail(f"{which} does not apply to the toy models, which were trained without system "
@@ -146,6 +156,7 @@ def jobs(args):
         else:
             prompts = [(args.prompt or "Write a haiku about the sea.", None)]
         return [(args.model, args.draft, prompts)]
+    self_only = args.draft == "self"
     train_tiny.ensure_trained()
     if args.prompt is not None:
         note = train_tiny.outside_training(args.prompt)
@@ -157,7 +168,7 @@ def jobs(args):
     out = []
     for task in tasks:
         folders = train_tiny.folders(task)
-        draft = None if args.vanilla else folders[train_tiny.DEFAULT_DRAFT]
+        draft = None if args.vanilla else "self" if self_only else folders[train_tiny.DEFAULT_DRAFT]
         held_out = train_tiny.examples(3, "heldout", task=task)
         out.append((folders["target"], draft, prompts or held_out))
     return out
@@ -175,6 +186,11 @@ def load_models(args, target_dir, draft_dir, devices):
              "(<|MASK|>); a diffusion model cannot decode without one")
     if draft_dir is None:
         return target, None, tok, "ar" if ar else "vanilla"
+    if draft_dir == "self":
+        if ar:
+            fail(f"--model {target_dir} is autoregressive and cannot propose for itself here; give "
+                 "an SDAR --draft folder")
+        return target, None, tok, "self"
     draft, draft_tok = load_checkpoint(draft_dir, devices[1], dtype_of(devices[1]), "--draft")
     try:
         model.check_pair(target, draft, tok, draft_tok)
@@ -192,6 +208,11 @@ def check_mode(args, mode, target, draft):
     given = sorted(name for name in flags if getattr(args, name) not in (None, False))
     if given:
         fail(f"{flag(given[0])} does not apply to {what}")
+    if mode == "self" and args.verify not in (None, "lossless"):
+        fail(f"--verify {args.verify} judges a draft's tokens; --draft self is verified losslessly")
+    if mode == "self" and (args.lookahead or 0) > 2:
+        fail(f"--lookahead {args.lookahead} does not apply to --draft self: the target proposes "
+             "the rest of its block and the next block's first step (lookahead 1 or 2)")
     if mode == "specdiff" and args.strategy == "dynamic" and args.temperature > 0:
         fail("--strategy dynamic drafts by the confidence of sampled tokens, which biases an "
              "autoregressive target's rejection sampling; use static (the draft then reveals from "
@@ -206,8 +227,10 @@ def check_mode(args, mode, target, draft):
     if not (1 <= steps <= block):
         fail(f"--steps must be an integer from 1 to the block length ({block}); got {steps}")
     lookahead = args.lookahead or speculative.LOOKAHEAD
+    # pending and clean copies, then a copy per proposed state: the draft's and the target's
+    lossless = (lookahead + 2) * block + (lookahead + 2) * block * steps
     size = {"vanilla": 2 * block, "ar": 1, "specdiff": 1 + lookahead * block,
-            "lossless": (lookahead + 1) * block + lookahead * block * steps}
+            "lossless": lossless, "self": lossless}
     if mode == "simsd":
         copies = steps if args.verify == "exact" else 2
         size[mode] = (lookahead + 1) * block + lookahead * block * copies
@@ -266,6 +289,7 @@ def decode_one(target, draft, tok, ids, text, answer, block, mode, args):
                                              verify=args.verify, accept=args.accept,
                                              lookahead=args.lookahead or speculative.LOOKAHEAD,
                                              eos_min_prob=args.eos_min_prob or 0.0,
+                                             proposer=args.proposer, drafting=args.drafting,
                                              on_iteration=on_iteration, **rule, **common)
     text_out = tok.decode(tokens)
     print("\n" + text_out if args.show else text_out[len(out.shown):])
@@ -283,13 +307,16 @@ def verdict(prompt, output, answer, n_tokens, max_new_tokens):
 
 
 def summary(stats, mode, block, args, device):
-    forwards = max(stats.forwards, 1)
+    forwards, strategy = max(stats.forwards, 1), args.strategy or "static"
     what = "forward" if mode in ("ar", "vanilla") else "target forward"
     parts = [f"{stats.tokens} tokens", f"{stats.tokens / forwards:.2f} tokens per {what}"]
     if mode not in ("ar", "vanilla"):
-        parts.append(f"{stats.matched / forwards:.2f} draft steps matched per target forward")
-        parts.append(f"acceptance {stats.accepted / max(stats.drafted, 1):.0%}")
-    parts.append(mode if mode != "simsd" else f"{args.verify}, {args.accept or 'step'} order")
+        parts.append(f"{stats.matched / forwards:.2f} proposed steps matched per target forward")
+        parts.append(f"{stats.draft_forwards / forwards:.2f} draft forwards per target forward")
+    names = {"simsd": f"{args.verify}, {args.accept or 'step'} order",
+             "self": "lossless, the target proposing for itself",
+             "lossless": f"lossless, {args.proposer or speculative.PROPOSER[strategy]} proposals"}
+    parts.append(names.get(mode, mode))
     if mode != "ar":
         parts.append(f"block {block}")
     if mode not in ("ar", "vanilla"):
@@ -321,14 +348,15 @@ class Printer:
         return repr(self.tok.decode([token]))[1:-1]
 
     def legend(self):
-        target = "t@s>u the target's u instead"
-        if self.mode == "lossless":
-            target = "t@s>u@k the target's u at its step k"
-        kinds = [("known", "known"), ("accepted", "t@s committed as drafted"), ("target", target),
-                 ("dropped", "t@s dropped"), ("bonus", "u the AR target's bonus")]
+        lossless = self.mode in ("lossless", "self")
+        target = "t@s>u@k the target's u at its step k" if lossless else "t@s>u the target's u instead"
+        kinds = [("known", "known"), ("accepted", "t@s committed as proposed"), ("target", target),
+                 ("dropped", "t@s dropped"), ("bonus", "u the target's own where nothing was "
+                                              "proposed")]
         painted = "  ".join(self.paint(kind, words) for kind, words in kinds)
-        print("  every proposed block after verification; t@s = the draft's token t, revealed at "
-              f"its step s:\n  {painted}", flush=True)
+        who = "the chain shown (by the draft or the target itself)" if lossless else "the draft"
+        print(f"  every proposed block after verification; t@s = the token t proposed at step s of "
+              f"{who}:\n  {painted}", flush=True)
 
     def cell(self, fate, token, drafted, step, taken):
         if fate == 0:
@@ -338,35 +366,37 @@ class Printer:
             return self.paint("accepted", proposal)
         if fate == 3:
             return self.paint("dropped", proposal)
-        if step == 0:  # the target's token where nothing was drafted: an AR target's bonus
+        if step == 0:  # the target's token where nothing was proposed: an AR target's bonus
             return self.paint("bonus", self.word(token))
-        own = f"@{taken}" if self.mode == "lossless" else ""
+        own = f"@{taken}" if self.mode in ("lossless", "self") else ""
         return self.paint("target", f"{proposal}>{self.word(token)}{own}")
 
-    def tally(self, fate, taken):
-        if self.mode != "lossless":
+    def tally(self, fate, steps, taken, by):
+        if self.mode not in ("lossless", "self"):
             names = ((1, "accepted"), (2, "the target's"), (3, "dropped"))
             counts = [f"{fate.count(f)} {name}" for f, name in names]
             return "(" + ", ".join(counts) + ")"
+        if 2 in fate and not any(steps):
+            return "(the target's own first step, from the block all masked)"
         if 2 in fate:
-            return (f"({taken - 1} step(s) matched, then the target's own step {taken}: "
+            return (f"({taken - 1} step(s) matched by {by}, then the target's own step {taken}: "
                     "the chain stops)")
         if taken == 0:
             return "(not reached: the chain stopped before this block)"
-        return f"({taken} step(s) matched)"
+        return f"({taken} step(s) matched by {by})"
 
     def show(self, info):
-        B, L = len(info["tokens"][0]), len(info["drafted"])
-        rows = zip(info["starts"], info["tokens"], info["fate"], info["drafted"] + [[0] * B],
-                   info["steps"] + [[0] * B], info["taken"] + [0])
+        rows = zip(info["starts"], info["tokens"], info["fate"], info["drafted"], info["steps"],
+                   info["taken"])
         for j, (start, tokens, fate, drafted, steps, taken) in enumerate(rows):
-            if j == L and 2 not in fate:
-                continue  # the block after the proposed ones holds nothing new
             cells = [self.cell(f, t, d, s, taken)
                      for f, t, d, s in zip(fate, tokens, drafted, steps)
-                     if f != 0 or t != self.tok.mask_id]  # never-drafted positions stay blank
-            lead = "  @" if j == 0 else " +@"  # a block proposed by lookahead: the same forward
-            print(f"{lead}{start:<4} {' '.join(cells)}   {self.tally(fate, taken)}", flush=True)
+                     if f != 0 or t != self.tok.mask_id]  # never-proposed positions stay blank
+            if not any(fate):
+                continue  # a block after the proposed ones that holds nothing new
+            lead = "  @" if j == 0 else " +@"  # a block reached by lookahead: the same forward
+            tally = self.tally(fate, steps, taken, info["by"])
+            print(f"{lead}{start:<4} {' '.join(cells)}   {tally}", flush=True)
 
 
 def run(main):

@@ -205,7 +205,7 @@ def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strateg
     x = x.masked_fill(todo, mask_id)
     step = torch.zeros_like(x)
     pending = x[..., :0] if pending is None else pending
-    picks, dists, forwards = [], [], 0
+    picks, dists, forwards, tokens = [], [], 0, None
     for s, k in enumerate(quotas, start=1):
         if strategy == "dynamic" and s > 1 and not todo.any():
             break  # dynamic revealed more than scheduled: the block is full early
@@ -215,8 +215,9 @@ def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strateg
             if cache is not None:
                 cache.commit(pending.shape[-1])  # pending is stored; the block's keys are scratch
                 pending = pending[..., :0]
-            probs = sampling.distribution(logits, suppress=mask_id)  # (B, V)
-        tokens = sampling.pick(probs, generator)
+            probs, tokens = sampling.distribution(logits, suppress=mask_id), None  # (B, V)
+        if tokens is None or not sampling.greedy:  # argmax once per forward; draws at every state
+            tokens = sampling.pick(probs, generator)
         revealed = reveal(probs, tokens, todo, k, strategy, threshold)
         x = torch.where(revealed, tokens, x)
         step = torch.where(revealed, s, step)

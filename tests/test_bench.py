@@ -115,6 +115,24 @@ def test_headline_is_against_the_fastest_target_alone_within_one_point():
                           "(4.20x against 3.00x target), 0.80x projected")
 
 
+def test_headline_asks_whether_a_draft_pays_over_the_target_proposing_for_itself():
+    """Three lossless comparisons: the fastest row with a draft against the target's best alone and
+    against the target proposing for itself, and that against its best alone; each row within 1
+    point of the static target (the faster self row at 80% is left out)."""
+    rows = [headline_row("target", 1.0, 90.0), headline_row("target-dyn0.9", 2.0, 90.0, 2.0),
+            headline_row("target-self", 2.5, 90.0, 3.0, lookahead=2),
+            headline_row("target-self-dyn0.9", 4.0, 80.0, 5.0, lookahead=2),
+            headline_row("simsd-lossless-block-dyn0.9", 3.0, 90.0, 4.5, "distilled", 2),
+            headline_row("simsd-hybrid-block", 2.8, 90.0, 5.0, "distilled", 3)]
+    drafted, versus_self, self_alone = bench.headlines(rows)
+    assert drafted.endswith("simsd-lossless-block-dyn0.9 (distilled draft, L=2) runs at 1.50x "
+                            "target-dyn0.9 measured (3.00x against 2.00x target), 2.25x projected")
+    assert versus_self.endswith("runs at 1.20x target-self (L=2) measured (3.00x against 2.50x "
+                                "target), 1.50x projected")
+    assert self_alone.endswith("target-self (L=2) runs at 1.25x target-dyn0.9 measured (2.50x "
+                               "against 2.00x target), 1.50x projected")
+
+
 def test_headline_says_why_lossless_is_slower():
     rows = [headline_row("target", 1.0, 90.0), headline_row("simsd", 9.0, 50.0, 9.0, "data", 2),
             headline_row("simsd-lossless", 0.8, 90.0, 1.1, "data", 1, forwards=40, matched=30,
@@ -152,14 +170,15 @@ def test_a_comparison_is_withheld_when_its_rows_passes_disagree():
 def test_report_names_draft_lookahead_threads_and_never_writes_infinity(capsys):
     rows = [headline_row("simsd", math.inf, 90.0, math.nan, "distilled", 3, tok_s=math.inf,
                          tokens_per_target_forward=2.5, steps_matched=0.5, acceptance=0.25,
-                         drafting=0.75, outputs_equal_target=None)]
+                         drafting=0.75, draft_forwards_per_target_forward=1.5, width=20.0,
+                         outputs_equal_target=None)]
     bench.report({"device": "cpu", "dtype": "float32", "threads": 1}, rows)
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0] == "- device: cpu" and "- threads: 1" in out
     header = next(i for i, line in enumerate(out) if line.startswith("| method"))
     assert out[header].startswith("| method | draft | L | block | temp | tok/s | speedup |")
     assert out[header + 2].startswith("| simsd | distilled | 3 | 4 | 0 |")
-    assert out[header + 2].endswith("| 2.50 | 50% | 25% | 75% | 90.0 |  |")
+    assert out[header + 2].endswith("| 2.50 | 50% | 25% | 75% | 1.50 | 20.0 | 90.0 |  |")
     result = strict_json(out[-1])
     assert result["threads"] == 1 and result["spread_limit"] == 0.1
     assert result["rows"][0]["speedup"] is None and result["rows"][0]["projected_speedup"] is None
@@ -213,14 +232,19 @@ def test_checkpoints_lossless_rows_equal_their_target(micro, tmp_path, capsys):
                                for p, a in (("one", "x"), ("two", None), ("three", "y"))))
     argv = ["--model", micro["target"], "--draft", micro["data"], "--prompts", str(prompts),
             "--new-tokens", "8", "--answer-cap", "8", "--lookahead", "1", "2", "--device", "cpu"]
-    bench.main(argv + ["--methods", "simsd-lossless", "simsd-lossless-dyn0.9", "simsd-exact"])
+    methods = ["simsd-lossless", "simsd-lossless-dyn0.9", "simsd-hybrid-block",
+               "simsd-lossless-block-dyn0.9", "target-self", "target-self-dyn0.9"]
+    bench.main(argv + ["--methods", *methods, "simsd-exact"])
     rows = last_json(capsys)["rows"]
-    lossless = [r for r in rows if r["method"].startswith("simsd-lossless")]
-    assert {(r["method"], r["lookahead"]) for r in lossless} == {
-        (m, L) for m in ("simsd-lossless", "simsd-lossless-dyn0.9") for L in (1, 2)}
-    assert all(r["outputs_equal_target"] == 1.0 and r["draft"] == "data" for r in lossless)
-    assert {r["method"] for r in rows if r["draft"] is None} == {"target", "target-dyn0.9"}
-    assert all(r["lookahead"] is None for r in rows if r["draft"] is None)
+    lossless = [r for r in rows if r["method"] in methods]
+    assert {(r["method"], r["lookahead"]) for r in lossless} == {(m, L) for m in methods
+                                                                 for L in (1, 2)}
+    assert all(r["outputs_equal_target"] == 1.0 for r in lossless)
+    assert {r["draft"] for r in lossless} == {"data", None}
+    assert all(r["draft_forwards_per_target_forward"] == 0 for r in lossless if r["draft"] is None)
+    alone = {r["method"] for r in rows if r["draft"] is None} - set(methods)
+    assert alone == {"target", "target-dyn0.9"}
+    assert all(r["lookahead"] is None for r in rows if r["method"] in alone)
     bench.main(["--model", micro["ar"], "--draft", micro["data"], "--prompts", str(prompts),
                 "--new-tokens", "8", "--answer-cap", "8", "--lookahead", "2", "--device", "cpu"])
     rows = {r["method"]: r for r in last_json(capsys)["rows"]}
@@ -243,9 +267,10 @@ def toys(monkeypatch, micro):
     return micro
 
 
-def test_toy_rows_by_default_both_drafts_and_two_lookaheads(toys):
+def test_toy_rows_by_default(toys):
     """The default methods on the toys at --lookahead 1 3 and temperatures 0 1: every draft for
-    the lossless and specdiff rows, the data draft for the paper's simsd, sampling on walk only."""
+    specdiff, the distilled draft for the lossless rows, the data draft for the paper's simsd, the
+    target proposing for itself at lookahead 1 and 2, sampling on walk only."""
     args = bench.parse_args(["--temperatures", "0", "1"])
     args.lookahead = [1, 3]
     tasks = bench.toy_tasks(args, ("cpu", torch.float32, {}))
@@ -253,8 +278,11 @@ def test_toy_rows_by_default_both_drafts_and_two_lookaheads(toys):
     both = ("data", "distilled")
     expected = {(m, None, None) for m in ("target", "target-dyn0.9", "target-dyn0.7", "ar")}
     expected |= {("draft", d, None) for d in both}
-    expected |= {(m, d, L) for m in ("simsd-lossless", "simsd-lossless-dyn0.9", "specdiff")
-                 for d in both for L in (1, 3)}
+    expected |= {("specdiff", d, L) for d in both for L in (1, 3)}
+    lossless = [m for m in bench.DEFAULT_METHODS if m.startswith(("simsd-lossless", "simsd-hybrid"))]
+    assert len(lossless) == 6
+    expected |= {(m, "distilled", L) for m in lossless for L in (1, 3)}
+    expected |= {(m, None, L) for m in ("target-self", "target-self-dyn0.9") for L in (1, 2)}
     expected |= {("simsd", "data", L) for L in (1, 3)}
     assert rows == {(task, m, d, L, None if m == "ar" else 4, t) for task in ("sort", "walk")
                     for t in (0.0, 1.0) for m, d, L in expected if task == "walk" or t == 0.0}
@@ -277,9 +305,28 @@ def test_toy_run_states_one_thread_and_the_drafts(toys, two_threads, capsys):
     assert result["threads"] == 1 and torch.get_num_threads() == 1 and "- threads: 1" in out
     assert "distilled draft " in out and f"({toys['distilled']})" in out
     rows = {(r["method"], r["draft"], r["lookahead"]): r for r in result["rows"]}
-    assert set(rows) == {("target", None, None), ("simsd-lossless", "data", 2),
-                         ("simsd-lossless", "distilled", 2)}
+    assert set(rows) == {("target", None, None), ("simsd-lossless", "distilled", 2)}
     assert all(r["outputs_equal_target"] == 1.0 for r in rows.values() if r["draft"])
+
+
+def test_split_adds_up_and_leaves_the_code_as_it_was(toys, capsys):
+    """--split on the micro toys: a row per task and method, parts that add up to the total (the
+    forwards a real share of it), and afterwards no function left wrapped."""
+    before = {name: getattr(bench.verifier, name) for name in ("judge", "layout", "to_host")}
+    bench.main(["--split", "--num-prompts", "2", "--new-tokens", "8", "--methods", "target-dyn0.9",
+                "simsd-lossless-block-dyn0.9", "target-self", "--lookahead", "2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| task | method | total | target forward | draft forwards |")
+    rows = [line.strip("| ").split(" | ") for line in lines[1:]]
+    assert [(r[0], r[1].split(" ")[0]) for r in rows] == [
+        (t, m) for t in ("sort", "walk") for m in ("target-dyn0.9", "simsd-lossless-block-dyn0.9",
+                                                    "target-self")]
+    for r in rows:
+        total, parts = float(r[2]), [float(x) for x in r[3:]]
+        assert sum(parts) == pytest.approx(total, abs=0.02) and parts[0] > 0.2 * total, r
+        assert (parts[1] > 0) == ("draft" in r[1])
+    assert before == {name: getattr(bench.verifier, name) for name in before}
+    assert "forward" not in vars(bench.model.load(toys["target"]))
 
 
 # ----------------------------------------------------------------------------- refused input

@@ -99,6 +99,17 @@ def bad_inputs(c):
         (["--model", c["notjson"]], "config.json is not valid JSON"),
         (["--system", "be brief"], "--system does not apply to the toy models"),
         (["--no-think"], "--no-think does not apply to the toy models"),
+        (m + ["--draft", "self", "--lookahead", "3"], "--lookahead 3 does not apply to --draft self"),
+        (m + ["--draft", "self", "--drafting", "block"], "--drafting does not apply to --draft self"),
+        (m + ["--draft", "self", "--draft-device", "cpu"], "--draft-device does not apply to --draft"),
+        (m + ["--draft", "self", "--verify", "exact"], "--verify exact judges a draft's tokens"),
+        (spec + ["--verify", "exact", "--proposer", "hybrid"],
+         "--proposer does not apply to the paper's verification"),
+        (m + ["--proposer", "hybrid"], "--proposer does not apply to decoding without --draft"),
+        (m + ["--drafting", "step"], "--drafting does not apply to decoding without --draft"),
+        (["--model", c["ar"], "--draft", "self"], "is autoregressive and cannot propose for itself"),
+        (["--model", c["ar"], "--draft", c["draft"], "--proposer", "draft"],
+         "--proposer does not apply to an autoregressive target"),
         (["--model", c["target"], "--draft-device", "cuda"], "--draft-device cuda was asked for"),
         (["--device", "cuda"], "--device cuda was asked for but this machine has no CUDA GPU")]
     return [case for case in cases if "cuda" not in case[0] or not torch.cuda.is_available()]
@@ -137,7 +148,11 @@ def test_every_mode_decodes(ckpt):
               ["tokens per target forward", "lossless", "lookahead 2", "steps matched per target"]),
              ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd", "--accept", "position"],
               ["simsd, position order"]),
-             ([ckpt["ar"], "--draft", ckpt["draft"], "--show", "--temperature", "1"], ["specdiff"])]
+             ([ckpt["ar"], "--draft", ckpt["draft"], "--show", "--temperature", "1"], ["specdiff"]),
+             ([ckpt["target"], "--draft", "self", "--show"], ["the target proposing for itself",
+                                                            "0.00 draft forwards per target"]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--proposer", "draft", "--drafting", "step"],
+              ["lossless, draft proposals"])]
     for args, words in cases:
         r = run_cli("--model", *args, "--prompt", "hi", "--max-new-tokens", "8", "--device", "cpu")
         assert r.returncode == 0, r.stderr
@@ -152,7 +167,9 @@ def test_the_stream_is_exactly_the_returned_tokens(ckpt):
     cases = [([ckpt["target"]], decode.generate(target, ids, 5, stop_ids=tok.stop_ids)[0]),
              ([ckpt["ar"]], decode.generate_ar(ar, ids, 5, stop_ids=tok.stop_ids)[0]),
              ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd"],
-              speculative.generate(target, draft, ids, 5, stop_ids=tok.stop_ids, verify="simsd")[0])]
+              speculative.generate(target, draft, ids, 5, stop_ids=tok.stop_ids, verify="simsd")[0]),
+             ([ckpt["target"], "--draft", "self"],
+              speculative.generate(target, None, ids, 5, stop_ids=tok.stop_ids)[0])]
     for args, tokens in cases:
         r = run_cli("--model", *args, "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu")
         body = r.stdout.split(">>> hi\n\n", 1)[1].split("\n[", 1)[0]
@@ -202,3 +219,8 @@ def test_the_toy_default_routes_prompts_to_their_tasks_models(toys, capsys):
     assert [line[4:] for line in out.splitlines() if line.startswith(">>> ")] == prompts
     assert "vanilla" in out and "lossless" not in out and "truncated at --max-new-tokens 4" in out
     assert toys == ["target", "draft"]  # each task's target, no drafts
+    toys.clear()
+    cli.decode_main(["--draft", "self", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("the target proposing for itself") == len(prompts)
+    assert toys == ["target", "draft"]  # each task's target proposes for itself

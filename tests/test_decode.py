@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import decode
+from mask import block_causal as mask_of
 
 MASK = 60  # the random models' mask id (conftest)
 
@@ -167,6 +168,59 @@ def test_sampling_filters():
     assert decode.Sampling(1.0, top_p=0.81).distribution(logits).tolist() == pytest.approx(
         [0.5 / .95, 0.3 / .95, .15 / .95, 0])
     assert decode.Sampling(0.5).distribution(logits)[0] == pytest.approx(0.25 / 0.365, rel=1e-4)  # p^2
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_at_the_boundary():
+    """Probabilities 0.5, 0.25, 0.25: top_p 0.5 keeps one token (its mass reaches 0.5 exactly), 0.75
+    two, and a hair above either one more. A rule that drops a token only when the mass before it
+    exceeds top_p (> for >=) keeps one too many at the boundary, and fails here."""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    for top_p, kept in ((0.5, 1), (0.5 + 1e-6, 2), (0.75, 2), (0.75 + 1e-6, 3), (1.0, 3)):
+        probs = decode.Sampling(1.0, top_p=top_p).distribution(logits)
+        assert int((probs > 0).sum()) == kept, (top_p, probs)
+        assert probs[0] == pytest.approx(0.5 / [0.5, 0.75, 1.0][kept - 1])  # renormalised
+
+
+@pytest.mark.parametrize("strategy", ["static", "dynamic"])
+def test_one_forward_chain_is_the_rule_applied_to_one_forwards_logits(strategy, random_model, prompt):
+    """denoise(refresh=False) (the draft proposing a block from one forward, with its cache): one
+    forward, and the tokens, step map and picks that a literal loop gets by applying SDAR's rule
+    step after step to the logits of one separate no-cache forward (argmax picks; static: the
+    quota's most confident still masked, ties to the lower position; dynamic: also every one above
+    the threshold)."""
+    m = random_model(5)
+    checked = beyond = 0
+    for P, known_at, steps in itertools.product((4, 6), ((), (2,), (0, 3)), (4, 2)):
+        ids = prompt(P + 4, P)
+        x = torch.tensor(ids[P:])
+        known = torch.tensor([i in known_at for i in range(4)])
+        quotas = decode.schedule(4 - len(known_at), 4, steps)
+        cache = m.new_cache(64)
+        decode.prefill(m, torch.tensor(ids[:P]), cache, 4)
+        got = decode.denoise(m, x, known, P, quotas, cache=cache, strategy=strategy,
+                             threshold=0.3, record=True, refresh=False)
+        state = [t if i in known_at else MASK for i, t in enumerate(ids[P:])]
+        seq = torch.tensor(ids[:P] + state)
+        with torch.no_grad():
+            logits = m(seq[None], torch.arange(len(seq)), mask_of(len(seq), 4))[0, -4:].tolist()
+        probs = [[math.exp(v - max(row)) for v in row[:MASK]] for row in logits]  # the mask: never
+        probs = [[p / sum(row) for p in row] for row in probs]
+        pick = [row.index(max(row)) for row in probs]
+        step, todo = [0] * 4, [i for i in range(4) if i not in known_at]
+        for s, k in enumerate(quotas, start=1):
+            if strategy == "dynamic" and s > 1 and not todo:
+                break
+            order = sorted(todo, key=lambda i: (-probs[i][pick[i]], i))
+            chosen = set(order[:k]) | {i for i in todo if strategy == "dynamic"
+                                       and probs[i][pick[i]] > 0.3}
+            for i in chosen:
+                state[i], step[i] = pick[i], s
+            todo = [i for i in todo if i not in chosen]
+            beyond += len(chosen) > k  # the threshold revealed more than the quota
+        assert got.forwards == 1 and got.tokens.tolist() == state and got.step.tolist() == step
+        assert got.picks.tolist() == [pick] * len(got.picks)
+        checked += len(got.picks)
+    assert checked >= 12 and (beyond > 0) == (strategy == "dynamic")
 
 
 def test_missing_mask_id_is_an_error(random_model):

@@ -13,6 +13,7 @@ import decode
 import mask as masks
 import model
 import speculative
+import verifier
 
 SAMPLED = decode.Sampling(temperature=1.0)
 
@@ -44,36 +45,57 @@ def run(target, draft, prompt_ids, n, **kw):
 
 # ----------------------------------------------------------------------------- lossless, greedy
 
+# (proposer, drafting): the draft a forward per step or one per block, the target alone, both
+PROPOSERS = [("draft", "step"), ("draft", "block"), ("self", None), ("hybrid", "step"),
+             ("hybrid", "block")]
+
+
+def proposing(pair, proposer, drafting):
+    """speculative.generate's arguments for one proposer: the target alone takes no draft."""
+    target, draft = pair
+    kw = dict(proposer=proposer, drafting=drafting) if proposer != "self" else {}
+    return target, None if proposer == "self" else draft, kw
+
+
+@pytest.mark.parametrize("proposer,drafting", PROPOSERS)
 @pytest.mark.parametrize("block", [2, 4, 8])
-def test_lossless_greedy_is_the_targets_own_decoding(block, pairs, prompt):
-    """Token for token decode.generate's output, for drafts that disagree, steps = block and block/2,
-    static and dynamic, every prompt alignment, lookahead 1-3 (at block 8, one per alignment); never
-    more target forwards than the target alone, and at least one target step per target forward."""
+def test_lossless_greedy_is_the_targets_own_decoding(block, proposer, drafting, pairs, prompt):
+    """Token for token decode.generate's output, for every proposer (drafts that disagree),
+    steps = block and block/2, static and dynamic, every prompt alignment, lookahead 1-3 (the target
+    alone: 1-2; at block 8, one per alignment); never more target forwards than the target alone,
+    at least one target step per target forward, and no draft forward when the target proposes
+    alone."""
     matched = 0
-    lookaheads = (1, 2, 3) if block < 8 else (None,)
+    most = 2 if proposer == "self" else 3
+    lookaheads = range(1, most + 1) if block < 8 else (None,)
     for steps, strategy, L in itertools.product((block, block // 2), ("static", "dynamic"), lookaheads):
         for P in range(1, block + 2):
-            target, draft = pairs[P % 2]
+            target, draft, spec = proposing(pairs[P % 2], proposer, drafting)
             kw = dict(block=block, steps=steps, strategy=strategy, threshold=0.6)
             want, alone = decode.generate(target, prompt(P, P), 2 * block + 1, **kw)
-            got, stats, _ = run(target, draft, prompt(P, P), 2 * block + 1, lookahead=L or 1 + P % 3, **kw)
+            got, stats, _ = run(target, draft, prompt(P, P), 2 * block + 1,
+                                lookahead=L or 1 + P % most, **kw, **spec)
             assert got == want, (steps, strategy, L, P)
             assert stats.forwards <= alone.forwards and stats.steps >= stats.forwards
+            assert stats.draft_forwards == 0 or draft is not None
             matched += stats.matched
     assert matched > 0  # chains went past a first step
 
 
-def test_lossless_greedy_stops_and_short_answers(pairs, prompt):
-    """A stop token inside the first block, and max_new_tokens below one block, as the target alone."""
-    target, draft = pairs[0]
+@pytest.mark.parametrize("proposer,drafting", PROPOSERS)
+def test_lossless_greedy_stops_and_short_answers(proposer, drafting, pairs, prompt):
+    """A stop token inside the first block, and max_new_tokens below one block, as the target alone,
+    for every proposer."""
+    target, draft, kw = proposing(pairs[0], proposer, drafting)
     for P in (3, 4, 5):
         free, _ = decode.generate(target, prompt(P, P), 12, block=4)
         stop = free[1]
         want, _ = decode.generate(target, prompt(P, P), 12, block=4, stop_ids=(stop,))
-        got, _, seen = run(target, draft, prompt(P, P), 12, block=4, stop_ids=(stop,), lookahead=2)
+        got, _, seen = run(target, draft, prompt(P, P), 12, block=4, stop_ids=(stop,), lookahead=2,
+                           **kw)
         assert got == want == free[:free.index(stop)] and sum((i["new"] for i in seen), []) == got
         for n in (1, 2, 3):
-            assert run(target, draft, prompt(P, P), n, block=4)[0] == free[:n]
+            assert run(target, draft, prompt(P, P), n, block=4, **kw)[0] == free[:n]
 
 
 def test_lossless_greedy_on_the_toy_pairs():
@@ -200,23 +222,67 @@ def tiny_pair(random_model):
     return target, noisy_copy(target, 0.5, 3)
 
 
-SAMPLED_CASES = [("static", decode.Sampling(1.0), 1), ("dynamic", decode.Sampling(1.0, top_p=0.9), 2),
-                 ("static", decode.Sampling(0.8, top_k=2), 3)]
+@pytest.fixture(scope="module")
+def flat_pair(random_model):
+    """As tiny_pair, flatter (confidences near 0.4): many outputs are likely, so the test has power."""
+    target = random_model(2, 1, vocab=4, sharpen=0.5)
+    return target, noisy_copy(target, 0.5, 3)
 
 
-@pytest.mark.parametrize("strategy,sampling,lookahead", SAMPLED_CASES)
-def test_lossless_sampling_follows_the_targets_distribution(strategy, sampling, lookahead, tiny_pair):
-    """End to end: 600 outputs of speculative.generate (two blocks of 2 after a one-token tail)
-    against the exact distribution of the target's own sampled decoding, enumerated. The test fails
-    when the chi-square p-value is below 1e-5: falsely, once in 100,000 seeds."""
-    target, draft = tiny_pair
-    prompt_ids, n, block = [1, 2, 0], 3, 2
-    exact = enumerate_decoding(target, prompt_ids, n, block, strategy, 0.6, sampling)
+# (strategy, sampling, lookahead, proposer, drafting, block): two blocks of 2 after a one-token tail,
+# or one block of 3 (where the target's own chains have two states: the draft's three); the cases
+# of the draft proposing step by step on tiny_pair (threshold 0.6), the others on flat_pair (0.4)
+SAMPLED_CASES = [("static", decode.Sampling(1.0), 1, "draft", "step", 2),
+                 ("dynamic", decode.Sampling(1.0, top_p=0.9), 2, "draft", "step", 2),
+                 ("static", decode.Sampling(0.8, top_k=2), 3, "draft", "step", 2),
+                 ("static", decode.Sampling(1.0), 2, "draft", "block", 3),
+                 ("static", decode.Sampling(1.0), 1, "self", None, 3),
+                 ("dynamic", decode.Sampling(1.0, top_p=0.9), 2, "self", None, 2),
+                 ("static", decode.Sampling(1.0, top_p=0.9), 1, "hybrid", "step", 3),
+                 ("dynamic", decode.Sampling(1.0, top_p=0.9), 2, "hybrid", "block", 3)]
+SETUPS = {2: ([1, 2, 0], 3), 3: ([1, 2, 0], 3)}  # block: (prompt, new tokens)
+
+
+def sampled_outputs(pair, threshold, proposer, drafting, strategy, sampling, lookahead, block,
+                    n_samples=600):
+    """The outputs of n_samples sampled decodes of speculative.generate."""
+    target, draft, spec = proposing(pair, proposer, drafting)
+    prompt_ids, n = SETUPS[block]
     g = torch.Generator().manual_seed(0)
-    kw = dict(block=block, strategy=strategy, threshold=0.6, sampling=sampling, generator=g)
-    samples = [tuple(speculative.generate(target, draft, prompt_ids, n, lookahead=lookahead, **kw)[0])
-               for _ in range(600)]
+    kw = dict(block=block, strategy=strategy, threshold=threshold, sampling=sampling, generator=g)
+    return [tuple(speculative.generate(target, draft, prompt_ids, n, lookahead=lookahead, **kw,
+                                       **spec)[0]) for _ in range(n_samples)]
+
+
+@pytest.mark.parametrize("strategy,sampling,lookahead,proposer,drafting,block", SAMPLED_CASES)
+def test_lossless_sampling_follows_the_targets_distribution(strategy, sampling, lookahead, proposer,
+                                                             drafting, block, tiny_pair, flat_pair):
+    """End to end, every proposer: 600 outputs of speculative.generate against the exact
+    distribution of the target's own sampled decoding, enumerated. The test fails when the
+    chi-square p-value is below 1e-5: falsely, once in 100,000 seeds (eight cases: once in 12,500
+    runs of the suite)."""
+    pair, threshold = (tiny_pair, 0.6) if drafting == "step" and proposer == "draft" else (flat_pair, 0.4)
+    prompt_ids, n = SETUPS[block]
+    exact = enumerate_decoding(pair[0], prompt_ids, n, block, strategy, threshold, sampling)
+    samples = sampled_outputs(pair, threshold, proposer, drafting, strategy, sampling, lookahead, block)
     assert p_value(exact, samples) > 1e-5
+
+
+def test_the_sampled_test_detects_a_draw_reused_across_states(flat_pair, monkeypatch):
+    """The same test fails when the target's own chain reuses each position's draw at every state
+    instead of drawing afresh: the chain revealed the most confident draws first, so a draw still
+    masked at a later state is a selected one, not a draw from the proposal, and rejection sampling
+    against it is biased."""
+    real = decode.Sampling.pick
+    first = {}
+
+    def reused(self, probs, generator=None):  # the first draw from these distributions, kept
+        return first.setdefault(id(probs), real(self, probs, generator))
+    monkeypatch.setattr(decode.Sampling, "pick", reused)
+    prompt_ids, n = SETUPS[3]
+    exact = enumerate_decoding(flat_pair[0], prompt_ids, n, 3, "static", 0.4, SAMPLED)
+    samples = sampled_outputs(flat_pair, 0.4, "self", None, "static", SAMPLED, 1, 3)
+    assert p_value(exact, samples) < 1e-5
 
 
 def test_the_sampled_test_detects_the_papers_bias(tiny_pair):
@@ -331,48 +397,60 @@ def made_caches(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("verify", ["lossless", "exact", "simsd", "ar"])
-def test_caches_equal_the_oracle_after_every_iteration(verify, made_caches, pairs, ar_target, prompt):
+CACHE_MODES = {"lossless, draft": dict(proposer="draft", drafting="step"),
+               "lossless, hybrid": dict(proposer="hybrid", drafting="block"),
+               "lossless, self": {}, "exact": dict(verify="exact"), "simsd": dict(verify="simsd"),
+               "ar": {}}
+
+
+@pytest.mark.parametrize("mode", CACHE_MODES)
+def test_caches_equal_the_oracle_after_every_iteration(mode, made_caches, pairs, ar_target, prompt):
     """After every iteration, each cache holds exactly what a fresh prefill of the committed tokens
     computes: whole blocks for the draft and a diffusion target, every token but the newest for an
-    AR target; also after later proposed blocks were rolled back, and at block 1, where a bonus
-    fills the next block."""
-    target, draft = pairs[1]
-    if verify == "ar":
-        target = ar_target(0)
-    rolled_back = 0
-    for block, lookahead, P in ((1, 2, 3), (2, 3, 5), (4, 2, 6)):
+    AR target; also after later proposed blocks were rolled back, after blocks accepted whole were
+    kept from the verifying forward's clean copies (moved into place when another lay before
+    them), and at block 1, where a bonus fills the next block."""
+    rolled_back = stored = moved = 0
+    for block, lookahead, P in ((1, 2, 3), (2, 3, 5), (4, 2, 6), (4, 3, 7), (2, 3, 4), (4, 3, 8)):
+        target, draft = pairs[P % 2]  # the noisy copy proposes long chains, the other rarely
+        target = ar_target(0) if mode == "ar" else target
+        draft = None if mode == "lossless, self" else draft
         made_caches.clear()
         committed = prompt(P, P)
 
         def check(info):
-            (_, tcache), (_, dcache) = made_caches[:2]
+            nonlocal rolled_back, stored, moved
             committed.extend(info["new"])
+            rolled_back += sum(3 in row for row in info["fate"][1:])  # a later block dropped
+            stored += len(info["stored"]) > 0
+            moved += info["stored"] != list(range(len(info["stored"])))
             if len(committed) == P + 6 * block:
                 return  # the last iteration: its tokens past max_new_tokens are not returned
-            assert dcache.len % block == 0 and dcache.len <= len(committed)
-            assert_cache_is_the_oracle(draft, dcache, committed, block)
-            if verify == "ar":
+            tcache = made_caches[0][1]
+            if draft is not None:
+                dcache = made_caches[1][1]
+                assert dcache.len % block == 0 and dcache.len <= len(committed)
+                assert_cache_is_the_oracle(draft, dcache, committed, block)
+            if mode == "ar":
                 assert tcache.len == len(committed) - 1
                 assert_cache_is_the_oracle(target, tcache, committed, 1)
             else:
                 assert_cache_is_the_oracle(target, tcache, committed, block)
-        def check_and_count(info):
-            nonlocal rolled_back
-            check(info)
-            rolled_back += sum(3 in row for row in info["fate"][1:])  # a later block dropped
-        kw = {} if verify == "ar" else dict(verify=verify)
+        if mode == "lossless, self" and lookahead > 2:
+            continue
         speculative.generate(target, draft, prompt(P, P), 6 * block, block=block,
-                             lookahead=lookahead, on_iteration=check_and_count, **kw)
-    assert rolled_back > 0
+                             lookahead=lookahead, on_iteration=check, **CACHE_MODES[mode])
+    assert rolled_back > 0 or draft is None
+    assert stored > 0 or mode == "ar"
+    assert moved > 0 or mode != "lossless, hybrid"
 
 
 # ----------------------------------------------------------------------------- the layouts
 
 def verified(target, draft, prompt_ids, lookahead, verify, proposer="draft", block=4):
-    """The proposals for lookahead blocks after prompt_ids as speculative.grow lays them out (a
+    """The proposals for lookahead blocks after prompt_ids as verifier.grow lays them out (a
     hybrid's target chain from its own distributions at the first state, computed apart), and the
-    target's logits at the rows that verify them, from one forward on speculative.layout."""
+    target's logits at the rows that verify them, from one forward on verifier.layout."""
     opt = speculative.options(target, draft, 32, len(prompt_ids), block=block, steps=None,
                               strategy="static", threshold=0.9, sampling=decode.GREEDY,
                               verify=verify, accept=None, lookahead=lookahead, eos_min_prob=0.0,
@@ -384,8 +462,8 @@ def verified(target, draft, prompt_ids, lookahead, verify, proposer="draft", blo
         logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0]
         run_.hint = decode.GREEDY.distribution(logits[-block:], suppress=opt.mask_id)
     chains = speculative.propose(run_, lookahead, opt)
-    tree = speculative.grow(chains, lookahead, run_.block, opt)
-    ids, pos, attend, rows = speculative.layout(tree, run_.tpending, run_.block.start, opt)
+    tree = verifier.grow(chains, lookahead, run_.block, opt)
+    ids, pos, attend, rows = verifier.layout(tree, run_.tpending, run_.block.start, opt)
     with torch.no_grad():
         logits = target(ids[None], pos, attend, run_.tcache)[0, rows]
     return tree, logits
@@ -431,7 +509,7 @@ def test_simsd_equals_exact_in_one_layer_and_differs_deeper(random_model, prompt
             tree, simsd = verified(target, draft, prompt(P, P), 3, "simsd")
             _, exact = verified(target, draft, prompt(P, P), 3, "exact")
             offset = 0
-            for j, p in enumerate(tree.chains[speculative.DRAFT][0]):
+            for j, p in enumerate(tree.chains[verifier.DRAFT][0]):
                 for i in (p.step > 0).nonzero().flatten().tolist():
                     a, b = simsd[4 * j + i], exact[(offset + p.step[i] - 1) * 4 + i]
                     worst = max(worst, (a - b).abs().max().item())
@@ -554,13 +632,13 @@ def test_judge_and_time_order_match_a_brute_force_loop(temperature):
         d = torch.where(agree, q.argmax(-1), torch.multinomial(p, 1, generator=g)[:, 0])
         order = torch.tensor([rng.randint(1, r) for _ in range(r)])
         stops, gate = ((rng.randrange(V),), rng.choice([0.0, 0.3])) if rng.random() < 0.5 else ((), 0.0)
-        tokens, ok = speculative.judge(d, p, q, sampling, torch.Generator().manual_seed(trial), stops, gate)
+        tokens, ok = verifier.judge(d, p, q, sampling, torch.Generator().manual_seed(trial), stops, gate)
         uniforms = torch.Generator().manual_seed(trial)
         u = torch.rand(r, generator=uniforms).tolist() if temperature else []
         gum = torch.rand(r, V, generator=uniforms).tolist() if temperature else []
         want = brute_judge(d.tolist(), p.tolist(), q.tolist(), temperature == 0, u, gum, stops, gate)
         assert (tokens.tolist(), ok.tolist()) == want, trial
-        assert speculative.in_time_order(ok, order).tolist() == brute_in_order(ok.tolist(), order.tolist())
+        assert verifier.in_time_order(ok, order).tolist() == brute_in_order(ok.tolist(), order.tolist())
 
 
 P_DRAFT = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.1], [0.05, 0.05, 0.3, 0.3, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
@@ -574,7 +652,7 @@ def test_rejection_sampling_gives_each_row_its_target_distribution():
     N = 20000
     p, q = P_DRAFT.expand(N, 3, 5), Q_TARGET.expand(N, 3, 5)
     d = torch.multinomial(P_DRAFT, N, replacement=True, generator=g).T  # (N, 3)
-    tokens, _ = speculative.judge(d, p, q, SAMPLED, g)
+    tokens, _ = verifier.judge(d, p, q, SAMPLED, g)
     for i in range(3):
         counts = torch.bincount(tokens[:, i], minlength=5).tolist()
         outcomes = {v: Q_TARGET[i, v].item() for v in range(5)}
@@ -585,10 +663,10 @@ def test_the_eos_gate():
     """A stop token the target chooses below eos_min_prob is replaced; a confident one is kept."""
     STOP, d = 3, torch.tensor([0])
     q = torch.tensor([[0.05, 0.30, 0.20, 0.45]])  # the target prefers the stop token, at 0.45
-    assert speculative.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.5)[0].tolist() == [1]
-    assert speculative.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.4)[0].tolist() == [STOP]
+    assert verifier.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.5)[0].tolist() == [1]
+    assert verifier.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.4)[0].tolist() == [STOP]
     g, p = torch.Generator().manual_seed(0), torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    tokens, ok = speculative.judge(d.expand(400), p.expand(400, 4), q.expand(400, 4), SAMPLED, g, (STOP,), 0.5)
+    tokens, ok = verifier.judge(d.expand(400), p.expand(400, 4), q.expand(400, 4), SAMPLED, g, (STOP,), 0.5)
     assert STOP not in tokens[~ok].tolist() and {1, 2} <= set(tokens[~ok].tolist())
 
 
@@ -602,9 +680,19 @@ def test_options_are_checked_with_pythons_names(pairs, random_model):
              (target, dict(lookahead=0), "lookahead must be an integer >= 1"),
              (target, dict(steps=5), r"steps must be an integer from 1 to the block length \(4\)"),
              (ar, dict(verify="exact"), "verify and accept apply to a diffusion target only"),
-             (ar, dict(strategy="dynamic", sampling=SAMPLED), "strategy='dynamic' reveals drafted")]
-    for t, kw, message in cases:
+             (ar, dict(strategy="dynamic", sampling=SAMPLED), "strategy='dynamic' reveals drafted"),
+             (target, dict(proposer="both"), "proposer must be 'draft', 'self' or 'hybrid'"),
+             (target, dict(proposer="self"), "proposes with the target alone; pass draft=None"),
+             (target, dict(verify="exact", proposer="hybrid"), "verified losslessly only"),
+             (target, dict(drafting="once"), "drafting must be 'step' or 'block'")]
+    alone = [(target, dict(proposer="hybrid"), "needs a draft model"),
+             (target, dict(lookahead=3), "lookahead 1 or 2"),
+             (target, dict(drafting="block"), "drafting applies to a draft model"),
+             (target, dict(verify="simsd"), "verified losslessly only"),
+             (ar, {}, "an autoregressive target needs a draft")]
+    for (t, kw, message), d in [*zip(cases, itertools.repeat(draft)),
+                                *zip(alone, itertools.repeat(None))]:
         with pytest.raises(ValueError, match=message):
-            speculative.generate(t, draft, [1, 2], 4, **kw)
+            speculative.generate(t, d, [1, 2], 4, **kw)
     with pytest.raises(ValueError, match="cannot decode diffusion-style"):
         speculative.generate(draft, ar, [1, 2], 4)  # an AR draft
