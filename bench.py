@@ -53,6 +53,9 @@ LOOKAHEADS = (1, 2, 3)  # the speculative rows' by default: 1, the default (2) a
 Method = namedtuple("Method", "kind strategy threshold verify accept reproduces proposer drafting",
                     defaults=("static", 0.9, None, None, None, None, None))
 DYN = ("dynamic", 0.9)
+# lossless rows: (name, proposer, drafting), each static and at dynamic 0.9
+LOSSLESS = [("simsd-lossless", "draft", "step"), ("simsd-lossless-block", "draft", "block"),
+            ("simsd-hybrid", "hybrid", "step"), ("simsd-hybrid-block", "hybrid", "block")]
 METHODS = {
     "target": Method("target"),
     "target-dyn0.9": Method("target", *DYN),
@@ -61,22 +64,10 @@ METHODS = {
     "target-self-dyn0.9": Method("self", *DYN, "lossless", reproduces="target-dyn0.9"),
     "draft": Method("draft"),
     "ar": Method("ar"),
-    "simsd-lossless": Method("simsd", verify="lossless", reproduces="target", proposer="draft",
-                             drafting="step"),
-    "simsd-lossless-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9", "draft",
-                                    "step"),
-    "simsd-lossless-block": Method("simsd", verify="lossless", reproduces="target",
-                                   proposer="draft", drafting="block"),
-    "simsd-lossless-block-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9",
-                                          "draft", "block"),
-    "simsd-hybrid": Method("simsd", verify="lossless", reproduces="target", proposer="hybrid",
-                           drafting="step"),
-    "simsd-hybrid-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9", "hybrid",
-                                  "step"),
-    "simsd-hybrid-block": Method("simsd", verify="lossless", reproduces="target",
-                                 proposer="hybrid", drafting="block"),
-    "simsd-hybrid-block-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9",
-                                        "hybrid", "block"),
+    **{name: Method("simsd", verify="lossless", reproduces="target", proposer=proposer,
+                    drafting=drafting) for name, proposer, drafting in LOSSLESS},
+    **{f"{name}-dyn0.9": Method("simsd", *DYN, "lossless", None, "target-dyn0.9", proposer,
+                                drafting) for name, proposer, drafting in LOSSLESS},
     "simsd": Method("simsd", verify="simsd", accept="step"),
     "simsd-position": Method("simsd", verify="simsd", accept="position"),
     "simsd-dyn0.9": Method("simsd", *DYN, "simsd", "step"),
