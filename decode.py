@@ -161,73 +161,101 @@ def reveal(probs, tokens, todo, k, strategy="static", threshold=0.9):
 
 @dataclass
 class Denoised:
-    """A denoised block: tokens (B,), step (B,) (0 = known, s = revealed at step s of this call),
-    forwards, and when recorded, for each step s: picks (S, B), the pick at every position of the
-    state before it, and probs (S, B, V), their distributions (None when greedy)."""
+    """Denoised blocks (R rows): tokens (R, B), step (R, B) (0 = known, s = revealed at step s of
+    this call), and per row the forwards it used and the steps it took; recorded, for each step s
+    the pick at every position of the state before it, picks (S, R, B), and their distributions,
+    probs (S, R, B, V; None when greedy). A single block, x (B,), has no row dimension."""
     tokens: torch.Tensor
     step: torch.Tensor
-    forwards: int
+    forwards: list | int
+    steps: list | int
     picks: torch.Tensor | None = None
     probs: torch.Tensor | None = None
 
 
 def forward_block(model, pending, x, start, cache):
-    """Logits (..., B, V) of blocks x (..., B) (a batch of one or more), in one forward on
-    [pending | x]: x sees pending, the cache and itself."""
-    n, B = pending.shape[-1], x.shape[-1]
-    ids = torch.cat([pending, x], -1)
-    pos = torch.arange(start - n, start + B, device=x.device)
-    attend = masks.block_causal(n + B, B, start - n, x.device)
-    logits = model(ids.view(-1, n + B), pos, attend, cache)[:, n:]
-    return logits.view(*x.shape, -1)
+    """Logits (R, B, V) of blocks x (R, B), row r at positions start[r].., in one forward on each
+    row's [pending[r] | x[r]]: a block sees its row's pending tokens (those just before it that
+    the model has not cached, maybe none), its cached slots and itself. Rows of different widths
+    are padded (mask.pack)."""
+    B, dev = x.shape[-1], x.device
+    widths = [len(p) for p in pending]
+    first = torch.tensor(widths, device=dev)[:, None] + torch.arange(B, device=dev)
+    if len(set(widths)) == 1:  # one width: one mask for every row
+        n = widths[0]
+        ids = torch.cat([torch.stack(pending), x], -1)
+        pos = torch.tensor(start, device=dev)[:, None] + torch.arange(-n, B, device=dev)
+        attend = masks.block_causal(n + B, B, start[0] - n, dev)  # pending is whole blocks
+    else:
+        rows = [(torch.cat([p, row]), torch.arange(s - len(p), s + B, device=dev),
+                 masks.block_causal(len(p) + B, B, s - len(p), dev))
+                for p, row, s in zip(pending, x, start)]
+        ids, pos, attend = masks.pack(rows, 0)
+    logits = model(ids, pos, attend, cache)
+    return logits[torch.arange(len(x), device=dev)[:, None], first]
 
 
 def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strategy="static",
             threshold=0.9, sampling=GREEDY, generator=None, record=False, probs=None,
             refresh=True):
-    """Fill a block's unknown positions: the one denoiser, of the target alone and of the draft.
+    """Fill blocks' unknown positions: the one denoiser, of the target alone and of the draft.
 
-    x (B,): the block's tokens at positions start..start+B-1 (or (N, B): a batch of blocks at the
-    same positions); known (B,) bool says which are known (anywhere in the block); the others are
-    fed as mask tokens and filled. quotas: the reveals of
-    each step (schedule()); a static block takes them all, a dynamic one stops once it is full.
-    pending: tokens just before the block that the model has not cached. With a cache they are
-    the block completed last, and the first forward stores them (commits them to the cache);
+    x (R, B): row r's block, its tokens at positions start[r]..start[r]+B-1 (x (B,) and an int
+    start: one block); known (R, B) bool says which are known (anywhere in the block); the others
+    are fed as mask tokens and filled. quotas[r]: the reveals of row r's steps (schedule(); one
+    list: every row's); a static block takes them all, a dynamic one stops once it is full. The
+    rows step together, one forward for all; a row whose block is full waits.
+    pending[r]: the tokens just before row r's block that the model has not cached. With a
+    cache they are the blocks completed last, and the first forward stores them (commits them);
     without one (the oracle), the whole sequence so far, recomputed at every step.
     record=True keeps each step's picks (and distributions when sampling) for verification.
-    probs (B, V): distributions to take the first step from instead of a forward; refresh=False
-    takes every later step from the first step's distributions too, with fresh picks at each
-    state: a chain proposed from one forward (or from none, given probs).
-    Host syncs: none, except one per step of dynamic decoding (is the block full?).
+    probs (R, B, V): distributions to take the first step from instead of a forward;
+    refresh=False takes every later step from the first step's distributions too, with fresh
+    picks at each state: a chain proposed from one forward (or from none, given probs).
+    Host syncs: none, except one per step of dynamic decoding (which blocks are full?).
     """
-    mask_id = model.config.mask_token_id
+    single = x.dim() == 1
+    x, known = (x[None], known[None]) if single else (x, known)
+    probs = probs[None] if single and probs is not None else probs
+    R, mask_id = len(x), model.config.mask_token_id
+    start = [start] * R if isinstance(start, int) else list(start)
+    quotas = quotas if quotas and isinstance(quotas[0], list) else [quotas] * R
+    pending = [x[r, :0] for r in range(R)] if pending is None else list(
+        pending[None] if single else pending)
     todo = ~known
     x = x.masked_fill(todo, mask_id)
     step = torch.zeros_like(x)
-    pending = x[..., :0] if pending is None else pending
-    picks, dists, forwards, tokens = [], [], 0, None
-    for s, k in enumerate(quotas, start=1):
-        if strategy == "dynamic" and s > 1 and not todo.any():
-            break  # dynamic revealed more than scheduled: the block is full early
+    picks, dists, taken, forwards, tokens = [], [], [0] * R, 0, None
+    for s in range(1, max(map(len, quotas)) + 1):
+        going = [s <= len(q) for q in quotas]
+        if strategy == "dynamic" and s > 1:  # a dynamic block may be full before its schedule
+            going = todo.any(-1).tolist()
+        if not any(going):
+            break
+        taken = [t + g for t, g in zip(taken, going)]
         if probs is None or s > 1 and refresh:
             logits = forward_block(model, pending, x, start, cache)
             forwards += 1
-            if cache is not None:
-                cache.commit(pending.shape[-1])  # pending is stored; the block's keys are scratch
-                pending = pending[..., :0]
-            probs, tokens = sampling.distribution(logits, suppress=mask_id), None  # (B, V)
+            if cache is not None:  # pending is stored; the blocks' own keys are scratch
+                cache.commit([len(p) for p in pending])
+                pending = [p[:0] for p in pending]
+            probs, tokens = sampling.distribution(logits, suppress=mask_id), None  # (R, B, V)
         if tokens is None or not sampling.greedy:  # argmax once per forward; draws at every state
             tokens = sampling.pick(probs, generator)
-        revealed = reveal(probs, tokens, todo, k, strategy, threshold)
+        k = torch.tensor([q[s - 1] if s <= len(q) else 0 for q in quotas], device=x.device)
+        revealed = reveal(probs, tokens, todo, k[:, None], strategy, threshold)
         x = torch.where(revealed, tokens, x)
         step = torch.where(revealed, s, step)
         todo = todo & ~revealed
         picks.append(tokens)
         dists.append(probs)
-    if not record:
-        return Denoised(x, step, forwards)
-    probs = None if sampling.greedy else torch.stack(dists)
-    return Denoised(x, step, forwards, torch.stack(picks), probs)
+    used = [t if refresh else min(t, forwards) for t in taken]  # forwards each row took part in
+    picks = torch.stack(picks) if record and picks else None
+    dists = torch.stack(dists) if record and dists and not sampling.greedy else None
+    if single:
+        return Denoised(x[0], step[0], used[0], taken[0], None if picks is None else picks[:, 0],
+                        None if dists is None else dists[:, 0])
+    return Denoised(x, step, used, taken, picks, dists)
 
 
 def sync(device):
@@ -258,94 +286,200 @@ def as_prompt(prompt_ids, device):
     return prompt
 
 
+def as_batch(prompts, device):
+    """(whether prompts is a batch, its prompts as tensors): one prompt is a sequence of ids, a
+    batch a list of them (of any lengths)."""
+    batch = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and not isinstance(
+        prompts[0], int)
+    if batch and any(isinstance(p, int) for p in prompts):
+        raise ValueError("a batch is a list of prompts, each a list of token ids")
+    return batch, [as_prompt(p, device) for p in (prompts if batch else [prompts])]
+
+
 def prefill(model, ids, cache, block):
-    """Commit ids (..., T) at positions 0..T-1 to the cache in one block-causal forward (block 1:
-    causal)."""
-    n = ids.shape[-1]
-    if n:
-        attend = masks.block_causal(n, block, device=ids.device)
-        model(ids.view(-1, n), torch.arange(n, device=ids.device), attend, cache)
-        cache.commit(n)
+    """Commit ids at positions 0.. to the cache in one block-causal forward (block 1: causal): ids
+    (..., T), or a list of each row's ids (of any lengths, whole blocks each)."""
+    rows = list(ids) if isinstance(ids, list) else list(ids.reshape(-1, ids.shape[-1]))
+    widths = [len(r) for r in rows]
+    if max(widths):
+        dev = rows[0].device
+        pad = [(r, torch.arange(len(r), device=dev), None) for r in rows]
+        tokens, pos, _ = masks.pack(pad, 0)  # padding after a row's last block: nothing sees it
+        attend = masks.block_causal(max(widths), block, device=dev)
+        model(tokens, pos[0] if len(set(widths)) == 1 else pos, attend, cache)
+        cache.commit(widths)
+
+
+@dataclass
+class Rows:
+    """A batch's decoding state, an entry per row still decoding: `index`, the prompt's place in
+    the batch; its block's first position (`start`), first new position (`first`: past the
+    prompt's tail), steps taken and schedule (`quotas`); `pending`, the tokens its model has not
+    cached (cached: the block filled last; the oracle: all of them); its tokens so far (`out`)
+    and Stats. x (R, B) and todo (R, B) hold every row's block: its tokens, its masked places."""
+    index: list
+    start: list
+    first: list
+    steps: list
+    quotas: list
+    pending: list
+    out: list
+    stats: list
+    x: torch.Tensor
+    todo: torch.Tensor
+
+    def keep(self, rows, cache):
+        """Only these rows go on; the cache's other rows leave with them."""
+        for name in ("index", "start", "first", "steps", "quotas", "pending", "out", "stats"):
+            setattr(self, name, [getattr(self, name)[r] for r in rows])
+        self.x, self.todo = self.x[rows], self.todo[rows]
+        if cache is not None:
+            cache.keep_rows(rows)
+
+
+def start_rows(prompts, block, steps, mask_id, cached, stats):
+    """The Rows of a batch after its prefill: each prompt's whole blocks are cached (the oracle:
+    pending), its tail is its first block's known part."""
+    aligned = [len(p) - len(p) % block for p in prompts]  # blocks sit at [kB, (k+1)B)
+    tails = [p[a:] for p, a in zip(prompts, aligned)]
+    x = [torch.cat([t, t.new_full((block - len(t),), mask_id)]) for t in tails]
+    todo = [torch.arange(block, device=t.device) >= len(t) for t in tails]
+    return Rows(list(range(len(prompts))), aligned, [len(t) for t in tails], [0] * len(prompts),
+                [schedule(block - len(t), block, steps) for t in tails],
+                [p[:0] if cached else p[:a] for p, a in zip(prompts, aligned)],
+                [[] for _ in prompts], stats, torch.stack(x), torch.stack(todo))
+
+
+def fill(rows, full, mask_id, max_new_tokens, stop_ids, callback, cached, steps):
+    """Rows whose block is full return its new tokens (callback(i, tokens)) and start their next
+    block, the full one pending (cached) or appended (the oracle). Returns, per row, whether it
+    goes on (no stop token, room left)."""
+    B, going = rows.x.shape[-1], [True] * len(full)
+    filled = [r for r, f in enumerate(full) if f]
+    for r, tokens in zip(filled, rows.x[filled].tolist() if filled else []):  # one host sync
+        stats, block = rows.stats[r], rows.x[r].clone()  # x is refilled below
+        new, done = trim(tokens[rows.first[r]:], stop_ids, max_new_tokens - len(rows.out[r]))
+        rows.out[r] += new
+        stats.forwards += rows.steps[r]
+        if callback:
+            callback(rows.index[r], new)
+        going[r] = not done
+        rows.pending[r] = block if cached else torch.cat([rows.pending[r], block])
+        rows.start[r], rows.first[r], rows.steps[r] = rows.start[r] + B, 0, 0
+        rows.quotas[r] = schedule(B, B, steps)
+    if filled:
+        rows.x[filled], rows.todo[filled] = mask_id, True
+    return going
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, *, block=4, steps=None, strategy="static",
+def generate(model, prompts, max_new_tokens, *, block=4, steps=None, strategy="static",
              threshold=0.9, sampling=GREEDY, stop_ids=(), generator=None, callback=None,
-             cached=True):
-    """Vanilla block-diffusion decoding. Returns (new tokens, Stats): at most max_new_tokens,
-    trimmed before the first stop token. steps: denoising steps per block (default: block, one
-    position per step). callback(tokens) sees each block's new tokens, exactly those returned.
-    cached=False is the oracle: the same decisions, recomputing the whole sequence at every step.
-    Host syncs: one per block, plus one per step of dynamic decoding."""
+             on_row=None, cached=True):
+    """Vanilla block-diffusion decoding of one prompt (a list of ids) or a batch (a list of
+    prompts of any lengths). Returns (new tokens, Stats): at most max_new_tokens, trimmed before the
+    first stop token; a batch returns a list of each. steps: denoising steps per block (default:
+    block, one position per step). callback(tokens) sees each block's new tokens, exactly those
+    returned (a batch: callback(i, tokens), i the prompt's place); on_row(i, tokens, stats) sees
+    each prompt's output once it is final. cached=False is the oracle: the same decisions,
+    recomputing the whole sequence at every step.
+    The rows of a batch advance on their own (a row whose block is full starts its next at the
+    next step), in one forward per step; a finished row leaves the batch and costs nothing more.
+    Host syncs: one per step where a block fills (its tokens), and with dynamic decoding one per
+    step (which blocks are full?)."""
     steps = block if steps is None else steps
     check(max_new_tokens=max_new_tokens, block=block, strategy=strategy, threshold=threshold)
     check_steps(steps, block)
     mask_id, dev = diffusion_mask_id(model), device_of(model)
-    prompt = as_prompt(prompt_ids, dev)
-    aligned = len(prompt) - len(prompt) % block  # blocks sit at absolute positions [kB, (k+1)B)
-    cache = model.new_cache(aligned + max_new_tokens + 3 * block) if cached else None
-    stats, out = Stats(), []
+    batch, prompts = as_batch(prompts, dev)
+    longest = max(len(p) - len(p) % block for p in prompts)
+    cache = model.new_cache(longest + max_new_tokens + 3 * block, len(prompts)) if cached else None
     t0 = sync(dev)
     if cached:
-        prefill(model, prompt[:aligned], cache, block)
+        prefill(model, [p[:len(p) - len(p) % block] for p in prompts], cache, block)
     t1 = sync(dev)
-    seq, tail, pending = prompt[:aligned], prompt[aligned:], prompt[:0]
-    while True:
-        x = torch.cat([tail, tail.new_full((block - len(tail),), mask_id)])
-        known = torch.arange(block, device=dev) < len(tail)
-        quotas = schedule(block - len(tail), block, steps)
-        result = denoise(model, x, known, len(seq), quotas, cache=cache,
-                         pending=pending if cached else seq, strategy=strategy,
-                         threshold=threshold, sampling=sampling, generator=generator)
-        stats.forwards += result.forwards
-        new, done = trim(result.tokens[len(tail):].tolist(), stop_ids, max_new_tokens - len(out))
-        out += new
-        if callback:
-            callback(new)
-        if done:
-            break
-        seq, pending, tail = torch.cat([seq, result.tokens]), result.tokens, tail[:0]
-    stats.tokens, stats.steps = len(out), stats.forwards
-    stats.seconds, stats.prefill_seconds = sync(dev) - t1, t1 - t0
-    return out, stats
+    rows = start_rows(prompts, block, steps, mask_id, cached,
+                      [Stats(prefill_seconds=t1 - t0) for _ in prompts])
+    stream = callback if batch or callback is None else lambda i, new: callback(new)
+    results = [None] * len(prompts)
+    while rows.index:
+        logits = forward_block(model, rows.pending, rows.x, rows.start, cache)
+        if cached:  # the pending blocks are stored; the blocks' own keys are scratch
+            cache.commit([len(p) for p in rows.pending])
+            rows.pending = [p[:0] for p in rows.pending]
+        probs = sampling.distribution(logits, suppress=mask_id)  # (R, B, V)
+        tokens = sampling.pick(probs, generator)
+        k = torch.tensor([quota(s, block, steps) for s in rows.steps], device=dev)[:, None]
+        revealed = reveal(probs, tokens, rows.todo, k, strategy, threshold)
+        rows.x, rows.todo = torch.where(revealed, tokens, rows.x), rows.todo & ~revealed
+        rows.steps = [s + 1 for s in rows.steps]
+        full = [s == len(q) for s, q in zip(rows.steps, rows.quotas)]
+        if strategy == "dynamic":  # a dynamic block may be full before its schedule
+            full = (~rows.todo.any(-1)).tolist()
+        going = fill(rows, full, mask_id, max_new_tokens, stop_ids, stream, cached, steps)
+        for r in (r for r, g in enumerate(going) if not g):
+            stats = rows.stats[r]
+            stats.tokens, stats.steps, stats.seconds = len(rows.out[r]), stats.forwards, sync(
+                dev) - t1
+            results[rows.index[r]] = (rows.out[r], stats)
+            if on_row:
+                on_row(rows.index[r], rows.out[r], stats)
+        if not all(going):
+            rows.keep([r for r, g in enumerate(going) if g], cache)
+    return tuple(map(list, zip(*results))) if batch else results[0]
 
 
 @torch.inference_mode()
-def generate_ar(model, prompt_ids, max_new_tokens, *, sampling=GREEDY, stop_ids=(), generator=None,
-                callback=None, cached=True):
-    """Plain autoregressive decoding, the baseline of an AR (Qwen3) target: a causal prefill of
-    the prompt but its last token, then one forward per token on the newest token. The AR shift:
-    the logits at position i predict the token at i + 1. cached=False is the oracle, recomputing
-    the whole sequence for every token. Returns (tokens, Stats) as generate does; callback sees
-    each new token. Host syncs: one per token."""
+def generate_ar(model, prompts, max_new_tokens, *, sampling=GREEDY, stop_ids=(), generator=None,
+                callback=None, on_row=None, cached=True):
+    """Plain autoregressive decoding, the baseline of an AR (Qwen3) target, of one prompt or a
+    batch: a causal prefill of each prompt but its last token, then one forward per token on each
+    row's newest token. The AR shift: the logits at position i predict the token at i + 1.
+    cached=False is the oracle, recomputing the whole sequence for every token. Returns as
+    generate does; callback sees each new token (a batch: callback(i, [token])), on_row each
+    prompt's final output. Host syncs: one per token."""
     check(max_new_tokens=max_new_tokens)
     dev = device_of(model)
-    seq = as_prompt(prompt_ids, dev)
-    cache = model.new_cache(len(seq) + max_new_tokens) if cached else None
-    stats, out = Stats(), []
+    batch, seqs = as_batch(prompts, dev)
+    cache = model.new_cache(max(map(len, seqs)) + max_new_tokens, len(seqs)) if cached else None
     t0 = sync(dev)
     if cached:
-        prefill(model, seq[:-1], cache, 1)
+        prefill(model, [p[:-1] for p in seqs], cache, 1)
     t1 = sync(dev)
-    while True:
-        first = len(seq) - 1 if cached else 0  # the first position fed: the newest, or all
-        attend = masks.block_causal(len(seq) - first, 1, first, dev)
-        positions = torch.arange(first, len(seq), device=dev)
-        logits = model(seq[None, first:], positions, attend, cache)[0, -1]
-        if cached:
+    index, outs = list(range(len(seqs))), [[] for _ in seqs]
+    stats, results = [Stats(prefill_seconds=t1 - t0) for _ in seqs], [None] * len(seqs)
+    while index:
+        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+        if cached:  # each row's newest token, which sees its cached slots
+            logits = model(torch.stack([s[-1:] for s in seqs]), last[:, None], None, cache)[:, -1]
             cache.commit(1)
-        stats.forwards += 1
-        token = sampling.pick(sampling.distribution(logits), generator)
-        new, done = trim([token.item()], stop_ids, max_new_tokens - len(out))
-        out += new
-        if callback and new:
-            callback(new)
-        if done:
-            break
-        seq = torch.cat([seq, token[None]])
-    stats.tokens, stats.steps = len(out), stats.forwards
-    stats.seconds, stats.prefill_seconds = sync(dev) - t1, t1 - t0
-    return out, stats
+        else:
+            rows = [(s, torch.arange(len(s), device=dev), masks.block_causal(len(s), 1, device=dev))
+                    for s in seqs]
+            logits = model(*masks.pack(rows, 0))[torch.arange(len(seqs), device=dev), last]
+        tokens = sampling.pick(sampling.distribution(logits), generator)  # (R,)
+        going = []
+        for r, token in enumerate(tokens.tolist()):  # the step's host sync
+            new, done = trim([token], stop_ids, max_new_tokens - len(outs[r]))
+            outs[r] += new
+            stats[r].forwards += 1
+            if callback and new:
+                callback(*((index[r], new) if batch else (new,)))
+            going.append(not done)
+            if done:
+                stats[r].tokens, stats[r].steps = len(outs[r]), stats[r].forwards
+                stats[r].seconds = sync(dev) - t1
+                results[index[r]] = (outs[r], stats[r])
+                if on_row:
+                    on_row(index[r], outs[r], stats[r])
+        seqs = [torch.cat([s, tokens[r:r + 1]]) for r, s in enumerate(seqs)]
+        if not all(going):
+            keep = [r for r, g in enumerate(going) if g]
+            index, outs, stats = ([x[r] for r in keep] for x in (index, outs, stats))
+            seqs = [seqs[r] for r in keep]
+            if cache is not None:
+                cache.keep_rows(keep)
+    return tuple(map(list, zip(*results))) if batch else results[0]
 
 
 if __name__ == "__main__":

@@ -166,51 +166,102 @@ class Layer(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values. `len` slots are committed; a forward writes its T new
-    tokens at [len, len+T) and attends over [0, len+T); commit(n) keeps the first n."""
+    """Preallocated keys/values for a batch of rows, each with its own length. Row r's first
+    lens[r] slots are committed; a forward writes its T new tokens of row r at [lens[r],
+    lens[r] + T), and they attend over the row's committed slots and, by the forward's mask, each
+    other. commit(n) keeps n of them (per row, or the same n for every row).
+
+    Per-row offsets, not padding, because rows grow by different amounts at every step (ragged
+    acceptance): a row's slots stay contiguous from 0, and a validity mask (visible) hides the
+    rest. Memory: layers x rows x kv_heads x max_len x head_dim x 2 (keys, values), sized by the
+    longest row's prompt and budget; finished rows leave with keep_rows."""
 
     def __init__(self, c: Config, max_len, batch_size, device, dtype):
         shape = (c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len, self.len, self.written = max_len, 0, 0
+        self.max_len, self.lens, self.written = max_len, [0] * batch_size, 0
 
     def start(self, batch_size, T):
-        if batch_size != self.k.shape[1]:
+        if batch_size != len(self.lens):
             raise ValueError(f"a batch of {batch_size} was given to a KV cache built for "
-                             f"{self.k.shape[1]}; "
+                             f"{len(self.lens)}; "
                              "make one with model.new_cache(max_len, batch_size).")
-        if self.len + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.len} committed + {T} new tokens > max_len "
-                             f"{self.max_len}; make a larger cache with model.new_cache(max_len).")
+        if max(self.lens) + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {max(self.lens)} committed + {T} new tokens > "
+                             f"max_len {self.max_len}; make a larger cache with "
+                             "model.new_cache(max_len).")
         self.written = T
+        self.slots = None  # the new tokens' slots, (R, T), when rows differ in length
+        if len(set(self.lens)) > 1:
+            lens = torch.tensor(self.lens, device=self.k.device)
+            self.slots = lens[:, None] + torch.arange(T, device=self.k.device)
+
+    def visible(self, mask, T):
+        """(R or 1, 1, T, S) bool: what each new token attends to over [0, S), S the longest row's
+        committed slots + T: its row's committed slots and, by mask ((T, T) or (R, T, T); None:
+        all), the row's new tokens."""
+        dev, L = self.k.device, max(self.lens)
+        if mask is None and self.slots is None:
+            return None  # every token sees everything
+        mask = torch.ones(T, T, dtype=torch.bool, device=dev) if mask is None else mask
+        if self.slots is None:  # every row as long: [committed | new]
+            return torch.cat([mask.new_ones(*mask.shape[:-1], L), mask], dim=-1)[..., None, :, :]
+        col = torch.arange(L + T, device=dev) - torch.tensor(self.lens, device=dev)[:, None]
+        new = mask.expand(len(self.lens), T, T).gather(  # (R, T, S): column c is new token c - len
+            2, col.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))
+        return ((col < 0)[:, None, :] | new & (col < T)[:, None, :])[:, None]
 
     def write(self, layer, k, v):
-        end = self.len + k.shape[2]
-        self.k[layer, :, :, self.len:end] = k
-        self.v[layer, :, :, self.len:end] = v
+        """Store the new keys and values (R, Hkv, T, D); return each row's keys and values over the
+        longest row's committed slots and the new ones."""
+        end = max(self.lens) + k.shape[2]
+        if self.slots is None:
+            self.k[layer, :, :, self.lens[0]:end] = k
+            self.v[layer, :, :, self.lens[0]:end] = v
+        else:
+            rows = torch.arange(len(self.lens), device=k.device)[:, None]
+            self.k[layer][rows, :, self.slots] = k.transpose(1, 2)  # (R, T, Hkv, D) by (row, slot)
+            self.v[layer][rows, :, self.slots] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def commit(self, n, keep=None):
-        """Keep n of the last forward's new slots: the first n, or those at offsets `keep` (n
-        ascending ints), moved to the front as if the forward had written only them."""
-        if not 0 <= n <= self.written:
-            raise ValueError(f"cannot commit {n} tokens: the last forward wrote {self.written}.")
-        if keep is not None:
-            src = torch.as_tensor(keep, device=self.k.device) + self.len
-            for kv in (self.k, self.v):
-                kv[:, :, :, self.len:self.len + n] = kv[:, :, :, src]
-        self.len += n
-        self.written -= n
+        """Keep n of the last forward's new slots of each row (an int: every row; a list: per row):
+        the first n, or those at offsets keep[r] (n[r] ascending ints; None: the first), moved to
+        the front as if the forward had written only them."""
+        n = [n] * len(self.lens) if isinstance(n, int) else list(n)
+        if not all(0 <= m <= self.written for m in n):
+            raise ValueError(f"cannot commit {max(n)} tokens: the last forward wrote "
+                             f"{self.written}.")
+        for r, offsets in enumerate(keep or ()):
+            if offsets is not None:
+                src = torch.as_tensor(offsets, device=self.k.device) + self.lens[r]
+                for kv in (self.k, self.v):
+                    kv[:, r, :, self.lens[r]:self.lens[r] + n[r]] = kv[:, r, :, src]
+        self.lens = [length + m for length, m in zip(self.lens, n)]
+        self.written = 0
 
-    def rewind(self, length):
-        """Forget the committed slots past `length` (speculation stores drafts tentatively)."""
-        if not 0 <= length <= self.len:
-            raise ValueError(f"cannot rewind to {length}: {self.len} slots are committed.")
-        self.len, self.written = length, 0
+    def rewind(self, lengths):
+        """Forget the committed slots past lengths (an int: every row; a list: per row):
+        speculation stores drafts tentatively."""
+        lengths = [lengths] * len(self.lens) if isinstance(lengths, int) else list(lengths)
+        if not all(0 <= m <= length for m, length in zip(lengths, self.lens)):
+            raise ValueError(f"cannot rewind to {lengths}: {self.lens} slots are committed.")
+        self.lens, self.written = lengths, 0
+
+    def keep_rows(self, rows):
+        """Keep only these rows (finished rows leave the batch): one copy of their used slots."""
+        used = max((self.lens[r] for r in rows), default=0)
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        k, v = self.k, self.v
+        self.k = k.new_zeros(k.shape[0], len(rows), *k.shape[2:])
+        self.v = v.new_zeros(v.shape[0], len(rows), *v.shape[2:])
+        self.k[:, :, :, :used] = k[:, index, :, :used]
+        self.v[:, :, :, :used] = v[:, index, :, :used]
+        self.lens, self.written = [self.lens[r] for r in rows], 0
 
     def reset(self):
-        self.len = self.written = 0
+        self.lens, self.written = [0] * len(self.lens), 0
 
 
 class Transformer(nn.Module):
@@ -230,16 +281,18 @@ class Transformer(nn.Module):
         return KVCache(self.config, max_len, batch_size, w.device, w.dtype)
 
     def forward(self, idx, pos, mask=None, cache=None):
-        """idx (B, T) ids; pos (T,) or (B, T) RoPE positions (may repeat); mask (T, T) bool,
-        True = may attend, None = all attend. Returns logits (B, T, vocab), no shift:
-        the logits at i predict the token at i."""
+        """idx (B, T) ids; pos (T,) or (B, T) RoPE positions (may repeat); mask (T, T) or
+        (B, T, T) bool, True = may attend, None = all attend; with a cache each row also sees its
+        committed slots. Returns logits (B, T, vocab), no shift: the logits at i predict the token
+        at i."""
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
         cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         if cache is not None:
             cache.start(B, T)
-            if mask is not None:  # every committed slot is visible to every new token
-                mask = torch.cat([mask.new_ones(*mask.shape[:-1], cache.len), mask], dim=-1)
+            mask = cache.visible(mask, T)  # (B or 1, 1, T, committed + T)
+        elif mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, T, T): one mask for every head
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         return self.lm_head(self.model.norm(x))

@@ -39,7 +39,7 @@ Host syncs per iteration: one, the verdict's readback; one more when two propose
 merged (how long is their shared prefix?); one more per draft step when the draft refreshes
 dynamically; and on CUDA two `synchronize` calls that time drafting for the stats.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,125 +82,170 @@ class Options:
     eos_min_prob: float
     stop_ids: tuple
     mask_id: int
-    end: int  # the position after the last token max_new_tokens allows
+    max_new_tokens: int
     proposer: str  # "draft", "self" or "hybrid"
     drafting: str  # "step" or "block"
 
 
 @dataclass
-class Run:
-    """One decode's state. tpending / dpending: completed blocks the target / the draft has not
-    stored yet, fed in front of its next forward; target_pending: the AR target's newest token,
-    which its cache lacks; hint: the target's distributions at the state its last committed step
-    was taken from (B, V), which propose the rest of the block. The generator lives on the
-    draft's device."""
-    target: torch.nn.Module
-    draft: torch.nn.Module | None
-    tcache: object
-    dcache: object
+class Row:
+    """One prompt's state. index: its place in the batch; end: the position after the last
+    token max_new_tokens allows; tpending / dpending: completed blocks the target / the draft has
+    not stored yet, fed in front of its next forward; target_pending: the AR target's newest
+    token, which its cache lacks; hint: the target's distributions at the state its last
+    committed step was taken from (B, V), which propose the rest of the block; out: the tokens
+    returned; done: whether its output is final."""
+    index: int
+    end: int
     block: Block
     tpending: torch.Tensor
     dpending: torch.Tensor
     target_pending: torch.Tensor
-    hint: torch.Tensor | None
+    hint: torch.Tensor | None = None
+    out: list = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+    done: bool = False
+
+
+@dataclass
+class Run:
+    """One decode's shared state: the models, their caches (a row per prompt still decoding, in
+    the order of `rows`), the rows, the random state (on the draft's device)."""
+    target: torch.nn.Module
+    draft: torch.nn.Module | None
+    tcache: object
+    dcache: object
+    rows: list
     generator: torch.Generator | None
-    stats: Stats
 
 
 # ----------------------------------------------------------------------------- one iteration
 
 def speculate(run, opt):
-    """One iteration: propose -> layout -> target forward -> accept -> commit. Returns the tokens
-    it makes returnable (untrimmed) and what happened (on_iteration's info)."""
-    B, dev = opt.block, run.block.tokens.device
+    """One iteration for every row: propose -> layout -> one target forward -> accept -> commit.
+    Returns, per row, the tokens it makes returnable (untrimmed) and what happened (on_iteration's
+    info)."""
+    B, dev = opt.block, decode.device_of(run.target)
     t0 = decode.sync(dev)
-    # 1. propose: chains for the current block and, up to max_new_tokens, the blocks after it
-    n_blocks = min(opt.lookahead, -(-(opt.end - run.block.start) // B))
-    draft_len = run.dcache.len if run.dcache is not None else 0
-    chains = propose(run, n_blocks, opt)
+    # 1. propose: per row, chains for its current block and, up to its end, the blocks after it
+    reach = [min(opt.lookahead, -(-(row.end - row.block.start) // B)) for row in run.rows]
+    draft_lens = list(run.dcache.lens) if run.dcache is not None else None
+    chains = propose(run, reach, opt)
     t1 = decode.sync(dev)
-    if opt.verify is None:  # an AR target
-        # 2. layout, 3. the target's forward: its logits before each drafted token, and after
-        ids, pos = causal_layout(chains[DRAFT], run.target_pending, run.block.masks)
-        attend = masks.block_causal(len(ids), 1, device=dev)
-        logits = run.target(ids[None], pos, attend, run.tcache)[0, len(run.target_pending) - 1:]
-        # 4. accept, in position order
-        q = opt.sampling.distribution(logits)
-        verdict = accept_causal(chains[DRAFT], q, run.generator, run.block.masks, opt)
-    else:
-        # 2. layout, 3. the target's forward: its distributions at every verifying row
-        tree = grow(chains, n_blocks, run.block, opt)
-        ids, pos, attend, rows = layout(tree, run.tpending, run.block.start, opt)
-        logits = run.target(ids[None], pos, attend, run.tcache)[0, rows]
-        q = opt.sampling.distribution(logits.view(-1, B, logits.shape[-1]), suppress=opt.mask_id)
-        # 4. accept: the target's own steps, or the paper's judgement of each drafted token
-        if opt.verify == "lossless":
-            verdict = accept_lossless(tree, q, run.generator, len(run.tpending), opt)
+    # 2. layout: each row's part of the forward; the rows padded to one width
+    if opt.verify is None:  # an AR target: its logits before each drafted token, and after
+        parts = [causal_layout(c[DRAFT], row.target_pending, row.block.masks)
+                 for c, row in zip(chains, run.rows)]
+        rows = [torch.arange(len(row.target_pending) - 1, len(ids), device=dev)
+                for (ids, _, _), row in zip(parts, run.rows)]
+    else:  # the target's distributions at every verifying row
+        trees = [grow(c, n, row.block, opt) for c, n, row in zip(chains, reach, run.rows)]
+        laid = [layout(t, row.tpending, row.block.start, opt) for t, row in zip(trees, run.rows)]
+        parts, rows = [part[:3] for part in laid], [part[3] for part in laid]
+    ids, pos, attend = masks.pack(parts, opt.mask_id)
+    # 3. the target's one forward, for every row
+    logits = run.target(ids, pos, attend, run.tcache)
+    picked = torch.cat([logits[r, at] for r, at in enumerate(rows)])
+    q = opt.sampling.distribution(picked, suppress=None if opt.verify is None else opt.mask_id)
+    q = q.split([len(logits[r, at]) for r, at in enumerate(rows)])
+    # 4. accept: the target's own steps, the paper's judgement, or the causal one
+    verdicts = []
+    for r, row in enumerate(run.rows):
+        if opt.verify is None:
+            verdicts.append(accept_causal(chains[r][DRAFT], q[r], run.generator, row.block.masks,
+                                          opt))
+        elif opt.verify == "lossless":
+            verdicts.append(accept_lossless(trees[r], q[r].view(-1, B, q[r].shape[-1]),
+                                            run.generator, len(row.tpending), opt))
         else:
-            verdict = accept_paper(tree, q, run.generator, opt)
+            verdicts.append(accept_paper(trees[r], q[r].view(-1, B, q[r].shape[-1]),
+                                         run.generator, opt))
     # 5. commit: each cache keeps what was committed; the rest becomes pending
-    start = run.block.start
-    new = commit(run, verdict, draft_len, opt)
-    count(run.stats, verdict, len(ids), t1 - t0)
-    info = dict(starts=[start + j * B for j in range(len(verdict.tokens))], tokens=verdict.tokens,
-                fate=verdict.fate, drafted=verdict.proposed, steps=verdict.steps,
-                taken=verdict.taken, by=verdict.by, stored=verdict.slots)
-    return new, info
+    starts = [row.block.start for row in run.rows]
+    news = commit(run, verdicts, draft_lens, opt)
+    out = []
+    for row, v, (part_ids, _, _), first, new in zip(run.rows, verdicts, parts, starts, news):
+        count(row.stats, v, len(part_ids), t1 - t0)
+        info = dict(starts=[first + j * B for j in range(len(v.tokens))], tokens=v.tokens,
+                    fate=v.fate, drafted=v.proposed, steps=v.steps, taken=v.taken, by=v.by,
+                    stored=v.slots, row=row.index)
+        out.append((new, info))
+    return out
 
 
 # ----------------------------------------------------------------------------- 1. propose
 
-def propose(run, n_blocks, opt):
-    """{proposer flag: [Proposal per block from the current one]}: the target's own chain (from
-    the logits of the state its last step was taken from: the rest of the current block) and the
-    draft's. A lossless target reaches the last of n_blocks by its first state alone (grow)."""
-    chains = {}
-    if opt.proposer != "draft" and run.hint is not None:
-        chains[SELF] = [self_proposal(run, opt)]
+def propose(run, reach, opt):
+    """Per row, {proposer flag: [Proposal per block from the current one]}: the target's own
+    chain (from its distributions at the state its last step was taken from: the rest of the
+    current block) and the draft's. A lossless target reaches the last of a row's `reach` blocks
+    by its first state alone (grow), so the draft drafts one block fewer there."""
+    chains = [{} for _ in run.rows]
+    hinted = [r for r, row in enumerate(run.rows) if row.hint is not None]
+    if opt.proposer != "draft" and hinted:
+        for r, proposal in zip(hinted, self_proposals(run, hinted, opt)):
+            chains[r][SELF] = [proposal]
     if opt.proposer != "self":
-        chains[DRAFT] = draft_proposals(run, n_blocks - (opt.verify == "lossless" and n_blocks > 1),
-                                        opt)
+        drafted = [n - (opt.verify == "lossless" and n > 1) for n in reach]
+        for r, proposals in enumerate(draft_proposals(run, drafted, opt)):
+            chains[r][DRAFT] = proposals
     return chains
 
 
-def self_proposal(run, opt):
-    """The target's own chain for the rest of the current block: SDAR's rule applied step after
-    step to its distributions at the state it last stepped from (run.hint), fresh picks at every
-    state when sampling. No forward."""
-    blk = run.block
-    dev = run.generator.device if run.generator is not None else blk.tokens.device
-    quotas = decode.schedule(blk.masks, opt.block, opt.steps, blk.done)
-    d = decode.denoise(run.target, blk.tokens.to(dev), blk.known.to(dev), blk.start, quotas,
-                       strategy=opt.strategy, threshold=opt.threshold, sampling=opt.sampling,
-                       generator=run.generator, record=True, probs=run.hint.to(dev), refresh=False)
-    back = blk.tokens.device
-    probs = None if d.probs is None else d.probs.to(back)
-    return Proposal(blk.start, blk.known, d.tokens.to(back), d.step.to(back), blk.done,
-                    d.picks.to(back), probs)
+def self_proposals(run, hinted, opt):
+    """The target's own chains for the rest of these rows' current blocks: SDAR's rule applied step
+    after step to its distributions at the state each last stepped from (hint), fresh picks at
+    every state when sampling. No forward."""
+    rows = [run.rows[r] for r in hinted]
+    dev = run.generator.device if run.generator is not None else rows[0].block.tokens.device
+    quotas = [decode.schedule(row.block.masks, opt.block, opt.steps, row.block.done)
+              for row in rows]
+    d = decode.denoise(run.target, torch.stack([row.block.tokens for row in rows]).to(dev),
+                       torch.stack([row.block.known for row in rows]).to(dev),
+                       [row.block.start for row in rows], quotas, strategy=opt.strategy,
+                       threshold=opt.threshold, sampling=opt.sampling, generator=run.generator,
+                       record=True, probs=torch.stack([row.hint for row in rows]).to(dev),
+                       refresh=False)
+    return [proposal(row.block.start, row.block.known, d, r, row.block.done, row.block.tokens.device)
+            for r, row in enumerate(rows)]
 
 
-def draft_proposals(run, n_blocks, opt):
-    """Draft n_blocks: the rest of the current block by the target's rule, then whole blocks, each
-    after storing the one before in the draft's cache (tentatively: commit() rewinds what the
-    target does not commit). drafting "step": a forward per step; "block": one per block."""
-    B, blk, ddev, dev = opt.block, run.block, decode.device_of(run.draft), run.block.tokens.device
-    x, known, pending = blk.tokens.to(ddev), blk.known.to(ddev), run.dpending.to(ddev)
-    masks_left, done = blk.masks, blk.done
+def proposal(start, known, d, r, done, dev):
+    """Row r of a Denoised batch as a Proposal on the target's device (its own steps only)."""
+    S = d.steps[r]
+    probs = None if d.probs is None else d.probs[:S, r].to(dev)
+    return Proposal(start, known.to(dev), d.tokens[r].to(dev), d.step[r].to(dev), done,
+                    d.picks[:S, r].to(dev), probs)
+
+
+def draft_proposals(run, drafted, opt):
+    """Per row, its first drafted[r] blocks: the rest of the current block by the target's rule,
+    then whole blocks, each after storing the one before in the draft's cache (tentatively:
+    commit() rewinds what the target does not commit). Every row drafts as far as the furthest
+    (its extra blocks dropped), so that all take part in each draft forward; drafting "step": a
+    forward per step, "block": one per block."""
+    B, ddev = opt.block, decode.device_of(run.draft)
+    rows = run.rows
+    x = torch.stack([row.block.tokens for row in rows]).to(ddev)
+    known = torch.stack([row.block.known for row in rows]).to(ddev)
+    pending = [row.dpending.to(ddev) for row in rows]
+    masks_left, done = [row.block.masks for row in rows], [row.block.done for row in rows]
     strategy = "left" if opt.verify is None and not opt.sampling.greedy else opt.strategy
-    proposals = []
-    for j in range(n_blocks):
-        start = blk.start + j * B
-        quotas = decode.schedule(masks_left, B, opt.steps, done)
-        d = decode.denoise(run.draft, x, known, start, quotas, cache=run.dcache, pending=pending,
+    out = [[] for _ in rows]
+    for j in range(max(drafted)):
+        starts = [row.block.start + j * B for row in rows]
+        quotas = [decode.schedule(m, B, opt.steps, d) for m, d in zip(masks_left, done)]
+        d = decode.denoise(run.draft, x, known, starts, quotas, cache=run.dcache, pending=pending,
                            strategy=strategy, threshold=opt.threshold, sampling=opt.sampling,
                            generator=run.generator, record=True, refresh=opt.drafting == "step")
-        run.stats.draft_forwards += d.forwards
-        probs = None if d.probs is None else d.probs.to(dev)
-        proposals.append(Proposal(start, known.to(dev), d.tokens.to(dev), d.step.to(dev), done,
-                                  d.picks.to(dev), probs))
-        pending, masks_left, done = d.tokens, B, 0
+        for r, row in enumerate(rows):
+            if j < drafted[r]:
+                row.stats.draft_forwards += d.forwards[r]
+                out[r].append(proposal(starts[r], known[r], d, r, done[r],
+                                       row.block.tokens.device))
+        pending, masks_left, done = list(d.tokens), [B] * len(rows), [0] * len(rows)
         x, known = torch.full_like(x, opt.mask_id), torch.zeros_like(known)
-    return proposals
+    return out
 
 
 # ----------------------------------------------------------------------------- 5. commit
@@ -218,43 +263,54 @@ def count(stats, v, width, draft_seconds):
         stats.accepted += fate.count(1)
 
 
-def commit(run, v, draft_len, opt):
-    """Each cache keeps what was committed of what it stored in this iteration: a diffusion
-    target its pending blocks and the clean copies of the committed blocks (v.slots; moved to
-    the front when others lie between them), an AR target its pending token and the accepted
+def commit(run, verdicts, draft_lens, opt):
+    """Each cache keeps, row by row, what was committed of what it stored in this iteration: a
+    diffusion target its pending blocks and the clean copies of the committed blocks (slots; moved
+    to the front when others lie between them), an AR target its pending token and the accepted
     ones, the draft the leading blocks committed exactly as drafted. The other complete blocks
     become pending; the first incomplete block is the current one (a fresh one after them when
-    none is). Returns the tokens now returnable."""
-    B, dev = opt.block, run.block.tokens.device
-    complete = 0
-    while complete < len(v.tokens) and all(v.known[complete]):
-        complete += 1
-    tokens = torch.tensor(v.tokens, device=dev)  # (rows, B)
-    if opt.verify is None:  # an AR target: the token after the accepted ones is pending next
-        accepted = sum(row.count(1) for row in v.fate)
-        run.tcache.commit(len(run.target_pending) + accepted)
-        bonus = B - run.block.masks + accepted
-        run.target_pending = tokens.flatten()[bonus:bonus + 1]
-    else:
-        P, n = len(run.tpending), len(v.slots)
-        keep = None if v.slots == list(range(n)) else [*range(P), *(
-            P + c * B + i for c in v.slots for i in range(B))]
-        run.tcache.commit(P + n * B, keep)
-        run.tpending = tokens[n:complete].flatten()
+    none is). Returns, per row, the tokens now returnable."""
+    B = opt.block
+    keep, n_keep, news = [], [], []
+    for row, v in zip(run.rows, verdicts):
+        complete = 0
+        while complete < len(v.tokens) and all(v.known[complete]):
+            complete += 1
+        tokens = torch.tensor(v.tokens, device=row.block.tokens.device)  # (rows, B)
+        if opt.verify is None:  # an AR target: the token after the accepted ones is pending next
+            accepted = sum(fates.count(1) for fates in v.fate)
+            n_keep.append(len(row.target_pending) + accepted)
+            keep.append(None)
+            bonus = B - row.block.masks + accepted
+            row.target_pending = tokens.flatten()[bonus:bonus + 1]
+        else:
+            P, n = len(row.tpending), len(v.slots)
+            n_keep.append(P + n * B)
+            keep.append(None if v.slots == list(range(n)) else [*range(P), *(
+                P + c * B + i for c in v.slots for i in range(B))])
+            row.tpending = tokens[n:complete].flatten()
+        if run.dcache is not None:
+            draft_lens[len(news)] += len(row.dpending) + v.kept * B
+            row.dpending = tokens[v.kept:complete].flatten()
+        news.append(returnable(v.tokens, v.known, row.block.returned))
+        row.block, row.hint = next_block(row.block, v, tokens, complete, opt), v.hint
+    run.tcache.commit(n_keep, keep)
     if run.dcache is not None:
-        run.dcache.rewind(draft_len + len(run.dpending) + v.kept * B)
-        run.dpending = tokens[v.kept:complete].flatten()
-    new = returnable(v.tokens, v.known, run.block.returned)
-    start, run.hint = run.block.start + complete * B, v.hint
-    if complete == len(v.tokens):  # every row complete: a fresh block after them
-        fresh = torch.full((B,), opt.mask_id, device=dev)
-        run.block = Block(start, fresh, torch.zeros_like(fresh, dtype=torch.bool), B)
-        return new
+        run.dcache.rewind(draft_lens)
+    return news
+
+
+def next_block(block, v, tokens, complete, opt):
+    """The block decoding goes on with: the first incomplete row of the verdict, or a fresh block
+    after the complete ones."""
+    start, B = block.start + complete * opt.block, opt.block
+    if complete == len(v.tokens):
+        fresh = torch.full((B,), opt.mask_id, device=tokens.device)
+        return Block(start, fresh, torch.zeros_like(fresh, dtype=torch.bool), B)
     known = v.known[complete]
     returned = known.index(False) if False in known else B  # its known prefix was returned
-    run.block = Block(start, tokens[complete], torch.tensor(known, dtype=torch.bool, device=dev),
-                      known.count(False), v.done[complete], returned)
-    return new
+    return Block(start, tokens[complete], torch.tensor(known, dtype=torch.bool,
+                 device=tokens.device), known.count(False), v.done[complete], returned)
 
 
 def returnable(tokens, known, returned):
@@ -265,8 +321,8 @@ def returnable(tokens, known, returned):
 
 # ----------------------------------------------------------------------------- the loop
 
-def options(target, draft, max_new_tokens, prompt_len, *, block, steps, strategy, threshold,
-            sampling, verify, accept, lookahead, eos_min_prob, stop_ids, proposer, drafting):
+def options(target, draft, max_new_tokens, *, block, steps, strategy, threshold, sampling, verify,
+            accept, lookahead, eos_min_prob, stop_ids, proposer, drafting):
     """Check every option against the target's kind and the proposers; the Options of the
     decode."""
     ar = target.config.model_type == "qwen3"
@@ -315,62 +371,83 @@ def options(target, draft, max_new_tokens, prompt_len, *, block, steps, strategy
     if drafting is None:  # the paper's drafts and SpecDiff's decode step by step
         drafting = DRAFTING if verify == "lossless" else "step"
     return Options(block, steps, strategy, threshold, sampling, verify, accept or "step", lookahead,
-                   eos_min_prob, tuple(stop_ids), mask_id, prompt_len + max_new_tokens, proposer,
-                   drafting)
+                   eos_min_prob, tuple(stop_ids), mask_id, max_new_tokens, proposer, drafting)
 
 
-def start(target, draft, prompt, generator, opt):
-    """The Run after the prefill: the draft and a diffusion target cache the prompt's whole blocks
-    (its tail is the current block's known part); an AR target all but its newest token."""
+def start(target, draft, prompts, generator, opt):
+    """The Run after the prefill: the draft and a diffusion target cache each prompt's whole
+    blocks (its tail is its current block's known part); an AR target all but its newest token."""
     B, ar = opt.block, opt.verify is None
-    aligned = len(prompt) - len(prompt) % B
-    room = opt.end + 3 * B + (opt.lookahead + 1) * B * (B + 1)
-    tcache = target.new_cache(room)
-    decode.prefill(target, prompt[:-1] if ar else prompt[:aligned], tcache, 1 if ar else B)
+    aligned = [len(p) - len(p) % B for p in prompts]
+    room = max(map(len, prompts)) + opt.max_new_tokens + 3 * B + (opt.lookahead + 1) * B * (B + 1)
+    tcache = target.new_cache(room, len(prompts))
+    decode.prefill(target, [p[:-1] if ar else p[:a] for p, a in zip(prompts, aligned)], tcache,
+                   1 if ar else B)
     dcache = None
     if draft is not None:
-        dcache = draft.new_cache(room)
-        decode.prefill(draft, prompt[:aligned].to(decode.device_of(draft)), dcache, B)
-    tail = prompt[aligned:]
-    tokens = torch.cat([tail, tail.new_full((B - len(tail),), opt.mask_id)])
-    known = torch.arange(B, device=prompt.device) < len(tail)
-    block = Block(aligned, tokens, known, B - len(tail), returned=len(tail))
-    return Run(target, draft, tcache, dcache, block, prompt[:0], prompt[:0], prompt[-1:], None,
-               generator, Stats())
+        ddev = decode.device_of(draft)
+        dcache = draft.new_cache(room, len(prompts))
+        decode.prefill(draft, [p[:a].to(ddev) for p, a in zip(prompts, aligned)], dcache, B)
+    rows = []
+    for i, (prompt, a) in enumerate(zip(prompts, aligned)):
+        tail = prompt[a:]
+        tokens = torch.cat([tail, tail.new_full((B - len(tail),), opt.mask_id)])
+        known = torch.arange(B, device=prompt.device) < len(tail)
+        block = Block(a, tokens, known, B - len(tail), returned=len(tail))
+        rows.append(Row(i, len(prompt) + opt.max_new_tokens, block, prompt[:0], prompt[:0],
+                        prompt[-1:]))
+    return Run(target, draft, tcache, dcache, rows, generator)
 
 
 @torch.inference_mode()
-def generate(target, draft, prompt_ids, max_new_tokens, *, block=4, steps=None, strategy="static",
+def generate(target, draft, prompts, max_new_tokens, *, block=4, steps=None, strategy="static",
              threshold=0.9, sampling=GREEDY, verify=None, accept=None, lookahead=LOOKAHEAD,
-             eos_min_prob=0.0, stop_ids=(), generator=None, on_iteration=None, proposer=None,
-             drafting=None):
-    """Speculative decoding: SimSD for a diffusion (SDAR) target, SpecDiff for an AR (qwen3) one.
-    Returns (new tokens, Stats) as decode.generate does. block, steps, strategy, threshold and
+             eos_min_prob=0.0, stop_ids=(), generator=None, on_iteration=None, on_row=None,
+             proposer=None, drafting=None):
+    """Speculative decoding: SimSD for a diffusion (SDAR) target, SpecDiff for an AR (qwen3) one,
+    of one prompt or a batch (a list of prompts of any lengths). Returns (new tokens, Stats) as
+    decode.generate does (a batch: a list of each). block, steps, strategy, threshold and
     sampling: the target's decoding, which the proposers follow. verify (a diffusion target):
     "lossless" (default: decode.generate's output), or the paper's "exact" or "simsd"; accept:
     "step" (default) or "position", for exact and simsd. draft None: the target proposes for
     itself (lossless). proposer, with a draft: "draft", or "hybrid" (the draft and the target
     both; lossless only; default PROPOSER by strategy). drafting: "step" (a draft forward per
     step) or "block" (one per block; lossless's default DRAFTING, the others' "step").
-    lookahead: the blocks one target forward reaches. eos_min_prob: exact and simsd's gate on stop tokens. generator: sampling's random
-    state, on the draft's device (the target's without a draft). on_iteration(info) sees each
-    iteration: every block's start, committed tokens and fates, the proposed tokens and step
-    map of the chain shown and who proposed it (by), the steps taken; the new tokens."""
-    prompt = decode.as_prompt(prompt_ids, decode.device_of(target))
-    opt = options(target, draft, max_new_tokens, len(prompt), block=block, steps=steps,
-                  strategy=strategy, threshold=threshold, sampling=sampling, verify=verify,
-                  accept=accept, lookahead=lookahead, eos_min_prob=eos_min_prob, stop_ids=stop_ids,
+    lookahead: the blocks one target forward reaches. eos_min_prob: exact and simsd's gate on
+    stop tokens. generator: sampling's random state, on the draft's device (the target's without
+    a draft). on_iteration(info) sees each row's iteration: its blocks' starts, committed tokens
+    and fates, the proposed tokens and step map of the chain shown and who proposed it (by), the
+    steps taken, the clean copies stored, the row's place and its new tokens; on_row(i, tokens,
+    stats) each prompt's output once it is final.
+    The rows of a batch share every forward; each row takes its own steps and blocks, and a row
+    whose output is final leaves the batch. Host syncs per iteration: one per row (its verdict),
+    and those of propose (the shared prefix of two chains, a dynamic draft's steps)."""
+    dev = decode.device_of(target)
+    batch, prompts = decode.as_batch(prompts, dev)
+    opt = options(target, draft, max_new_tokens, block=block, steps=steps, strategy=strategy,
+                  threshold=threshold, sampling=sampling, verify=verify, accept=accept,
+                  lookahead=lookahead, eos_min_prob=eos_min_prob, stop_ids=stop_ids,
                   proposer=proposer, drafting=drafting)
-    t0 = decode.sync(prompt.device)
-    run = start(target, draft, prompt, generator, opt)
-    t1 = decode.sync(prompt.device)
-    out, done = [], False
-    while not done:
-        new, info = speculate(run, opt)
-        new, done = decode.trim(new, opt.stop_ids, max_new_tokens - len(out))
-        out += new
-        if on_iteration:
-            on_iteration({**info, "new": new})
-    run.stats.tokens = len(out)
-    run.stats.seconds, run.stats.prefill_seconds = decode.sync(prompt.device) - t1, t1 - t0
-    return out, run.stats
+    t0 = decode.sync(dev)
+    run = start(target, draft, prompts, generator, opt)
+    t1 = decode.sync(dev)
+    results = [None] * len(prompts)
+    while run.rows:
+        for row, (new, info) in zip(run.rows, speculate(run, opt)):
+            new, row.done = decode.trim(new, opt.stop_ids, max_new_tokens - len(row.out))
+            row.out += new
+            if on_iteration:
+                on_iteration({**info, "new": new})
+            if row.done:
+                row.stats.tokens, row.stats.prefill_seconds = len(row.out), t1 - t0
+                row.stats.seconds = decode.sync(dev) - t1
+                results[row.index] = (row.out, row.stats)
+                if on_row:
+                    on_row(row.index, row.out, row.stats)
+        if any(row.done for row in run.rows):  # finished rows leave the batch
+            going = [r for r, row in enumerate(run.rows) if not row.done]
+            run.rows = [run.rows[r] for r in going]
+            for cache in (run.tcache, run.dcache):
+                if cache is not None:
+                    cache.keep_rows(going)
+    return tuple(map(list, zip(*results))) if batch else results[0]

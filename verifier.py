@@ -220,13 +220,15 @@ def layout(tree, pending, start, opt):
 
 
 def causal_layout(proposals, target_pending, n_masks):
-    """An AR target's forward: [its pending token | every drafted token, in position order]. The
-    current block's known tokens are a prefix (commits are prefixes), its drafted ones the rest."""
+    """An AR target's forward: [its pending token | every drafted token, in position order],
+    causal. The current block's known tokens are a prefix (commits are prefixes), its drafted ones
+    the rest. Returns ids, positions and the mask."""
     B = len(proposals[0].tokens)
     drafted = torch.cat([p.tokens for p in proposals])[B - n_masks:]
     first = proposals[0].start + B - n_masks
     pos = torch.arange(first - len(target_pending), first + len(drafted), device=drafted.device)
-    return torch.cat([target_pending, drafted]), pos
+    attend = masks.block_causal(len(pos), 1, device=drafted.device)
+    return torch.cat([target_pending, drafted]), pos, attend
 
 
 # ----------------------------------------------------------------------------- 4. accept

@@ -111,7 +111,7 @@ def test_scratch_tokens_are_invisible():
         after = m(idx[:, 8:], torch.arange(8, 12), ones, cache)
         clean = m(idx, torch.arange(12), block_mask(range(12), 4))[:, 8:]
     torch.testing.assert_close(after, clean, rtol=1e-5, atol=1e-5)
-    assert cache.len == 8
+    assert cache.lens == [8]
 
 
 def test_cache_errors(refuses):
@@ -128,7 +128,7 @@ def test_cache_errors(refuses):
         with refuses(ValueError, match="batch of 2"):
             m(torch.zeros(2, 1, dtype=torch.long), torch.arange(1), None, cache)
     cache.reset()
-    assert cache.len == 0
+    assert cache.lens == [0]
 
 
 def rotate_by_hand(x, pos, theta):

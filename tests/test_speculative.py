@@ -377,12 +377,14 @@ def test_specdiff_sampling_follows_the_ar_targets_distribution(lookahead, random
 
 # ----------------------------------------------------------------------------- caches
 
-def assert_cache_is_the_oracle(m, cache, tokens, block):
-    """A cache's committed keys and values equal one block-causal prefill of the committed tokens."""
-    oracle = model.KVCache(m.config, cache.len, 1, "cpu", torch.float32)
-    decode.prefill(m, torch.tensor(tokens[:cache.len]), oracle, block)
-    torch.testing.assert_close(cache.k[:, :, :, :cache.len], oracle.k, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cache.v[:, :, :, :cache.len], oracle.v, rtol=1e-4, atol=1e-5)
+def assert_cache_is_the_oracle(m, cache, tokens, block, row=0):
+    """A cache row's committed keys and values equal one block-causal prefill of its committed
+    tokens."""
+    n = cache.lens[row]
+    oracle = model.KVCache(m.config, n, 1, "cpu", torch.float32)
+    decode.prefill(m, torch.tensor(tokens[:n]), oracle, block)
+    torch.testing.assert_close(cache.k[:, row:row + 1, :, :n], oracle.k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.v[:, row:row + 1, :, :n], oracle.v, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
@@ -429,10 +431,10 @@ def test_caches_equal_the_oracle_after_every_iteration(mode, made_caches, pairs,
             tcache = made_caches[0][1]
             if draft is not None:
                 dcache = made_caches[1][1]
-                assert dcache.len % block == 0 and dcache.len <= len(committed)
+                assert dcache.lens[0] % block == 0 and dcache.lens[0] <= len(committed)
                 assert_cache_is_the_oracle(draft, dcache, committed, block)
             if mode == "ar":
-                assert tcache.len == len(committed) - 1
+                assert tcache.lens[0] == len(committed) - 1
                 assert_cache_is_the_oracle(target, tcache, committed, 1)
             else:
                 assert_cache_is_the_oracle(target, tcache, committed, block)
@@ -451,19 +453,20 @@ def verified(target, draft, prompt_ids, lookahead, verify, proposer="draft", blo
     """The proposals for lookahead blocks after prompt_ids as verifier.grow lays them out (a
     hybrid's target chain from its own distributions at the first state, computed apart), and the
     target's logits at the rows that verify them, from one forward on verifier.layout."""
-    opt = speculative.options(target, draft, 32, len(prompt_ids), block=block, steps=None,
-                              strategy="static", threshold=0.9, sampling=decode.GREEDY,
-                              verify=verify, accept=None, lookahead=lookahead, eos_min_prob=0.0,
-                              stop_ids=(), proposer=proposer, drafting="step")
-    run_ = speculative.start(target, draft, torch.tensor(prompt_ids), None, opt)
+    opt = speculative.options(target, draft, 32, block=block, steps=None, strategy="static",
+                              threshold=0.9, sampling=decode.GREEDY, verify=verify, accept=None,
+                              lookahead=lookahead, eos_min_prob=0.0, stop_ids=(),
+                              proposer=proposer, drafting="step")
+    run_ = speculative.start(target, draft, [torch.tensor(prompt_ids)], None, opt)
+    row = run_.rows[0]
     if proposer == "hybrid":
         aligned = len(prompt_ids) - len(prompt_ids) % block
-        seq = torch.tensor(prompt_ids[:aligned] + run_.block.tokens.tolist())
+        seq = torch.tensor(prompt_ids[:aligned] + row.block.tokens.tolist())
         logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0]
-        run_.hint = decode.GREEDY.distribution(logits[-block:], suppress=opt.mask_id)
-    chains = speculative.propose(run_, lookahead, opt)
-    tree = verifier.grow(chains, lookahead, run_.block, opt)
-    ids, pos, attend, rows = verifier.layout(tree, run_.tpending, run_.block.start, opt)
+        row.hint = decode.GREEDY.distribution(logits[-block:], suppress=opt.mask_id)
+    chains = speculative.propose(run_, [lookahead], opt)[0]
+    tree = verifier.grow(chains, lookahead, row.block, opt)
+    ids, pos, attend, rows = verifier.layout(tree, row.tpending, row.block.start, opt)
     with torch.no_grad():
         logits = target(ids[None], pos, attend, run_.tcache)[0, rows]
     return tree, logits
