@@ -299,7 +299,7 @@ def as_batch(prompts, device):
 def prefill(model, ids, cache, block):
     """Commit ids at positions 0.. to the cache in one block-causal forward (block 1: causal): ids
     (..., T), or a list of each row's ids (of any lengths, whole blocks each)."""
-    rows = list(ids) if isinstance(ids, list) else list(ids.reshape(-1, ids.shape[-1]))
+    rows = ids if isinstance(ids, list) else [ids] if ids.dim() == 1 else list(ids)
     widths = [len(r) for r in rows]
     if max(widths):
         dev = rows[0].device

@@ -216,7 +216,7 @@ def layout(tree, pending, start, opt):
         return ids, pos, attend, rows.flatten()
     shape = tree.shape(P, B)
     ids = torch.cat([pending, tree.arrival[shape.cleans].flatten(), tree.states.flatten()])
-    return ids, shape.positions + start, shape.attend, slice(P + len(shape.cleans) * B, None)
+    return ids, shape.positions + start, shape.attend, slice(P + len(shape.cleans) * B, len(ids))
 
 
 def causal_layout(proposals, target_pending, n_masks):

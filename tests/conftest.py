@@ -139,3 +139,14 @@ def refuses():
         assert msg.endswith(".") and msg == msg.strip() and "\n" not in msg, msg
         assert "  " not in msg and not re.search(r"[.,;:!?]{2}", msg), msg
     return check
+
+
+@pytest.fixture(scope="session")
+def varied_stop():
+    """varied_stop(outputs, n): a token that several outputs say first at different places (n:
+    never), so that a batch stopping at it stops its rows at different times."""
+    def pick(outputs, n):
+        def where(t):
+            return {out.index(t) if t in out else n for out in outputs}
+        return max(set(sum(outputs, [])), key=lambda t: (len(where(t)), -min(where(t))))
+    return pick

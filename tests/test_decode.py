@@ -1,5 +1,6 @@
 """decode.py: the cached decoder equals the no-cache oracle; SDAR's schedule and rule against
 hand-written tables and literal loops; stops, forwards, sampling filters, AR decoding."""
+import collections
 import itertools
 import math
 import random
@@ -315,3 +316,45 @@ def test_empty_prompts_are_refused(random_model):
                  lambda: decode.generate_ar(random_model(model_type="qwen3"), [], 4)):
         with pytest.raises(ValueError, match="the prompt is empty"):
             call()
+
+
+# ----------------------------------------------------------------------------- batches
+
+def batch_case(m, prompts, n, kw, decoder, varied_stop):
+    """A stop token that several rows say at different places (so rows stop at different times),
+    and each prompt's decode alone with it."""
+    stop = varied_stop([decoder(m, p, n, **kw)[0] for p in prompts], n)
+    return stop, [decoder(m, p, n, stop_ids=(stop,), **kw)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("strategy", ["static", "dynamic"])
+@pytest.mark.parametrize("block", [2, 4, 8])
+def test_every_row_of_a_batch_is_its_decode_alone(block, strategy, random_model, prompt, varied_stop):
+    """Prompts of every alignment in one batch, a stop token met at different times: each row of
+    the batched decode (cached, and the oracle) equals its decode alone, token for token;
+    callback(i, tokens) streams each row's tokens and on_row(i, tokens, stats) its final output,
+    once."""
+    m = random_model(5)  # its rows say two tokens, each first at different places
+    prompts = [prompt(P, P) for P in range(1, 2 * block + 2)]
+    for cached in (True, False):
+        kw = dict(block=block, strategy=strategy, threshold=0.4, cached=cached)
+        stop, alone = batch_case(m, prompts, 3 * block + 1, kw, decode.generate, varied_stop)
+        streamed, final = collections.defaultdict(list), collections.defaultdict(list)
+        outs, stats = decode.generate(m, prompts, 3 * block + 1, stop_ids=(stop,), **kw,
+                                      callback=lambda i, t: streamed[i].extend(t),
+                                      on_row=lambda i, t, s: final[i].append(t))
+        assert outs == alone and [s.tokens for s in stats] == list(map(len, alone))
+        assert {i: o for i, o in enumerate(outs) if o} == {i: t for i, t in streamed.items() if t}
+        assert dict(final) == {i: [o] for i, o in enumerate(outs)}
+        assert len(set(map(len, alone))) > 1  # rows stopped at different times
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_every_row_of_an_ar_batch_is_its_decode_alone(cached, random_model, prompt, varied_stop):
+    m = random_model(3, model_type="qwen3")
+    prompts = [prompt(P, P) for P in range(1, 10)]
+    kw = dict(cached=cached)
+    stop, alone = batch_case(m, prompts, 9, kw, decode.generate_ar, varied_stop)
+    outs, stats = decode.generate_ar(m, prompts, 9, stop_ids=(stop,), **kw)
+    assert outs == alone and len(set(map(len, alone))) > 1
+    assert [s.forwards for s in stats] == [min(len(o) + 1, 9) for o in alone]

@@ -131,6 +131,70 @@ def test_cache_errors(refuses):
     assert cache.lens == [0]
 
 
+def test_rows_of_different_lengths_equal_each_row_alone():
+    """A batched cache whose rows hold 4, 12 and 8 committed tokens: one forward of 4 new tokens per
+    row (each row its own positions and mask) gives each row the logits of a no-cache forward on
+    that row alone. Then a per-row commit (row 1 keeping offsets 2 and 3, moved into place), a row
+    leaving (keep_rows), and the next forward still matches; scratch slots are never seen."""
+    m, block = tiny(), 4
+    seqs = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 20, 16)]
+    lens = [4, 12, 8]
+    cache = m.new_cache(32, 3)
+    with torch.no_grad():
+        for n in (5, 3):  # scratch written past every row, never committed
+            m(torch.randint(0, 97, (3, n)), torch.arange(n), None, cache)
+        cache.commit(0)
+        m(torch.stack([s[:8] for s in seqs]), torch.arange(8), block_mask(range(8), block), cache)
+        cache.commit([4, 8, 8])  # rows now hold 4, 8 and 8
+        m(torch.stack([s[lengths:lengths + 4] for s, lengths in zip(seqs, [4, 8, 8])]),
+          torch.tensor([[4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]]),
+          block_mask(range(4), block), cache)
+        cache.commit([0, 4, 0])
+        assert cache.lens == lens
+        new = torch.stack([s[n:n + 4] for s, n in zip(seqs, lens)])
+        pos = torch.stack([torch.arange(n, n + 4) for n in lens])
+        attend = torch.stack([torch.ones(4, 4, dtype=torch.bool), block_mask(range(4), 2),
+                              torch.ones(4, 4, dtype=torch.bool).tril()])
+        got = m(new, pos, attend, cache)
+        for r, (s, n) in enumerate(zip(seqs, lens)):
+            full = block_mask(range(n + 4), block)
+            full[n:, n:] = attend[r]
+            want = m(s[None, :n + 4], torch.arange(n + 4), full)[0, n:]
+            torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-5)
+        cache.commit([4, 2, 0], [None, [2, 3], None])  # row 1 keeps new tokens 2 and 3 only
+        assert cache.lens == [8, 14, 8]
+        cache.keep_rows([1, 2])
+        assert cache.lens == [14, 8]
+        nxt = torch.stack([seqs[1][16:18], seqs[2][8:10]])
+        got = m(nxt, torch.tensor([[16, 17], [8, 9]]), torch.ones(2, 2, dtype=torch.bool), cache)
+        # row 1 alone: tokens 12, 13 were computed, and 14, 15 saw them, but only 14, 15 were kept
+        see = torch.zeros(18, 18, dtype=torch.bool)
+        see[:12, :12] = block_mask(range(12), block)
+        see[12:16, :12], see[12:16, 12:16] = True, block_mask(range(4), 2)
+        see[16:, :12], see[16:, 14:] = True, True
+        want = m(seqs[1][None, :18], torch.arange(18), see)[0, 16:]
+        torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+        see = block_mask(range(10), block)
+        see[8:, 8:] = True
+        want = m(seqs[2][None, :10], torch.arange(10), see)[0, 8:]
+        torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_visible_matches_a_loop():
+    """The mask a forward attends with over a cache whose rows differ in length, read off the rule:
+    row r's new token i sees its committed slots (< lens[r]) and new token j where the mask says."""
+    m, T = tiny(), 3
+    cache = m.new_cache(16, 3)
+    cache.lens = [2, 5, 0]
+    cache.start(3, T)
+    mask = torch.rand(3, T, T) < 0.5
+    got = cache.visible(mask, T)[:, 0].tolist()
+    for r, n in enumerate(cache.lens):
+        for i in range(T):
+            want = [c < n or (n <= c < n + T and bool(mask[r, i, c - n])) for c in range(5 + T)]
+            assert got[r][i] == want
+
+
 def rotate_by_hand(x, pos, theta):
     """Direct rotary maths: pair (x_j, x_{j+D/2}) turns by angle pos * theta^(-2j/D)."""
     D = x.shape[-1]

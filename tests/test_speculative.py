@@ -699,3 +699,91 @@ def test_options_are_checked_with_pythons_names(pairs, random_model):
             speculative.generate(t, d, [1, 2], 4, **kw)
     with pytest.raises(ValueError, match="cannot decode diffusion-style"):
         speculative.generate(draft, ar, [1, 2], 4)  # an AR draft
+
+
+# ----------------------------------------------------------------------------- batches
+
+@pytest.fixture(scope="module")
+def varied_pairs(random_model):
+    """(target, draft) pairs whose target says two tokens, each first at different places in
+    different rows: a noisy copy and an unrelated draft."""
+    target = random_model(5, 2)
+    return [(target, noisy_copy(target, 0.3, 1)), (target, random_model(1, 1))]
+
+
+BATCH_METHODS = {"lossless, draft": dict(proposer="draft", drafting="step"),
+                 "lossless, draft, block": dict(proposer="draft", drafting="block"),
+                 "lossless, hybrid": dict(proposer="hybrid"), "lossless, self": {},
+                 "exact": dict(verify="exact"), "simsd": dict(verify="simsd"), "specdiff": {}}
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
+@pytest.mark.parametrize("block", [2, 4, 8])
+def test_every_row_of_a_batch_is_its_decode_alone(method, block, varied_pairs, ar_target, prompt,
+                                                  varied_stop):
+    """Prompts of every alignment in one batch, a stop token met at different times, static and
+    dynamic, lookahead 1-3 (the target alone: 1-2; at block 8: 2), both drafts: each row of the
+    batched decode equals its own decode alone, token for token, for every method; lossless rows
+    equal the target alone."""
+    n, spec = 2 * block + 3, BATCH_METHODS[method]
+    prompts = [prompt(P, P) for P in range(1, 2 * block + 2, 1 if block < 8 else 3)]
+    lookaheads = (2,) if block == 8 else (1, 2) if method == "lossless, self" else (1, 2, 3)
+    for (target, draft), strategy, L in itertools.product(varied_pairs, ("static", "dynamic"),
+                                                          lookaheads):
+        target = ar_target(0) if method == "specdiff" else target
+        draft = None if method == "lossless, self" else draft
+        kw = dict(block=block, strategy=strategy, threshold=0.4, lookahead=L, **spec)
+        alone = decode.generate_ar if method == "specdiff" else decode.generate
+        rule = dict(block=block, strategy=strategy, threshold=0.4)
+        stop = varied_stop([alone(target, p, n, **({} if method == "specdiff" else rule))[0]
+                            for p in prompts], n)
+        want = [speculative.generate(target, draft, p, n, stop_ids=(stop,), **kw)[0]
+                for p in prompts]
+        got, stats = speculative.generate(target, draft, prompts, n, stop_ids=(stop,), **kw)
+        assert got == want, (strategy, L, stop)
+        assert len(set(map(len, want))) > 1  # rows stopped at different times
+        if method.startswith("lossless"):
+            assert want == [alone(target, p, n, stop_ids=(stop,), **rule)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("mode", CACHE_MODES)
+def test_batched_caches_equal_the_oracle_row_by_row(mode, monkeypatch, varied_pairs, ar_target,
+                                                    prompt):
+    """After every iteration of a batch (rows of different lengths, rows leaving as they finish),
+    each cache row holds exactly what a fresh prefill of its row's committed tokens computes."""
+    target, draft = varied_pairs[0]
+    target = ar_target(0) if mode == "ar" else target
+    draft = None if mode == "lossless, self" else draft
+    prompts, real, checked = [prompt(P, P) for P in (3, 5, 6, 8, 9)], speculative.commit, []
+
+    def commit(run, verdicts, draft_lens, opt):
+        news = real(run, verdicts, draft_lens, opt)
+        for r, (row, new) in enumerate(zip(run.rows, news)):
+            committed = prompts[row.index] + row.out + new
+            if draft is not None:
+                assert_cache_is_the_oracle(draft, run.dcache, committed, opt.block, r)
+            if mode == "ar":
+                assert run.tcache.lens[r] == len(committed) - 1
+            assert_cache_is_the_oracle(target, run.tcache, committed, 1 if mode == "ar" else 4, r)
+            checked.append(row.index)
+        return news
+    monkeypatch.setattr(speculative, "commit", commit)
+    outs, _ = speculative.generate(target, draft, prompts, 17, block=4, lookahead=2,
+                                   stop_ids=(53,), **CACHE_MODES[mode])
+    assert set(checked) == set(range(len(prompts))) and len(set(map(len, outs))) > 1
+
+
+@pytest.mark.parametrize("strategy,sampling,lookahead,proposer,drafting,block",
+                         [SAMPLED_CASES[i] for i in (1, 4, 6, 7)])
+def test_batched_sampling_follows_the_targets_distribution(strategy, sampling, lookahead, proposer,
+                                                           drafting, block, tiny_pair, flat_pair):
+    """The chi-square test on the rows of one batched decode: 600 rows of one prompt."""
+    pair, threshold = (tiny_pair, 0.6) if drafting == "step" and proposer == "draft" else (flat_pair, 0.4)
+    prompt_ids, n = SETUPS[block]
+    target, draft, spec = proposing(pair, proposer, drafting)
+    exact = enumerate_decoding(target, prompt_ids, n, block, strategy, threshold, sampling)
+    outs, _ = speculative.generate(target, draft, [prompt_ids] * 600, n, lookahead=lookahead,
+                                   block=block, strategy=strategy, threshold=threshold,
+                                   sampling=sampling, generator=torch.Generator().manual_seed(0),
+                                   **spec)
+    assert p_value(exact, [tuple(out) for out in outs]) > 1e-5
