@@ -342,8 +342,14 @@ def clean(value):
     return value
 
 
-def report(conditions, rows):
-    """Conditions, a table per task, the headlines, then the JSON line: the last line of stdout."""
+BATCH_COLUMNS = {"method": ("method", "s"), "draft": ("draft", "s"), "L": ("lookahead", "d"),
+                 "batch": ("batch", "d"), "tok/s": ("tok_s", ".1f"), "speedup": ("speedup", ".2f"),
+                 "x batch 1": ("over_batch_1", ".2f"), "= batch 1": ("equal_batch_1", ".0%")}
+
+
+def report(conditions, rows, batched=()):
+    """Conditions, a table per task, the headlines, the batch tables, then the JSON line: the last
+    line of stdout."""
     print("\n".join(f"- {k}: {v}" for k, v in conditions.items()))
     for task in dict.fromkeys(r["task"] for r in rows):
         cells = [[show(r[key], spec) for key, spec in COLUMNS.values()]
@@ -351,8 +357,13 @@ def report(conditions, rows):
         print(f"\n{task}:\n\n" + markdown(list(COLUMNS), cells))
     lines = headlines(rows)
     print("\n" + "\n".join(lines))
+    for task in dict.fromkeys(r["task"] for r in batched):
+        cells = [[show(r[key], spec) for key, spec in BATCH_COLUMNS.values()]
+                 for r in batched if r["task"] == task]
+        print(f"\n{task}, batches (every prompt, in batches of each size):\n\n" +
+              markdown(list(BATCH_COLUMNS), cells))
     result = {key: conditions[key] for key in ("device", "dtype", "threads")}
-    result.update(spread_limit=SPREAD, headlines=lines, rows=rows)
+    result.update(spread_limit=SPREAD, headlines=lines, rows=rows, batches=list(batched))
     print(json.dumps(clean(result), allow_nan=False))
 
 
@@ -493,7 +504,7 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
         return ", ".join(f"{role} {n:.3g}M ({task.folders[role]})" for role, n in sizes.items())
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "batch": 1,
+        "threads": torch.get_num_threads(), "batch": "1 (the batch tables: as they say)",
         "models": "; ".join(f"{t}: {described(task)}" for t, task in tasks.items()),
         "prompts": ", ".join(f"{len(task.prompts)} {t}" for t, task in tasks.items()) + source,
         "latency": f"{new_tokens} new tokens, stop tokens ignored, prefill excluded, "
@@ -514,7 +525,65 @@ def table_main(args, device, dtype):
     args.answer_cap = args.answer_cap or (64 if toys else 256)
     args.repeats = args.repeats or 2
     records = measure(tasks, rows, new_tokens, args.answer_cap, args.repeats)
-    report(conditions(args, tasks, device, dtype, new_tokens, source), table_rows(records))
+    table = table_rows(records)
+    batched = measure_batches(tasks, batch_plan(table), args.batch_sizes or BATCH_SIZES,
+                              new_tokens, args.repeats)
+    report(conditions(args, tasks, device, dtype, new_tokens, source), table, batched)
+
+
+# ----------------------------------------------------------------------------- batches
+
+BATCH_SIZES = (1, 4, 16)
+
+
+def batch_plan(table):
+    """The batch table's rows, per task (greedy): target, target-dyn0.9 and ar, the fastest lossless
+    row (any proposer) and the fastest specdiff row of the main table."""
+    fastest = partial(max, key=lambda r: r["speedup"] or 0.0)
+    out = []
+    for task in dict.fromkeys(r["task"] for r in table):
+        mine = [r for r in table if r["task"] == task and r["temperature"] == 0]
+        lossless = [r for r in mine if METHODS[r["method"]].verify == "lossless"]
+        specdiff = [r for r in mine if r["method"] == "specdiff"]
+        chosen = [r for r in mine if r["method"] in ("target", "target-dyn0.9", "ar")]
+        chosen += [fastest(rows) for rows in (lossless, specdiff) if rows]
+        out += [Row(*(r[f] for f in Row._fields)) for r in chosen]
+    return out
+
+
+def measure_batches(tasks, rows, sizes, new_tokens, repeats):
+    """Each row's decode of all its task's prompts in batches of each size (latency protocol):
+    per pass, tokens over the summed decode time of the batches (a batch's: its last row's);
+    speedup against the target alone (ar for ar and specdiff) at the same size, per pass then
+    the median; times its own batch-1 throughput; and the share of prompts whose output equals
+    the batch-1 output."""
+    tok_s, outputs, out = {}, {}, []
+    for row in rows:
+        task = tasks[row.task]
+        chats = [task.tok.chat(text) for text, _ in task.prompts]
+        for size in sizes:
+            tok_s[row, size] = []
+            for _ in range(repeats):
+                tokens = seconds = 0
+                outputs[row, size] = []
+                for first in range(0, len(chats), size):
+                    outs, stats = decode_once(row, task, chats[first:first + size], new_tokens, (),
+                                              first)
+                    outputs[row, size] += outs
+                    tokens += sum(s.tokens for s in stats)
+                    seconds += max(s.seconds for s in stats)
+                tok_s[row, size].append(ratio(tokens, seconds))
+        print(f"{row.task}: batches of {name(row._asdict())} done", file=sys.stderr, flush=True)
+    for row in rows:
+        base = baseline(row, rows)
+        for size in sizes:
+            paired = [ratio(a, b) for a, b in zip(tok_s[row, size], tok_s[base, size])]
+            same = sum(a == b for a, b in zip(outputs[row, size], outputs[row, sizes[0]]))
+            out.append({**row._asdict(), "batch": size, "tok_s": median(tok_s[row, size]),
+                        "speedup": median(paired), "over_batch_1": ratio(
+                            median(tok_s[row, size]), median(tok_s[row, sizes[0]])),
+                        "equal_batch_1": ratio(same, len(outputs[row, size]))})
+    return out
 
 
 # ----------------------------------------------------------------------------- real shapes
@@ -725,6 +794,8 @@ def parse_args(argv=None):
         "headline's spread check needs); --shapes: timed runs per forward (default 3)")
     add("--blocks", type=count, nargs="+", help="block lengths (default: the checkpoint's, else 4; "
         "--shapes: 4 8)")
+    add("--batch-sizes", type=count, nargs="+", help="the batch table's sizes (default: "
+        f"{' '.join(map(str, BATCH_SIZES))}; the first is the one the others are compared with)")
     add("--shapes", help=f"TARGET:DRAFT random-weight models, from {', '.join(sorted(SHAPES))}")
     add("--split", action="store_true", help="the toys' decode time per target forward split into "
         "the target's and the draft's forwards, picking and reveal, layout, accept and commit, "

@@ -5,8 +5,10 @@ it. Every option is checked before anything loads or trains: a bad value or a fl
 in the chosen mode is one sentence on stderr and exit status 2.
 """
 import argparse
+import json
 import os
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -74,6 +76,10 @@ def parse_args(argv=None):
     add("--show", action="store_true", help="draw every speculative iteration's blocks")
     add("--prompt", help="user message, chat template applied (default: held-out prompts of the "
         "toys, else 'Write a haiku about the sea.')")
+    add("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt per line (blank lines "
+        "skipped): decode them all in batches; each prompt's answer is one JSON line on stdout, "
+        "written as soon as it is final, with its index and line")
+    add("--batch-size", type=int, help="prompts of --prompts decoded together (default 16)")
     add("--system", help="system message (real checkpoints)")
     add("--no-think", action="store_true", help="append the chat template's empty think block "
         "(enable_thinking=False; real checkpoints)")
@@ -126,6 +132,36 @@ def check_flags(args):
              "messages or think blocks; it is for real chat checkpoints (--model)")
     if args.strategy != "dynamic" and args.threshold is not None:
         fail("--threshold applies to --strategy dynamic only")
+    if args.batch_size is not None and (args.prompts is None or args.batch_size < 1):
+        fail(f"--batch-size must be an integer >= 1; got {args.batch_size}" if args.prompts
+             else "--batch-size applies to --prompts FILE")
+    if args.prompts is not None:
+        for name in ("prompt", "show"):
+            if getattr(args, name):
+                fail(f"{flag(name)} does not apply to --prompts, which decodes a file of prompts "
+                     "in batches")
+        args.lines = read_prompts(args.prompts)
+
+
+def read_prompts(path):
+    """[(line number, prompt)] of a prompts file, its blank lines skipped; a sentence otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        fail(f"--prompts {path} is a folder; give a text file with one prompt per line")
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        fail(f"--prompts {path} does not exist")
+    except UnicodeDecodeError as e:
+        fail(f"--prompts {path} is not UTF-8 text (line {raw[:e.start].count(10) + 1}, byte "
+             f"{e.start}, cannot be decoded); save it as UTF-8")
+    except OSError as e:
+        fail(f"--prompts {path} cannot be read ({e.strerror})")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        fail(f"--prompts {path} holds no prompt; write one per line")
+    return lines
 
 
 def pick_device(name, flag_name):
@@ -136,19 +172,51 @@ def pick_device(name, flag_name):
     return device
 
 
-def load_checkpoint(path, device, dtype, flag_name):
-    """Model and tokenizer from a checkpoint folder; a sentence instead of a traceback."""
+# A checkpoint folder before its weights load: every check needs only these.
+Checkpoint = namedtuple("Checkpoint", "config tok path flag")
+
+
+def read_checkpoint(path, flag_name):
+    """The config and tokenizer of a checkpoint folder; a sentence instead of a traceback."""
     path = Path(path)
     if not path.is_dir():
         fail(f"{flag_name} {path} is not a folder; {WEIGHTS_HELP}.")
     try:
-        return model.load(path, device, dtype), model.load_tokenizer(path)
+        config, _ = model.load_config(path), model.weight_files(path)  # the weights are there
+        return Checkpoint(config, model.load_tokenizer(path), path, flag_name)
     except (OSError, ValueError) as e:
         fail(f"{flag_name} {path} cannot be loaded: {e}")
 
 
+def load_weights(checkpoint, device, dtype):
+    """The model of a checked checkpoint, on its device; a sentence instead of a traceback."""
+    try:
+        return model.load(checkpoint.path, device, dtype)
+    except (OSError, ValueError) as e:
+        fail(f"{checkpoint.flag} {checkpoint.path} cannot be loaded: {e}")
+
+
 def jobs(args):
-    """[(target folder, draft folder or None, [(prompt, answer or None)])] to decode."""
+    """[(target folder, draft folder or None, [(prompt, answer or None, line or None)])] to
+    decode. --prompts: the file's lines (the toys: each on its task's models)."""
+    if args.prompts is not None:
+        if args.model:
+            return [(args.model, args.draft, [(text, None, n) for n, text in args.lines])]
+        train_tiny.ensure_trained()
+        out = []
+        for task in train_tiny.TASKS:
+            mine = [(text, None, n) for n, text in args.lines if train_tiny.task_of(text) == task]
+            folders = train_tiny.folders(task)
+            draft = None if args.vanilla else "self" if args.draft == "self" else folders[
+                train_tiny.DEFAULT_DRAFT]
+            out += [(folders["target"], draft, mine)] if mine else []
+        return out
+    return [(target, draft, [(text, answer, None) for text, answer in prompts])
+            for target, draft, prompts in examples(args)]
+
+
+def examples(args):
+    """[(target folder, draft folder or None, [(prompt, answer or None)])] without --prompts."""
     if args.model:
         tasks = train_tiny.tasks_of(args.model) if args.prompt is None else None
         if tasks:  # a toy folder: its tasks' held-out prompts
@@ -174,13 +242,11 @@ def jobs(args):
     return out
 
 
-def load_models(args, target_dir, draft_dir, devices):
-    """Target, draft (or None), tokenizer and mode; every pair checked before decoding."""
-    def dtype_of(device):
-        return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-
-    target, tok = load_checkpoint(target_dir, devices[0], dtype_of(devices[0]), "--model")
-    ar = target.config.model_type == "qwen3"
+def read_pair(args, target_dir, draft_dir):
+    """Target and draft (or None) Checkpoints, the tokenizer and the mode; every pair checked
+    before any weights load."""
+    target = read_checkpoint(target_dir, "--model")
+    tok, ar = target.tok, target.config.model_type == "qwen3"
     if not ar and tok.mask_id is None:
         fail(f"--model {target_dir} is an SDAR model but its tokenizer defines no mask token "
              "(<|MASK|>); a diffusion model cannot decode without one")
@@ -191,13 +257,13 @@ def load_models(args, target_dir, draft_dir, devices):
             fail(f"--model {target_dir} is autoregressive and cannot propose for itself here; give "
                  "an SDAR --draft folder")
         return target, None, tok, "self"
-    draft, draft_tok = load_checkpoint(draft_dir, devices[1], dtype_of(devices[1]), "--draft")
+    draft = read_checkpoint(draft_dir, "--draft")
     try:
-        model.check_pair(target, draft, tok, draft_tok)
+        model.check_pair(target, draft, tok, draft.tok)
     except ValueError as e:
         fail(f"--draft {draft_dir} with --model {target_dir}: {e}")
     if ar:
-        return target, draft, draft_tok, "specdiff"
+        return target, draft, draft.tok, "specdiff"
     return target, draft, tok, "lossless" if args.verify in (None, "lossless") else "simsd"
 
 
@@ -248,54 +314,99 @@ def decode_main(argv=None):
                pick_device(args.draft_device or args.device,
                            "--draft-device" if args.draft_device else "--device"))
     for target_dir, draft_dir, prompts in jobs(args):
-        target, draft, tok, mode = load_models(args, target_dir, draft_dir, devices)
-        block = check_mode(args, mode, target, draft)
+        checkpoints = read_pair(args, target_dir, draft_dir)
+        tok, mode = checkpoints[2:]
+        block = check_mode(args, mode, *checkpoints[:2])
+        chats = check_lengths(args, tok, checkpoints[0].config, prompts, block)
+        target, draft = (c and load_weights(c, d, dtype_of(args, d))
+                         for c, d in zip(checkpoints[:2], devices))
         params = sum(p.numel() for m in (target, draft) if m is not None for p in m.parameters())
         small = params < 100e6 and "cuda" not in devices
         torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
-        for text, answer in prompts:
-            ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
-            room = target.config.max_position_embeddings
-            if len(ids) + args.max_new_tokens + block > room:
-                fail(f"the prompt ({len(ids)} tokens), --max-new-tokens {args.max_new_tokens} and "
-                     f"one block ({block}) exceed the model's max_position_embeddings {room}")
+        if args.prompts is not None:
+            decode_file(target, draft, tok, chats, prompts, block, mode, args)
+            continue
+        for ids, (text, answer, _) in zip(chats, prompts):
             decode_one(target, draft, tok, ids, text, answer, block, mode, args)
-    print("\n(tok/s is rough here, and the first prompt includes warm-up: python bench.py measures "
-          "speed)")
+    if args.prompts is None:
+        print("\n(tok/s is rough here, and the first prompt includes warm-up: python bench.py "
+              "measures speed)")
+
+
+def dtype_of(args, device):
+    return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+
+
+def check_lengths(args, tok, config, prompts, block):
+    """Each prompt's chat ids; a sentence naming the prompt (its line of --prompts) that would not
+    fit the model's positions with --max-new-tokens and one block."""
+    room, chats = config.max_position_embeddings, []
+    for text, _, line in prompts:
+        ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
+        if len(ids) + args.max_new_tokens + block > room:
+            where = f"line {line} of --prompts: the prompt" if line else "the prompt"
+            fail(f"{where} ({len(ids)} tokens), --max-new-tokens {args.max_new_tokens} and one "
+                 f"block ({block}) exceed the model's max_position_embeddings {room}")
+        chats.append(ids)
+    return chats
+
+
+def decode_file(target, draft, tok, chats, prompts, block, mode, args):
+    """Decode the prompts in batches of --batch-size; each prompt's answer is printed as one JSON
+    line (index: its place among the file's prompts, line: its line) as soon as it is final."""
+    size, index = args.batch_size or 16, {line: i for i, (line, _) in enumerate(args.lines)}
+    for first in range(0, len(chats), size):
+        batch = list(range(first, min(first + size, len(chats))))
+
+        def on_row(i, tokens, stats, batch=batch):
+            text, _, line = prompts[batch[i]]
+            end = "length" if len(tokens) == args.max_new_tokens else "stop"
+            print(json.dumps({"index": index[line], "line": line, "prompt": text,
+                              "output": tok.decode(tokens), "tokens": len(tokens), "end": end},
+                             ensure_ascii=False), flush=True)
+        run_decoder(target, draft, tok, [chats[b] for b in batch], block, mode, args,
+                    on_row=on_row)
 
 
 def decode_one(target, draft, tok, ids, text, answer, block, mode, args):
     out = Printer(tok, sys.stdout.isatty(), mode)
-    device = decode.device_of(draft if draft is not None else target)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p)
-    common = dict(sampling=sampling, stop_ids=tok.stop_ids, generator=generator)
-    rule = dict(block=block, steps=args.steps, strategy=args.strategy or "static",
-                threshold=0.9 if args.threshold is None else args.threshold)
     print(f"\n>>> {text}\n", flush=True)
-    if mode == "ar":
-        tokens, stats = decode.generate_ar(target, ids, args.max_new_tokens, callback=out.stream,
-                                           **common)
-    elif mode == "vanilla":
-        tokens, stats = decode.generate(target, ids, args.max_new_tokens, callback=out.stream,
-                                        **rule, **common)
-    else:
-        if args.show:
-            out.legend()
-        on_iteration = out.show if args.show else lambda info: out.stream(info["new"])
-        if mode == "specdiff":
-            rule = dict(block=block, steps=args.steps, strategy=args.strategy or "static")
-        tokens, stats = speculative.generate(target, draft, ids, args.max_new_tokens,
-                                             verify=args.verify, accept=args.accept,
-                                             lookahead=args.lookahead or speculative.LOOKAHEAD,
-                                             eos_min_prob=args.eos_min_prob or 0.0,
-                                             proposer=args.proposer, drafting=args.drafting,
-                                             on_iteration=on_iteration, **rule, **common)
+    if args.show:
+        out.legend()
+    on_iteration = out.show if args.show else lambda info: out.stream(info["new"])
+    tokens, stats = run_decoder(target, draft, tok, ids, block, mode, args, callback=out.stream,
+                                on_iteration=on_iteration)
     text_out = tok.decode(tokens)
     print("\n" + text_out if args.show else text_out[len(out.shown):])
     if answer is not None:
         print(f"[{verdict(text, text_out, answer, len(tokens), args.max_new_tokens)}]")
+    device = decode.device_of(draft if draft is not None else target)
     print(f"[{summary(stats, mode, block, args, device)}]")
+
+
+def run_decoder(target, draft, tok, prompts, block, mode, args, callback=None, on_iteration=None,
+                on_row=None):
+    """The mode's decoder on one prompt or a batch: callback streams a decoder alone's tokens,
+    on_iteration sees a speculative one's iterations, on_row each prompt's final output."""
+    device = decode.device_of(draft if draft is not None else target)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p)
+    common = dict(sampling=sampling, stop_ids=tok.stop_ids, generator=generator, on_row=on_row)
+    rule = dict(block=block, steps=args.steps, strategy=args.strategy or "static",
+                threshold=0.9 if args.threshold is None else args.threshold)
+    if mode == "ar":
+        return decode.generate_ar(target, prompts, args.max_new_tokens, callback=callback, **common)
+    if mode == "vanilla":
+        return decode.generate(target, prompts, args.max_new_tokens, callback=callback, **rule,
+                               **common)
+    if mode == "specdiff":
+        rule = dict(block=block, steps=args.steps, strategy=args.strategy or "static")
+    return speculative.generate(target, draft, prompts, args.max_new_tokens, verify=args.verify,
+                                accept=args.accept,
+                                lookahead=args.lookahead or speculative.LOOKAHEAD,
+                                eos_min_prob=args.eos_min_prob or 0.0, proposer=args.proposer,
+                                drafting=args.drafting, on_iteration=on_iteration, **rule,
+                                **common)
 
 
 def verdict(prompt, output, answer, n_tokens, max_new_tokens):

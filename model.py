@@ -383,15 +383,19 @@ def _read_json(path):
 
 # ----------------------------------------------------------------------------- load / save
 
-def load(path, device="cpu", dtype=None) -> Transformer:
-    """Load an SDAR/Qwen3 checkpoint folder (config.json + model.safetensors or a sharded
-    model.safetensors.index.json) straight onto `device`, in eval mode."""
+def load_config(path) -> Config:
+    """The Config of a checkpoint folder, from its config.json."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: point at an SDAR or Qwen3 checkpoint "
                                 "folder (config.json + model.safetensors or "
                                 "model.safetensors.index.json).")
-    config = Config.from_json(path / "config.json")
+    return Config.from_json(path / "config.json")
+
+
+def weight_files(path):
+    """The safetensors files of a checkpoint folder, each checked to be there."""
+    path = Path(path)
     if (path / "model.safetensors.index.json").is_file():
         weight_map = _read_json(path / "model.safetensors.index.json")["weight_map"]
         files = sorted(set(weight_map.values()))
@@ -404,6 +408,14 @@ def load(path, device="cpu", dtype=None) -> Transformer:
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} is listed in model.safetensors.index.json but "
                                     "missing.")
+    return files
+
+
+def load(path, device="cpu", dtype=None) -> Transformer:
+    """Load an SDAR/Qwen3 checkpoint folder (config.json + model.safetensors or a sharded
+    model.safetensors.index.json) straight onto `device`, in eval mode."""
+    path = Path(path)
+    config, files = load_config(path), weight_files(path)
     with torch.device("meta"):
         model = Transformer(config)  # no memory: the checkpoint's tensors are assigned below
     state = {}

@@ -309,6 +309,25 @@ def test_toy_run_states_one_thread_and_the_drafts(toys, two_threads, capsys):
     assert all(r["outputs_equal_target"] == 1.0 for r in rows.values() if r["draft"])
 
 
+def test_batch_table_on_the_toys(toys, capsys):
+    """The batch table: per task, target, target-dyn0.9, ar, the fastest lossless and specdiff rows
+    at each size; every batched output equal to its batch-1 output, size 1 at 1x its own."""
+    bench.main(["--tasks", "sort", "--num-prompts", "3", "--new-tokens", "6", "--answer-cap", "6",
+                "--methods", "target-dyn0.9", "target-self", "simsd-lossless-block", "specdiff",
+                "--lookahead", "2", "--batch-sizes", "1", "2", "3"])
+    out = capsys.readouterr().out
+    assert "sort, batches (every prompt, in batches of each size):" in out
+    batches = strict_json(out.strip().splitlines()[-1])["batches"]
+    rows = {(r["method"], r["batch"]) for r in batches}
+    fastest = {r["method"] for r in batches} - {"target", "target-dyn0.9", "ar", "specdiff"}
+    assert len(fastest) == 1 and fastest <= {"target-self", "simsd-lossless-block"}
+    assert rows == {(m, b) for m in ("target", "target-dyn0.9", "ar", "specdiff", *fastest)
+                    for b in (1, 2, 3)}
+    assert all(r["equal_batch_1"] == 1.0 for r in batches)
+    assert all(r["over_batch_1"] == 1.0 for r in batches if r["batch"] == 1)
+    assert all(r["speedup"] == 1.0 for r in batches if r["method"] in ("target", "ar"))
+
+
 def test_split_adds_up_and_leaves_the_code_as_it_was(toys, capsys):
     """--split on the micro toys: a row per task and method, parts that add up to the total (the
     forwards a real share of it), and afterwards no function left wrapped."""

@@ -36,6 +36,13 @@ def ckpt(tmp_path_factory, micro_checkpoint):
     (root / "layers" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -1}))
     out["nomask"] = micro_checkpoint(root / "nomask")
     model.write_byte_tokenizer(root / "nomask", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    (root / "prompts.txt").write_text("hi\n\nhello there\nsort 12\n", encoding="utf-8")
+    (root / "latin1.txt").write_bytes("hi\ncafé au lait\n".encode("latin-1"))
+    (root / "blank.txt").write_text("\n  \n\n")
+    (root / "long.txt").write_text("hi\n\n" + "a " * 40 + "\n")
+    (root / "folder").mkdir()
+    out.update({name: str(root / f"{name}.txt") for name in ("prompts", "latin1", "blank", "long")})
+    out["folder"], out["missing"] = str(root / "folder"), str(root / "missing.txt")
     out["othervocab"] = micro_checkpoint(root / "othervocab", 4)
     model.write_byte_tokenizer(root / "othervocab",
                                specials=("<|im_start|>", "<|endoftext|>", "<|im_end|>", "<|MASK|>"))
@@ -49,8 +56,9 @@ def run_cli(*args, timeout=120):
 
 def bad_inputs(c):
     """(arguments, the sentence expected on stderr); each must exit 2 with no traceback."""
-    m = ["--model", c["target"], "--device", "cpu", "--prompt", "hi"]
-    free = ["--model", c["free"], "--device", "cpu", "--prompt", "hi"]
+    m = ["--model", c["target"], "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "8"]
+    free = ["--model", c["free"], "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "8"]
+    f = m[:4] + ["--max-new-tokens", "8"]  # for --prompts
     spec = m + ["--draft", c["draft"]]
     cases = [
         (m + ["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = argmax); got -1.0"),
@@ -110,6 +118,17 @@ def bad_inputs(c):
         (["--model", c["ar"], "--draft", "self"], "is autoregressive and cannot propose for itself"),
         (["--model", c["ar"], "--draft", c["draft"], "--proposer", "draft"],
          "--proposer does not apply to an autoregressive target"),
+        (f + ["--prompts", c["missing"]], "does not exist"),
+        (f + ["--prompts", c["folder"]], "is a folder; give a text file with one prompt per line"),
+        (f + ["--prompts", c["latin1"]], "is not UTF-8 text (line 2, byte 6, cannot be decoded)"),
+        (f + ["--prompts", c["blank"]], "holds no prompt; write one per line"),
+        (f + ["--prompts", c["long"]], "line 3 of --prompts: the prompt ("),
+        (f + ["--prompts", c["prompts"], "--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
+        (f + ["--prompts", c["prompts"], "--batch-size", "-2"], "--batch-size must be an integer >= 1; got -2"),
+        (f + ["--prompts", c["prompts"], "--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+        (m + ["--batch-size", "4"], "--batch-size applies to --prompts FILE"),
+        (m + ["--prompts", c["prompts"]], "--prompt does not apply to --prompts"),
+        (f + ["--prompts", c["prompts"], "--show"], "--show does not apply to --prompts"),
         (["--model", c["target"], "--draft-device", "cuda"], "--draft-device cuda was asked for"),
         (["--device", "cuda"], "--device cuda was asked for but this machine has no CUDA GPU")]
     return [case for case in cases if "cuda" not in case[0] or not torch.cuda.is_available()]
@@ -200,8 +219,8 @@ def toys(ckpt, monkeypatch):
     monkeypatch.setattr(train_tiny, "folders", folders.get)
     monkeypatch.setattr(train_tiny, "ensure_trained", lambda quiet=False: None)
     loaded = []
-    real = cli.load_checkpoint
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, *a: (loaded.append(Path(path).name), real(path, *a))[1])
+    real = cli.read_checkpoint
+    monkeypatch.setattr(cli, "read_checkpoint", lambda path, *a: (loaded.append(Path(path).name), real(path, *a))[1])
     return loaded
 
 
@@ -224,3 +243,24 @@ def test_the_toy_default_routes_prompts_to_their_tasks_models(toys, capsys):
     out = capsys.readouterr().out
     assert out.count("the target proposing for itself") == len(prompts)
     assert toys == ["target", "draft"]  # each task's target proposes for itself
+
+
+@pytest.mark.parametrize("mode", [[], ["--draft", "DRAFT"], ["--draft", "self"], ["--vanilla"]])
+def test_a_file_of_prompts_is_one_json_line_each(mode, ckpt):
+    """--prompts FILE --batch-size 2: one JSON line per prompt (blank lines skipped), each with its
+    index and line, and the output its decode alone gives, whatever the batch."""
+    args = [a.replace("DRAFT", ckpt["draft"]) for a in mode]
+    r = run_cli("--model", ckpt["target"], "--prompts", ckpt["prompts"], "--batch-size", "2",
+                "--max-new-tokens", "6", "--device", "cpu", *args)
+    assert r.returncode == 0, r.stderr
+    rows = sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda x: x["index"])
+    assert [(x["index"], x["line"], x["prompt"]) for x in rows] == [
+        (0, 1, "hi"), (1, 3, "hello there"), (2, 4, "sort 12")]
+    tok, target = model.load_tokenizer(ckpt["target"]), model.load(ckpt["target"])
+    for x in rows:
+        ids, stops = tok.chat(x["prompt"]), tok.stop_ids
+        want = decode.generate(target, ids, 6, stop_ids=stops)[0]
+        if "--draft" in args and args[1] != "self":
+            want = speculative.generate(target, model.load(ckpt["draft"]), ids, 6, stop_ids=stops)[0]
+        assert x["output"] == tok.decode(want) and x["tokens"] == len(want)
+        assert x["end"] == ("length" if len(want) == 6 else "stop")
