@@ -180,18 +180,17 @@ def forward_block(model, pending, x, start, cache):
     are padded (mask.pack)."""
     B, dev = x.shape[-1], x.device
     widths = [len(p) for p in pending]
-    first = torch.tensor(widths, device=dev)[:, None] + torch.arange(B, device=dev)
     if len(set(widths)) == 1:  # one width: one mask for every row
         n = widths[0]
         ids = torch.cat([torch.stack(pending), x], -1)
         pos = torch.tensor(start, device=dev)[:, None] + torch.arange(-n, B, device=dev)
         attend = masks.block_causal(n + B, B, start[0] - n, dev)  # pending is whole blocks
-    else:
-        rows = [(torch.cat([p, row]), torch.arange(s - len(p), s + B, device=dev),
-                 masks.block_causal(len(p) + B, B, s - len(p), dev))
-                for p, row, s in zip(pending, x, start)]
-        ids, pos, attend = masks.pack(rows, 0)
-    logits = model(ids, pos, attend, cache)
+        return model(ids, pos, attend, cache)[:, n:]
+    rows = [(torch.cat([p, row]), torch.arange(s - len(p), s + B, device=dev),
+             masks.block_causal(len(p) + B, B, s - len(p), dev))
+            for p, row, s in zip(pending, x, start)]
+    logits = model(*masks.pack(rows, 0), cache)
+    first = torch.tensor(widths, device=dev)[:, None] + torch.arange(B, device=dev)
     return logits[torch.arange(len(x), device=dev)[:, None], first]
 
 

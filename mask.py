@@ -103,6 +103,9 @@ def pack(rows, pad_id):
     (n, n) or None = all attend)] -> ids (R, T), positions (R, T), mask (R, T, T). Each row's tokens
     come first, then pad tokens (pad_id at position 0) that see only themselves (an attention row
     must see something) and that no token sees."""
+    if len(rows) == 1:  # a batch of one: nothing to pad
+        ids, pos, mask = rows[0]
+        return ids[None], pos[None], None if mask is None else mask[None]
     width, dev = max(len(ids) for ids, _, _ in rows), rows[0][0].device
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=dev)
     pos = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
