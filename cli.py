@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -364,8 +365,12 @@ def decode_file(target, draft, tok, chats, prompts, block, mode, args):
             print(json.dumps({"index": index[line], "line": line, "prompt": text,
                               "output": tok.decode(tokens), "tokens": len(tokens), "end": end},
                              ensure_ascii=False), flush=True)
-        run_decoder(target, draft, tok, [chats[b] for b in batch], block, mode, args,
-                    on_row=on_row)
+        t0 = time.perf_counter()
+        outs, _ = run_decoder(target, draft, tok, [chats[b] for b in batch], block, mode, args,
+                              on_row=on_row)
+        print(f"[{len(batch)} prompts, {sum(map(len, outs))} tokens in "
+              f"{time.perf_counter() - t0:.1f} s ({mode}, batch of {len(batch)})]", file=sys.stderr,
+              flush=True)
 
 
 def decode_one(target, draft, tok, ids, text, answer, block, mode, args):
@@ -488,7 +493,7 @@ class Printer:
             counts = [f"{fate.count(f)} {name}" for f, name in names]
             return "(" + ", ".join(counts) + ")"
         if 2 in fate and not any(steps):
-            return "(the target's own first step, from the block all masked)"
+            return f"(the target's own step {taken}: nothing was proposed from this state)"
         if 2 in fate:
             return (f"({taken - 1} step(s) matched by {by}, then the target's own step {taken}: "
                     "the chain stops)")
