@@ -145,9 +145,9 @@ def speculate(run, opt):
     ids, pos, attend = masks.pack(parts, opt.mask_id)
     # 3. the target's one forward, for every row
     logits = run.target(ids, pos, attend, run.tcache)
-    picked = torch.cat([logits[r, at] for r, at in enumerate(rows)])
-    q = opt.sampling.distribution(picked, suppress=None if opt.verify is None else opt.mask_id)
-    q = q.split([len(logits[r, at]) for r, at in enumerate(rows)])
+    verifying = [logits[r, at] for r, at in enumerate(rows)]  # each row's own, pads left out
+    suppress = None if opt.verify is None else opt.mask_id  # an AR target has no mask token
+    q = opt.sampling.distribution(torch.cat(verifying), suppress).split(list(map(len, verifying)))
     # 4. accept: the target's own steps, the paper's judgement, or the causal one
     verdicts = []
     for r, row in enumerate(run.rows):

@@ -42,9 +42,6 @@ class Proposal:
         """(S, B): the masked positions of the state before each step (revealed at it or later)."""
         return self.step >= torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
 
-    def positions(self):
-        return torch.arange(self.start, self.start + len(self.tokens), device=self.tokens.device)
-
     def at_own_step(self, x):
         """x (S, B, ...) -> (B, ...): each proposed position's row at the step that revealed it."""
         cols = torch.arange(len(self.step), device=x.device)
