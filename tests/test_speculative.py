@@ -787,3 +787,20 @@ def test_batched_sampling_follows_the_targets_distribution(strategy, sampling, l
                                    sampling=sampling, generator=torch.Generator().manual_seed(0),
                                    **spec)
     assert p_value(exact, [tuple(out) for out in outs]) > 1e-5
+
+
+def test_batched_sampling_alone_and_specdiff_follow_their_distributions(tiny_pair, random_model,
+                                                                      favour):
+    """The chi-square test on 600 rows of one batched decode of the target alone (against the
+    enumeration), and of SpecDiff (against the AR target's enumeration)."""
+    target = tiny_pair[0]
+    exact = enumerate_decoding(target, [1, 2, 0], 3, 2, "static", 0.6, SAMPLED)
+    outs, _ = decode.generate(target, [[1, 2, 0]] * 600, 3, block=2, sampling=SAMPLED,
+                              generator=torch.Generator().manual_seed(2))
+    assert p_value(exact, [tuple(o) for o in outs]) > 1e-5
+    ar = favour(random_model(4, 1, model_type="qwen3", vocab=4, sharpen=2.0), -1e4, token=3)
+    draft = random_model(5, 1, vocab=4, sharpen=2.0)
+    exact = enumerate_ar(ar, [1, 0, 2], 3, SAMPLED)
+    outs, _ = speculative.generate(ar, draft, [[1, 0, 2]] * 600, 3, block=2, sampling=SAMPLED,
+                                   generator=torch.Generator().manual_seed(3))
+    assert p_value(exact, [tuple(o) for o in outs]) > 1e-5
