@@ -73,6 +73,7 @@ METHODS = {
     "simsd-dyn0.9": Method("simsd", *DYN, "simsd", "step"),
     "simsd-exact": Method("simsd", verify="exact", accept="step"),
     "specdiff": Method("specdiff", reproduces="ar"),
+    "specdiff-step": Method("specdiff", reproduces="ar", drafting="step"),
 }
 DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "target-self", "target-self-dyn0.9",
                    "draft", "ar", "simsd-lossless", "simsd-lossless-dyn0.9", "simsd-lossless-block",
@@ -288,7 +289,7 @@ def comparisons(group):
             top = fastest(paper)
             lines.append(f"no paper SimSD row is within 1 point of the static target's accuracy "
                          f"(the fastest, {name(top)}, has {top['accuracy']:.1f}%)")
-    specdiff = [r for r in group if r["method"] == "specdiff"]
+    specdiff = [r for r in group if METHODS[r["method"]].kind == "specdiff"]
     if specdiff and "ar" in alone:
         lines.append(versus(fastest(specdiff), alone["ar"]))
     return lines
@@ -544,7 +545,7 @@ def batch_plan(table):
     for task in dict.fromkeys(r["task"] for r in table):
         mine = [r for r in table if r["task"] == task and r["temperature"] == 0]
         lossless = [r for r in mine if METHODS[r["method"]].verify == "lossless"]
-        specdiff = [r for r in mine if r["method"] == "specdiff"]
+        specdiff = [r for r in mine if METHODS[r["method"]].kind == "specdiff"]
         chosen = [r for r in mine if r["method"] in ("target", "target-dyn0.9", "ar")]
         chosen += [fastest(rows) for rows in (lossless, specdiff) if rows]
         out += [Row(*(r[f] for f in Row._fields)) for r in chosen]

@@ -65,7 +65,7 @@ def parse_args(argv=None):
         "--strategy static, draft with dynamic")
     add("--drafting", choices=["step", "block"], help="the draft's forwards: one per denoising "
         "step, or one per block whose confidences SDAR's rule is applied to step after step "
-        f"(default {speculative.DRAFTING} with --verify lossless, step with the paper's and SpecDiff)")
+        f"(default {speculative.DRAFTING}; step with --verify exact or simsd, the paper's)")
     add("--vanilla", action="store_true", help="decode with the target alone")
     add("--verify", choices=["lossless", "exact", "simsd"], help="how an SDAR target verifies "
         "(default lossless: exactly the target's own decoding; exact and simsd: the paper's "

@@ -53,7 +53,7 @@ LOOKAHEAD = 2  # blocks one target forward reaches by default (the README says w
 # Who proposes to a lossless target with a draft, by strategy (the README says why): the target's
 # own chain helps static decoding; dynamic decoding has revealed every confident position already.
 PROPOSER = {"static": "hybrid", "dynamic": "draft"}
-DRAFTING = "block"  # the draft's forwards: one per block, or one per step ("step")
+DRAFTING = "block"  # the draft's forwards: one per block, or one per step (the README says why)
 
 
 @dataclass
@@ -368,8 +368,8 @@ def options(target, draft, max_new_tokens, *, block, steps, strategy, threshold,
         if when:
             raise ValueError(why)
     mask_id = decode.diffusion_mask_id(target if draft is None else draft)
-    if drafting is None:  # the paper's drafts and SpecDiff's decode step by step
-        drafting = DRAFTING if verify == "lossless" else "step"
+    if drafting is None:  # the paper's output depends on its draft, which decodes step by step
+        drafting = DRAFTING if verify in ("lossless", None) else "step"
     return Options(block, steps, strategy, threshold, sampling, verify, accept or "step", lookahead,
                    eos_min_prob, tuple(stop_ids), mask_id, max_new_tokens, proposer, drafting)
 
@@ -412,7 +412,8 @@ def generate(target, draft, prompts, max_new_tokens, *, block=4, steps=None, str
     "step" (default) or "position", for exact and simsd. draft None: the target proposes for
     itself (lossless). proposer, with a draft: "draft", or "hybrid" (the draft and the target
     both; lossless only; default PROPOSER by strategy). drafting: "step" (a draft forward per
-    step) or "block" (one per block; lossless's default DRAFTING, the others' "step").
+    step) or "block" (one per block; DRAFTING by default, but "step" for exact and simsd, whose
+    output is the draft's order's).
     lookahead: the blocks one target forward reaches. eos_min_prob: exact and simsd's gate on
     stop tokens. generator: sampling's random state, on the draft's device (the target's without
     a draft). on_iteration(info) sees each row's iteration: its blocks' starts, committed tokens
