@@ -371,6 +371,14 @@ def fill(rows, full, mask_id, max_new_tokens, stop_ids, callback, cached, steps)
     return going
 
 
+def final(results, i, out, stats, seconds, on_row):
+    """Prompt i's output is final: its Stats completed, its result kept, on_row told."""
+    stats.tokens, stats.seconds = len(out), seconds
+    results[i] = (out, stats)
+    if on_row:
+        on_row(i, out, stats)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, *, block=4, steps=None, strategy="static",
              threshold=0.9, sampling=GREEDY, stop_ids=(), generator=None, callback=None,
@@ -417,12 +425,8 @@ def generate(model, prompts, max_new_tokens, *, block=4, steps=None, strategy="s
             full = (~rows.todo.any(-1)).tolist()
         going = fill(rows, full, mask_id, max_new_tokens, stop_ids, stream, cached, steps)
         for r in (r for r, g in enumerate(going) if not g):
-            stats = rows.stats[r]
-            stats.tokens, stats.steps, stats.seconds = len(rows.out[r]), stats.forwards, sync(
-                dev) - t1
-            results[rows.index[r]] = (rows.out[r], stats)
-            if on_row:
-                on_row(rows.index[r], rows.out[r], stats)
+            rows.stats[r].steps = rows.stats[r].forwards
+            final(results, rows.index[r], rows.out[r], rows.stats[r], sync(dev) - t1, on_row)
         if not all(going):
             rows.keep([r for r, g in enumerate(going) if g], cache)
     return tuple(map(list, zip(*results))) if batch else results[0]
@@ -466,11 +470,8 @@ def generate_ar(model, prompts, max_new_tokens, *, sampling=GREEDY, stop_ids=(),
                 callback(*((index[r], new) if batch else (new,)))
             going.append(not done)
             if done:
-                stats[r].tokens, stats[r].steps = len(outs[r]), stats[r].forwards
-                stats[r].seconds = sync(dev) - t1
-                results[index[r]] = (outs[r], stats[r])
-                if on_row:
-                    on_row(index[r], outs[r], stats[r])
+                stats[r].steps = stats[r].forwards
+                final(results, index[r], outs[r], stats[r], sync(dev) - t1, on_row)
         seqs = [torch.cat([s, tokens[r:r + 1]]) for r, s in enumerate(seqs)]
         if not all(going):
             keep = [r for r, g in enumerate(going) if g]

@@ -250,14 +250,9 @@ class KVCache:
         self.lens, self.written = lengths, 0
 
     def keep_rows(self, rows):
-        """Keep only these rows (finished rows leave the batch): one copy of their used slots."""
-        used = max((self.lens[r] for r in rows), default=0)
+        """Keep only these rows (finished rows leave the batch): one copy of their slots."""
         index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        k, v = self.k, self.v
-        self.k = k.new_zeros(k.shape[0], len(rows), *k.shape[2:])
-        self.v = v.new_zeros(v.shape[0], len(rows), *v.shape[2:])
-        self.k[:, :, :, :used] = k[:, index, :, :used]
-        self.v[:, :, :, :used] = v[:, index, :, :used]
+        self.k, self.v = self.k[:, index], self.v[:, index]
         self.lens, self.written = [self.lens[r] for r in rows], 0
 
     def reset(self):

@@ -272,7 +272,7 @@ def commit(run, verdicts, draft_lens, opt):
     none is). Returns, per row, the tokens now returnable."""
     B = opt.block
     keep, n_keep, news = [], [], []
-    for row, v in zip(run.rows, verdicts):
+    for r, (row, v) in enumerate(zip(run.rows, verdicts)):
         complete = 0
         while complete < len(v.tokens) and all(v.known[complete]):
             complete += 1
@@ -290,7 +290,7 @@ def commit(run, verdicts, draft_lens, opt):
                 P + c * B + i for c in v.slots for i in range(B))])
             row.tpending = tokens[n:complete].flatten()
         if run.dcache is not None:
-            draft_lens[len(news)] += len(row.dpending) + v.kept * B
+            draft_lens[r] += len(row.dpending) + v.kept * B
             row.dpending = tokens[v.kept:complete].flatten()
         news.append(returnable(v.tokens, v.known, row.block.returned))
         row.block, row.hint = next_block(row.block, v, tokens, complete, opt), v.hint
@@ -440,11 +440,8 @@ def generate(target, draft, prompts, max_new_tokens, *, block=4, steps=None, str
             if on_iteration:
                 on_iteration({**info, "new": new})
             if row.done:
-                row.stats.tokens, row.stats.prefill_seconds = len(row.out), t1 - t0
-                row.stats.seconds = decode.sync(dev) - t1
-                results[row.index] = (row.out, row.stats)
-                if on_row:
-                    on_row(row.index, row.out, row.stats)
+                row.stats.prefill_seconds = t1 - t0
+                decode.final(results, row.index, row.out, row.stats, decode.sync(dev) - t1, on_row)
         if any(row.done for row in run.rows):  # finished rows leave the batch
             going = [r for r, row in enumerate(run.rows) if not row.done]
             run.rows = [run.rows[r] for r in going]

@@ -116,7 +116,7 @@ Verdict = namedtuple("Verdict", "tokens known fate proposed steps taken done slo
 
 # ----------------------------------------------------------------------------- 2. layout
 
-def chain(proposals, tail, opt):
+def chain(proposals, tail, flag, opt):
     """One proposer's chain as a Tree: the state before each step of each proposed block, and
     with `tail` the all-masked state of the block after the last, which the target decides alone."""
     B, dev = opt.block, proposals[0].tokens.device
@@ -141,11 +141,13 @@ def chain(proposals, tail, opt):
         done.append(0)
     drawn = torch.arange(len(block), device=dev) < n
     probs = None if probs is None else torch.cat(probs)
+    nodes = len(block)
     return Tree(torch.cat(states), torch.cat(arrival), torch.cat(picks), probs, drawn,
-                list(range(-1, len(block) - 1)), block, done, [0] * len(block), {})
+                list(range(-1, nodes - 1)), block, done, [flag] * nodes,
+                {flag: (proposals, list(range(nodes)))})
 
 
-def root(blk, opt):
+def root(blk):
     """The Tree of the current block's state alone: the target takes its own step from it."""
     x = blk.tokens[None]
     return Tree(x, x, torch.zeros_like(x), None, torch.zeros(1, dtype=torch.bool,
@@ -157,15 +159,10 @@ def grow(chains, n_blocks, blk, opt):
     of identical states (one host sync to find it), and part after it; with a lossless target,
     each chain ends in the all-masked state of the block after its last (tail), up to n_blocks.
     A state shared by both keeps the target's own draws."""
-    trees = []
-    for flag, proposals in chains.items():
-        tail = opt.verify == "lossless" and len(proposals) < n_blocks
-        t = chain(proposals, tail, opt)
-        t.by = [flag] * len(t.by)
-        t.chains = {flag: (proposals, list(range(len(t.by))))}
-        trees.append(t)
+    trees = [chain(proposals, opt.verify == "lossless" and len(proposals) < n_blocks, flag, opt)
+             for flag, proposals in chains.items()]
     if not trees:
-        return root(blk, opt)
+        return root(blk)
     tree = trees[0]
     for other in trees[1:]:
         tree = merge(tree, other)
@@ -178,13 +175,11 @@ def merge(a, b):
     same = (a.states[:m] == b.states[:m]).all(-1) & (a.arrival[:m] == b.arrival[:m]).all(-1)
     same &= torch.tensor([x == y for x, y in zip(a.block, b.block)], device=same.device)
     k = int(same.long().cumprod(0).sum())  # at least the root
-    n = len(a.block)
-    flag = b.by[0]
+    n, extra, flag = len(a.block), len(b.block) - k, b.by[0]  # extra: b's nodes past the prefix
     probs = None if a.probs is None else torch.cat([a.probs, b.probs[k:]])
-    parent = a.parent + [k - 1, *range(n, n + len(b.block) - k - 1)][:len(b.block) - k]
+    parent = a.parent + ([k - 1, *range(n, n + extra - 1)] if extra else [])
     by = [f | flag if i < k else f for i, f in enumerate(a.by)] + b.by[k:]
-    chains = {**a.chains, flag: (b.chains[flag][0], list(range(k)) + list(
-        range(n, n + len(b.block) - k)))}
+    chains = {**a.chains, flag: (b.chains[flag][0], [*range(k), *range(n, n + extra)])}
     return Tree(torch.cat([a.states, b.states[k:]]), torch.cat([a.arrival, b.arrival[k:]]),
                 torch.cat([a.picks, b.picks[k:]]), probs, torch.cat([a.drawn, b.drawn[k:]]),
                 parent, a.block + b.block[k:], a.done + b.done[k:], by, chains)
@@ -230,9 +225,9 @@ def causal_layout(proposals, target_pending, n_masks):
 
 # ----------------------------------------------------------------------------- 4. accept
 
-def draw(q, generator=None, device=None):
+def draw(q, generator=None):
     """One draw per row of q (..., V), with uniforms from the generator's own device (Gumbel-max)."""
-    source = generator.device if generator is not None else device or q.device
+    source = generator.device if generator is not None else q.device
     u = torch.rand(q.shape, generator=generator, device=source).to(q.device)
     return (q.log() - torch.log(-torch.log(u.clamp(min=1e-20)))).argmax(-1)
 
@@ -258,7 +253,7 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
     ok = u * p_d < q_d  # modified rejection sampling
     residual = (chosen - p).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, chosen)  # p == q: q
-    return torch.where(ok, d, draw(residual, generator, source)), ok
+    return torch.where(ok, d, draw(residual, generator)), ok
 
 
 def in_time_order(ok, order):
