@@ -744,7 +744,7 @@ def split_main(args, device, dtype):
     new, cells = args.new_tokens or 32, []
     for task_name, task in tasks.items():
         rows = [r for r in plan(task_name, task, args) if r.method in args.methods
-                and r.lookahead in (None, speculative.LOOKAHEAD) and r.draft != "data"]
+                and r.lookahead in (None, speculative.LOOKAHEAD)]
         for r in rows:
             chats = [task.tok.chat(text) for text, _ in task.prompts]
             for i, ids in enumerate(chats[:2]):  # warm-up
@@ -760,7 +760,7 @@ def split_main(args, device, dtype):
             names = ["target forward", "draft forwards", *list(PARTS)[:-1], "Python"]
             cells.append([task_name, name(r._asdict()), f"{1e3 * seconds / forwards:.2f}"] +
                          [f"{1e3 * parts[n] / forwards:.2f}" for n in names])
-    print(f"- ms per target forward (an iteration), {len(chats)} prompts per task, {new} new tokens, "
+    print(f"- ms per target forward (an iteration), {len(task.prompts)} prompts per task, {new} new tokens, "
           f"{device}, {torch.get_num_threads()} thread(s)\n")
     print(markdown(["task", "method", "total", *names], cells))
 

@@ -208,12 +208,16 @@ def jobs(args):
         for task in train_tiny.TASKS:
             mine = [(text, None, n) for n, text in args.lines if train_tiny.task_of(text) == task]
             folders = train_tiny.folders(task)
-            draft = None if args.vanilla else "self" if args.draft == "self" else folders[
-                train_tiny.DEFAULT_DRAFT]
-            out += [(folders["target"], draft, mine)] if mine else []
+            out += [(folders["target"], toy_draft(args, folders), mine)] if mine else []
         return out
     return [(target, draft, [(text, answer, None) for text, answer in prompts])
             for target, draft, prompts in examples(args)]
+
+
+def toy_draft(args, folders):
+    """The draft a toy task decodes with: none (--vanilla), the target itself, or the default."""
+    return None if args.vanilla else "self" if args.draft == "self" else folders[
+        train_tiny.DEFAULT_DRAFT]
 
 
 def examples(args):
@@ -225,7 +229,6 @@ def examples(args):
         else:
             prompts = [(args.prompt or "Write a haiku about the sea.", None)]
         return [(args.model, args.draft, prompts)]
-    self_only = args.draft == "self"
     train_tiny.ensure_trained()
     if args.prompt is not None:
         note = train_tiny.outside_training(args.prompt)
@@ -237,7 +240,7 @@ def examples(args):
     out = []
     for task in tasks:
         folders = train_tiny.folders(task)
-        draft = None if args.vanilla else "self" if self_only else folders[train_tiny.DEFAULT_DRAFT]
+        draft = toy_draft(args, folders)
         held_out = train_tiny.examples(3, "heldout", task=task)
         out.append((folders["target"], draft, prompts or held_out))
     return out
@@ -315,12 +318,11 @@ def decode_main(argv=None):
                pick_device(args.draft_device or args.device,
                            "--draft-device" if args.draft_device else "--device"))
     for target_dir, draft_dir, prompts in jobs(args):
-        checkpoints = read_pair(args, target_dir, draft_dir)
-        tok, mode = checkpoints[2:]
-        block = check_mode(args, mode, *checkpoints[:2])
-        chats = check_lengths(args, tok, checkpoints[0].config, prompts, block)
-        target, draft = (c and load_weights(c, d, dtype_of(args, d))
-                         for c, d in zip(checkpoints[:2], devices))
+        target, draft, tok, mode = read_pair(args, target_dir, draft_dir)
+        block = check_mode(args, mode, target, draft)
+        chats = check_lengths(args, tok, target.config, prompts, block)
+        target = load_weights(target, devices[0], dtype_of(args, devices[0]))
+        draft = draft and load_weights(draft, devices[1], dtype_of(args, devices[1]))
         params = sum(p.numel() for m in (target, draft) if m is not None for p in m.parameters())
         small = params < 100e6 and "cuda" not in devices
         torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
