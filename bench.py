@@ -2,7 +2,6 @@
 
     python bench.py                                        # the toy models (trained if missing)
     python bench.py --model T --draft D --prompts p.jsonl  # checkpoints: an SDAR or a Qwen3 target
-    python bench.py --shapes sdar-8b:sdar-1.7b             # random weights, real shapes: forwards
 
 Rows: the target alone (`target`, `target-dyn0.9`, `target-dyn0.7`: its strongest decodings),
 the `draft` alone, an autoregressive target alone (`ar`), and speculative rows, each naming its
@@ -13,12 +12,12 @@ and a speedup compares a row with its baseline on the same prompt in the same pa
 "projected" is the speedup SDAR-8B with an SDAR-1.7B draft would get from the row's forward counts
 (projected_cost). The headline compares the best speculative rows with the fastest target-alone
 row within 1 point of the static target's accuracy; a comparison whose rows' speedups differ
-between passes by more than SPREAD is withheld.
+between passes by more than SPREAD is withheld. The batch tables decode every prompt in batches of
+each size. Everything printed is also written as markdown to --results (RESULTS.md is one run's).
+Elsewhere: split.py (where an iteration's time goes), gpu.py (forwards at real model shapes).
 """
 import argparse
-import collections
 import contextlib
-import functools
 import json
 import math
 import os
@@ -31,12 +30,10 @@ from pathlib import Path
 
 import torch
 
-import decode
-import mask as masks
-import model
+import checkpoint
+import sdar
 import speculative
 import train_tiny
-import verifier
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
 SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
@@ -82,9 +79,6 @@ DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "target-self", "t
 ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 # A line of the table. draft None: no draft; lookahead None: not speculative; block None: AR.
 Row = namedtuple("Row", "task method draft lookahead block temperature")
-TINY = model.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, mask_token_id=511)
-SHAPES = {**model.PRESETS, "tiny": TINY}
 
 # A task: prompts [(text, answer or None)], scorer, whether sampled rows run (a sampled answer can
 # be right), tokenizer, the SDAR target and the AR one (either may be None), drafts {name: model}
@@ -113,21 +107,19 @@ def projected_cost(target_forwards, draft_forwards, tokens):
 # ----------------------------------------------------------------------------- measuring
 
 def decode_once(row, task, ids, n, stop_ids, seed):
-    """One decode of `row` on prompt ids: (new tokens, decode.Stats)."""
+    """One decode of `row` on prompt ids: (new tokens, batch.Stats)."""
     method = METHODS[row.method]
     target = task.ar if method.kind in ("ar", "specdiff") else task.target
     draft = task.drafts.get(row.draft)
-    device = decode.device_of(target if draft is None else draft)
-    common = dict(sampling=decode.Sampling(row.temperature), stop_ids=stop_ids,
+    device = sdar.device_of(target if draft is None else draft)
+    common = dict(sampling=sdar.Sampling(row.temperature), stop_ids=stop_ids,
                   generator=torch.Generator(device).manual_seed(seed))
     if method.kind == "ar":
-        return decode.generate_ar(target, ids, n, **common)
+        return sdar.generate_ar(target, ids, n, **common)
     diffusion = dict(block=row.block, strategy=method.strategy, threshold=method.threshold,
                      **common)
-    if method.kind == "target":
-        return decode.generate(target, ids, n, **diffusion)
-    if method.kind == "draft":
-        return decode.generate(draft, ids, n, **diffusion)
+    if method.kind in ("target", "draft"):
+        return sdar.generate(target if method.kind == "target" else draft, ids, n, **diffusion)
     return speculative.generate(target, draft, ids, n, verify=method.verify, accept=method.accept,
                                 lookahead=row.lookahead, proposer=method.proposer,
                                 drafting=method.drafting, **diffusion)
@@ -348,21 +340,27 @@ BATCH_COLUMNS = {"method": ("method", "s"), "draft": ("draft", "s"), "L": ("look
                  "x batch 1": ("over_batch_1", ".2f"), "= batch 1": ("equal_batch_1", ".0%")}
 
 
-def report(conditions, rows, batched=()):
+def report(conditions, rows, batched=(), results=None):
     """Conditions, a table per task, the headlines, the batch tables, then the JSON line: the last
-    line of stdout."""
-    print("\n".join(f"- {k}: {v}" for k, v in conditions.items()))
+    line of stdout. The same markdown (without the JSON) goes to the file `results` too."""
+    out = ["\n".join(f"- {k}: {v}" for k, v in conditions.items())]
     for task in dict.fromkeys(r["task"] for r in rows):
         cells = [[show(r[key], spec) for key, spec in COLUMNS.values()]
                  for r in rows if r["task"] == task]
-        print(f"\n{task}:\n\n" + markdown(list(COLUMNS), cells))
+        out.append(f"{task}:\n\n" + markdown(list(COLUMNS), cells))
     lines = headlines(rows)
-    print("\n" + "\n".join(lines))
+    out.append("\n".join(lines))
     for task in dict.fromkeys(r["task"] for r in batched):
         cells = [[show(r[key], spec) for key, spec in BATCH_COLUMNS.values()]
                  for r in batched if r["task"] == task]
-        print(f"\n{task}, batches (every prompt, in batches of each size):\n\n" +
-              markdown(list(BATCH_COLUMNS), cells))
+        out.append(f"{task}, batches (every prompt, in batches of each size):\n\n" +
+                   markdown(list(BATCH_COLUMNS), cells))
+    print("\n\n".join(out))
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python", *sys.argv]) if sys.argv[0].endswith("bench.py") else None
+        made = [f"Written by `{command}`.\n"] if command else []
+        results.write_text("\n\n".join(made + out) + "\n")
     result = {key: conditions[key] for key in ("device", "dtype", "threads")}
     result.update(spread_limit=SPREAD, headlines=lines, rows=rows, batches=list(batched))
     print(json.dumps(clean(result), allow_nan=False))
@@ -375,7 +373,7 @@ def load(path, device, dtype, loaded):
     key = Path(path).resolve()
     if key not in loaded:
         try:
-            loaded[key] = (model.load(path, device, dtype), model.load_tokenizer(path))
+            loaded[key] = (checkpoint.load(path, device, dtype), checkpoint.load_tokenizer(path))
         except (OSError, ValueError) as e:
             fail(f"cannot load the checkpoint {path}: {e}")
     return loaded[key]
@@ -388,7 +386,7 @@ def build_task(prompts, score, sampled, targets, drafts, where):
     for target in targets.values():
         for draft in drafts.values():
             try:
-                model.check_pair(loaded[target][0], loaded[draft][0], loaded[target][1],
+                checkpoint.check_pair(loaded[target][0], loaded[draft][0], loaded[target][1],
                                  loaded[draft][1])
             except ValueError as e:
                 fail(f"the draft {draft} cannot propose to {target}: {e}")
@@ -524,12 +522,12 @@ def table_main(args, device, dtype):
     rows = [row for task_name, task in tasks.items() for row in plan(task_name, task, args)]
     new_tokens = args.new_tokens or (32 if toys else 128)
     args.answer_cap = args.answer_cap or (64 if toys else 256)
-    args.repeats = args.repeats or 2
     records = measure(tasks, rows, new_tokens, args.answer_cap, args.repeats)
     table = table_rows(records)
     batched = measure_batches(tasks, batch_plan(table), args.batch_sizes or BATCH_SIZES,
                               new_tokens, args.repeats)
-    report(conditions(args, tasks, device, dtype, new_tokens, source), table, batched)
+    report(conditions(args, tasks, device, dtype, new_tokens, source), table, batched,
+           args.results)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -587,189 +585,17 @@ def measure_batches(tasks, rows, sizes, new_tokens, repeats):
     return out
 
 
-# ----------------------------------------------------------------------------- real shapes
-
-def random_model(config, device, dtype, seed):
-    """Random weights of `config`'s shape, built on the meta device and materialised once on
-    `device` (an 8B model builds in seconds): normals of std 0.02, norms at 1."""
-    with torch.device("meta"):
-        m = model.Transformer(config).to(dtype)
-    m = m.to_empty(device=device).eval()
-    if config.tie_word_embeddings:
-        m.lm_head.weight = m.model.embed_tokens.weight  # to_empty materialises each module's copy
-    gen = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for param_name, p in m.named_parameters():
-            if param_name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return m
-
-
-def median_time(run, repeats, device):
-    """Median seconds of `repeats` calls of run() after one untimed, synchronised on CUDA."""
-    run()
-    seconds = []
-    for _ in range(repeats):
-        t0 = decode.sync(device)
-        run()
-        seconds.append(decode.sync(device) - t0)
-    return statistics.median(seconds)
-
-
-def layouts(B):
-    """{forward: (attention mask, positions after the context)} of the forwards one block costs:
-    a denoise step (the target's, or the draft's), and the target's verification of a block drafted
-    one position per step, lossless or exact (B copies, mask.copies) or simsd (2B, mask.verify)."""
-    step = torch.ones(B, B, dtype=torch.bool)
-    return {"target denoise step": (step, torch.arange(B)),
-            "target verify, lossless/exact": (masks.copies(B, B), torch.arange(B).repeat(B)),
-            "target verify, simsd": (masks.verify(torch.arange(1, B + 1)),
-                                     torch.arange(B).repeat(2)),
-            "draft step": (step, torch.arange(B))}
-
-
-def forward_seconds(m, attend, pos, ctx, repeats, device):
-    """Median seconds of one forward of m over the layout (attend, pos) after ctx cached tokens."""
-    cache = m.new_cache(ctx + len(pos))
-    ids = torch.randint(0, m.config.vocab_size - 1, (ctx + len(pos),), device=device)
-    decode.prefill(m, ids[:ctx], cache, 1)
-    call = partial(m, ids[None, ctx:], pos.to(device) + ctx, attend.to(device), cache)
-    return median_time(call, repeats, device)
-
-
-@torch.inference_mode()
-def shapes_main(args, device, dtype):
-    names = args.shapes.split(":")
-    if len(names) != 2 or any(n not in SHAPES for n in names):
-        fail(f"--shapes takes TARGET:DRAFT with names from {', '.join(sorted(SHAPES))}")
-    target, draft = (random_model(SHAPES[n], device, dtype, seed) for seed, n in enumerate(names))
-    new, repeats, dev = args.new_tokens or 256, args.repeats or 3, torch.device(device)
-    bandwidth = args.bandwidth and args.bandwidth * 1e9
-    if device == "cuda" and not bandwidth:  # bytes read + written per second by a large copy
-        a = torch.empty(2 ** 28, device=device)
-        bandwidth = 2 * a.nbytes / median_time(lambda: torch.empty_like(a).copy_(a), 5, dev)
-    blocks, cells = [], []
-    for B in args.blocks or [4, 8]:
-        forwards = []
-        for label, (attend, pos) in layouts(B).items():
-            m = draft if label == "draft step" else target
-            seconds = forward_seconds(m, attend, pos, args.context, repeats, dev)
-            nbytes = sum(p.nbytes for p in m.parameters())
-            floor = bandwidth and nbytes / bandwidth / seconds  # the share of the bytes floor
-            forwards.append({"name": label, "tokens": len(pos), "ms": seconds * 1e3,
-                             "weight_bytes": nbytes, "floor_fraction": floor})
-            cells.append([B, label, len(pos), f"{seconds * 1e3:.2f}", f"{nbytes / 1e9:.3f}",
-                          show(floor, ".0%")])
-        prompt = torch.randint(0, target.config.mask_token_id, (args.context,)).tolist()
-        vanilla = new / median_time(partial(decode.generate, target, prompt, new, block=B),
-                                    repeats, dev)
-        blocks.append({"block": B, "forwards": forwards, "vanilla_tok_s": vanilla})
-        cells.append([B, f"vanilla decoding: {vanilla:.1f} tok/s", "", "", "", ""])
-    gpu = torch.cuda.get_device_name(dev) if device == "cuda" else None
-    print(f"- {gpu or device}, {str(dtype).removeprefix('torch.')}, threads "
-          f"{torch.get_num_threads()}, batch 1, {args.context} context tokens cached, median "
-          f"of {repeats} after one warm-up; vanilla: {new} new tokens, prefill included\n")
-    print(markdown(["block", "forward", "query tokens", "ms", "weight GB",
-                    "fraction of the weight-bytes floor"], cells))
-    peak = torch.cuda.max_memory_allocated(dev) if device == "cuda" else None
-    result = {"device": device, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu,
-              "peak_memory_bytes": peak, "bandwidth_GBps": bandwidth and bandwidth / 1e9,
-              "threads": torch.get_num_threads(), "target": names[0], "draft": names[1],
-              "context": args.context, "new_tokens": new, "batch": 1, "blocks": blocks}
-    print(json.dumps(clean(result), allow_nan=False))
-
-
-# ----------------------------------------------------------------------------- the time split
-
-SPLIT_METHODS = ("target-dyn0.9", "target-self-dyn0.9", "simsd-lossless-dyn0.9",
-                 "simsd-lossless-block-dyn0.9", "simsd-hybrid-block")
-# Where a function's own time goes (its callees' apart); the rest of a decode is Python.
-PARTS = {"picking and reveal": [decode.Sampling.distribution, decode.Sampling.pick, decode.reveal,
-                                verifier.draw, verifier.judge],
-         "layout": [verifier.grow, verifier.layout, verifier.causal_layout, masks.block_causal],
-         "accept and commit": [verifier.accept_lossless, verifier.accept_paper,
-                               verifier.accept_causal, speculative.commit],
-         "readback": [verifier.to_host], "prefill": [decode.prefill]}
-
-
-@contextlib.contextmanager
-def split_time(target, draft, device):
-    """Seconds per part of the decodes run inside: each function of PARTS and each model's forward
-    wrapped to add its own time to its part (synchronised on CUDA); a prefill's forwards count to
-    the prefill. Yields the totals."""
-    totals, stack, undo = collections.Counter(), [], []
-
-    def timed(fn, part):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            stack.append([part, 0.0])
-            t0 = decode.sync(device)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                seconds = decode.sync(device) - t0
-                _, inner = stack.pop()
-                inside = "prefill" if any(p == "prefill" for p, _ in stack) else part
-                totals[inside] += seconds - inner
-                if stack:
-                    stack[-1][1] += seconds
-        return run
-    for part, fns in PARTS.items():
-        for fn in fns:  # wherever the function is looked up: its module, a class, an importer
-            for owner in (decode, decode.Sampling, verifier, speculative, masks):
-                if getattr(owner, fn.__name__, None) is fn:
-                    undo.append((owner, fn.__name__, fn))
-                    setattr(owner, fn.__name__, timed(fn, part))
-    for m, part in ((target, "target forward"), (draft, "draft forwards")):
-        if m is not None:
-            undo.append((m, "forward", None))
-            m.forward = timed(m.forward, part)
-    try:
-        yield totals
-    finally:
-        for owner, name, fn in reversed(undo):
-            if fn is None:
-                delattr(owner, name)  # the model's own forward again
-            else:
-                setattr(owner, name, fn)
-
-
-def split_main(args, device, dtype):
-    """Per toy task, each method's decode time per target forward, split into PARTS, the model
-    forwards and Python (the rest), on the latency protocol at the default lookahead."""
-    args.methods = args.methods or SPLIT_METHODS
-    tasks = toy_tasks(args, (device, dtype, {}))
-    new, cells = args.new_tokens or 32, []
-    for task_name, task in tasks.items():
-        rows = [r for r in plan(task_name, task, args) if r.method in args.methods
-                and r.lookahead in (None, speculative.LOOKAHEAD)]
-        for r in rows:
-            chats = [task.tok.chat(text) for text, _ in task.prompts]
-            for i, ids in enumerate(chats[:2]):  # warm-up
-                decode_once(r, task, ids, new, (), i)
-            seconds = forwards = 0
-            model = task.target if METHODS[r.method].kind != "ar" else task.ar
-            with split_time(model, task.drafts.get(r.draft), torch.device(device)) as parts:
-                for i, ids in enumerate(chats):
-                    stats = decode_once(r, task, ids, new, (), i)[1]
-                    seconds, forwards = seconds + stats.seconds, forwards + stats.forwards
-            parts.pop("prefill", None)
-            parts["Python"] = seconds - sum(parts.values())
-            names = ["target forward", "draft forwards", *list(PARTS)[:-1], "Python"]
-            cells.append([task_name, name(r._asdict()), f"{1e3 * seconds / forwards:.2f}"] +
-                         [f"{1e3 * parts[n] / forwards:.2f}" for n in names])
-    print(f"- ms per target forward (an iteration), {len(task.prompts)} prompts per task, {new} new tokens, "
-          f"{device}, {torch.get_num_threads()} thread(s)\n")
-    print(markdown(["task", "method", "total", *names], cells))
-
-
 # ----------------------------------------------------------------------------- command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Decoding methods side by side: a table per task "
-                                "that ends with one JSON line. Default: train_tiny's toy models.")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line: the reason, and where to learn more
+        fail(f"{message} (python bench.py --help lists the options)")
+
+
+def parse_args(argv=None, prog="bench.py", about="Decoding methods side by side: a table per "
+               "task, the headlines and the batch tables, then one JSON line. Default: "
+               "train_tiny's toy models."):
+    p = Parser(prog=prog, description=about)
     add = p.add_argument
     add("--model", help="target checkpoint folder, SDAR or Qwen3 (with --draft and --prompts)")
     add("--draft", help="draft SDAR checkpoint folder")
@@ -788,21 +614,16 @@ def parse_args(argv=None):
     add("--temperatures", type=float, nargs="+", help="0 = greedy (default); sampled rows run "
         "only where a sampled answer can be right")
     add("--new-tokens", type=count, help="latency protocol: fixed new tokens (default: toys 32, "
-        "checkpoints 128, --shapes 256)")
+        "checkpoints 128)")
     add("--answer-cap", type=count, help="quality protocol: most new tokens before EOS (default: "
         "toys 64, checkpoints 256)")
-    add("--repeats", type=count, help="timed passes over the prompts (default 2, the fewest the "
-        "headline's spread check needs); --shapes: timed runs per forward (default 3)")
-    add("--blocks", type=count, nargs="+", help="block lengths (default: the checkpoint's, else 4; "
-        "--shapes: 4 8)")
+    add("--repeats", type=count, default=2, help="timed passes over the prompts (default 2, the "
+        "fewest the headline's spread check needs)")
+    add("--blocks", type=count, nargs="+", help="block lengths (default: the checkpoint's, else 4)")
     add("--batch-sizes", type=count, nargs="+", help="the batch table's sizes (default: "
         f"{' '.join(map(str, BATCH_SIZES))}; the first is the one the others are compared with)")
-    add("--shapes", help=f"TARGET:DRAFT random-weight models, from {', '.join(sorted(SHAPES))}")
-    add("--split", action="store_true", help="the toys' decode time per target forward split into "
-        "the target's and the draft's forwards, picking and reveal, layout, accept and commit, "
-        f"readback and Python (methods: default {', '.join(SPLIT_METHODS)})")
-    add("--context", type=int, default=512, help="--shapes: prefilled tokens (default 512)")
-    add("--bandwidth", type=float, help="--shapes: GB/s for the floor (default: measured on CUDA)")
+    add("--results", type=Path, default=Path("out") / "results.md", help="where the markdown "
+        "report goes (default out/results.md)")
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, "
         "else float32")
@@ -821,44 +642,40 @@ def count(text):
 
 def check_args(args):
     """Every option in range, every combination meaningful: a sentence and exit 2 otherwise."""
-    valid, allowed = decode.RANGES["temperature"]
-    invalid = [v for v in args.temperatures or () if not valid(v)]
-    if invalid:
-        fail(f"--temperatures must be {allowed}; got {invalid[0]}")
+    for value in args.temperatures or ():
+        try:
+            sdar.check(sdar.FLAGS, temperature=value)
+        except ValueError as e:
+            fail(str(e).replace("--temperature", "--temperatures"))
     if args.threads is not None and not 1 <= args.threads <= os.cpu_count():
         fail(f"--threads must be from 1 to this machine's {os.cpu_count()} CPUs; got "
              f"{args.threads}")
-    if args.context < 0 or args.bandwidth is not None and not 0 < args.bandwidth < math.inf:
-        fail("--context must be >= 0 and --bandwidth a finite number of GB/s above 0")
     checkpoints = [flag is not None for flag in (args.model, args.draft, args.prompts)]
-    if args.shapes and any(checkpoints):
-        fail("--shapes uses random weights; it takes no --model, --draft or --prompts")
     if any(checkpoints) and not all(checkpoints):
         fail("checkpoints need all of --model, --draft and --prompts FILE.jsonl")
-    if (args.tasks or args.drafts) and (args.model or args.shapes):
+    if (args.tasks or args.drafts) and args.model:
         fail("--tasks and --drafts choose toys; checkpoints take --draft and --prompts")
     if args.model is None and (args.num_prompts or 0) > MAX_TOY_PROMPTS:
         fail(f"--num-prompts {args.num_prompts} is more than a toy run takes: at most "
              f"{MAX_TOY_PROMPTS} held-out prompts per task")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(argv, **about):
+    """The checked arguments, the device and the dtype; the toys on a CPU run one thread."""
+    args = parse_args(argv, **about)
     check_args(args)
     args.lookahead = list(dict.fromkeys(args.lookahead or LOOKAHEADS))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but this machine has no CUDA GPU")
-    toys_on_cpu = device == "cpu" and not (args.model or args.shapes)
-    if args.threads or toys_on_cpu:
+    if args.threads or (device == "cpu" and not args.model):
         torch.set_num_threads(args.threads or 1)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    if args.shapes:
-        shapes_main(args, device, dtype)
-    elif args.split:
-        split_main(args, device, dtype)
-    else:
-        table_main(args, device, dtype)
+    return args, device, getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else
+                                                       "float32"))
+
+
+def main(argv=None):
+    table_main(*setup(argv))
 
 
 if __name__ == "__main__":

@@ -1,488 +1,516 @@
-"""Vanilla decoding: SDAR block diffusion with a KV cache, its no-cache oracle, and AR decoding.
+"""`python decode.py`: decode with an SDAR or Qwen3 checkpoint, alone or speculatively, or the toys.
 
-An SDAR model writes B positions at a time: a block at absolute positions [kB, (k+1)B) starts as its
-known tokens (the prompt's tail) and mask tokens. Each of `steps` forwards predicts every masked
-position; each gets a pick (argmax, or a draw) and a confidence (the pick's probability), and SDAR's
-rule reveals some: static reveals the step's quota of most confident positions, dynamic also every
-one above a threshold. A finished block is stored in the KV cache by putting it in front of the
-next block's first forward ("pending" tokens), so a block costs `steps` forwards, not steps + 1.
-
-`python decode.py` is the command line (cli.py): vanilla and speculative decoding of checkpoints
-and of the toy models.
+The program, above the library (sdar, speculative, checkpoint) and the toy world (train_tiny),
+none of which imports it. Every option is checked before anything loads or trains: a bad value, or
+a flag that cannot act in the chosen mode, is one sentence on stderr and exit status 2. The rules
+are the library's own (sdar.Settings), spelled as flags.
 """
-import math
+import argparse
+import json
+import os
+import sys
 import time
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import fields
+from pathlib import Path
 
 import torch
 
-import mask as masks
+import checkpoint
+import sdar
+import speculative
+import train_tiny
+from sdar import FLAGS, generate, generate_ar  # noqa: F401 (decode.generate: the target alone)
+from verifier import ACCEPTED, DROPPED, KNOWN, TARGET
 
-# Each option's allowed values, as (test, words). The library names the parameter as Python spells
-# it; the command line uses the same words with the flag's name.
-RANGES = {
-    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "block": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "lookahead": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = argmax)"),
-    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
-    "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "eos_min_prob": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
-    "strategy": (lambda v: v in ("static", "dynamic"), "'static' or 'dynamic'"),
-}
-
-
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+WEIGHTS_HELP = ("download weights with the Hugging Face CLI, e.g. `huggingface-cli download "
+                "JetLM/SDAR-8B-Chat --local-dir SDAR-8B-Chat`, then pass --model SDAR-8B-Chat")
+MAX_FORWARD = 8192  # query tokens in one forward: its (T, T) attention mask must fit in memory
+SPECULATIVE = ("lossless", "self", "paper", "specdiff")
+# The command line's own flags and the modes they act in (the library's: sdar.ACTS).
+ACTS = {"show": SPECULATIVE, "draft_device": ("lossless", "paper", "specdiff"),
+        "block": ("vanilla", *SPECULATIVE), "steps": ("vanilla", *SPECULATIVE),
+        "strategy": ("vanilla", *SPECULATIVE), "threshold": ("vanilla", *SPECULATIVE)}
 
 
-def check(**options):
-    """Raise ValueError naming the first option outside its range (RANGES); None = not given."""
-    for name, value in options.items():
-        valid, allowed = RANGES[name]
-        if value is not None and not valid(value):  # a NaN fails every comparison
-            raise ValueError(f"{name} must be {allowed}; got {value!r}")
+def fail(message):
+    print(f"decode.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
-def check_steps(steps, block):
-    if not (is_int(steps) and 1 <= steps <= block):
-        raise ValueError(f"steps must be an integer from 1 to the block length ({block}); "
-                         f"got {steps!r}")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line: the reason, and where to learn more
+        fail(f"{message} (python decode.py --help lists the options)")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How a decoder picks each token: argmax at temperature 0, else a draw after temperature,
-    top-k (0 = off) and top-p (1 = off)."""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        check(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-
-    @property
-    def greedy(self):
-        return self.temperature == 0
-
-    def distribution(self, logits, suppress=None):
-        """(..., V) logits -> the probabilities a token is picked from: `suppress` (a diffusion
-        model's mask id, never an output) gets zero, then temperature (1 for argmax), top-k, and
-        top-p (the smallest set of most likely tokens whose mass reaches top_p)."""
-        logits = logits.float() / (self.temperature or 1.0)
-        if suppress is not None:
-            never = torch.tensor([suppress], device=logits.device)
-            logits = logits.index_fill(-1, never, -math.inf)
-        if self.top_k > 0:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            p = sorted_logits.softmax(-1)
-            drop = p.cumsum(-1) - p >= self.top_p  # the mass before this token reaches top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-        return logits.softmax(-1)
-
-    def pick(self, probs, generator=None):
-        """One token per row of probs (..., V): argmax, or a draw."""
-        if self.greedy:
-            return probs.argmax(-1)
-        draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        return draws.view(probs.shape[:-1])
-
-
-GREEDY = Sampling()
-
-
-@dataclass
-class Stats:
-    """What one decode did; the same fields for every decoder. Forwards count decoding only (the
-    prefill apart); a step is one denoising step of a block (AR decoding: one token)."""
-    tokens: int = 0  # tokens returned
-    forwards: int = 0  # target forwards
-    steps: int = 0  # target steps committed (the target alone: one per forward)
-    draft_forwards: int = 0
-    drafted: int = 0  # tokens the draft proposed
-    accepted: int = 0  # drafted tokens committed as drafted
-    matched: int = 0  # proposed steps the target committed exactly as proposed
-    draft_matched: int = 0  # of them, the draft's
-    width: int = 0  # query tokens of the target forwards
-    seconds: float = 0.0  # decoding, prefill excluded
-    prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0  # of `seconds`, drafting
+def parse_args(argv=None):
+    about = ("Decode with an SDAR (block diffusion) or Qwen3 (autoregressive) checkpoint, alone or "
+             "speculatively with an SDAR --draft: SimSD for an SDAR target, SpecDiff for a Qwen3 "
+             "target. Without --model it runs the toy models of train_tiny.py (training them first "
+             "if they are missing).")
+    p = Parser(prog="decode.py", description=about)
+    add = p.add_argument
+    add("--model", help="checkpoint folder (config.json, safetensors, tokenizer files); default: "
+        "the toy targets")
+    add("--draft", help="SDAR draft folder: decode speculatively (default with the toys: the toy "
+        f"{train_tiny.DEFAULT_DRAFT} draft); or 'self': the target proposes for itself from its "
+        "own last logits, losslessly, with no draft model")
+    add("--proposer", choices=["draft", "hybrid"], help="with a draft folder and --verify lossless: "
+        "who proposes: the draft, or the draft and the target itself (hybrid); default "
+        f"{sdar.PROPOSER['static']} with --strategy static, {sdar.PROPOSER['dynamic']} with dynamic")
+    add("--drafting", choices=["step", "block"], help="the draft's forwards: one per denoising "
+        "step, or one per block whose confidences SDAR's rule is applied to step after step "
+        f"(default {sdar.DRAFTING}; step with --verify exact or simsd, the paper's)")
+    add("--vanilla", action="store_true", help="decode with the target alone")
+    add("--verify", choices=["lossless", "exact", "simsd"], help="how an SDAR target verifies "
+        "(default lossless: exactly the target's own decoding; exact and simsd: the paper's "
+        "acceptance, along the draft's order, on one copy per draft step or the paper's layout)")
+    add("--accept", choices=["step", "position"], help="exact/simsd acceptance order (default "
+        "step: draft-step order, temporally valid; position: the paper's longest agreeing prefix)")
+    add("--lookahead", type=int, help="blocks one target forward reaches "
+        f"(default {sdar.LOOKAHEAD})")
+    add("--show", action="store_true", help="draw every speculative iteration's blocks")
+    add("--prompt", help="user message, chat template applied (default: held-out prompts of the "
+        "toys, else 'Write a haiku about the sea.')")
+    add("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt per line (blank lines "
+        "skipped): decode them all in batches; each prompt's answer is one JSON line on stdout, "
+        "written as soon as it is final, with its index and line")
+    add("--batch-size", type=int, help="prompts of --prompts decoded together (default 16)")
+    add("--system", help="system message (real checkpoints)")
+    add("--no-think", action="store_true", help="append the chat template's empty think block "
+        "(enable_thinking=False; real checkpoints)")
+    add("--max-new-tokens", type=int, default=256, help="default 256")
+    add("--block", type=int, help="block length (default: the checkpoint's block_size, else 4)")
+    add("--steps", type=int, help="denoising steps per block, 1..block (default: the block length)")
+    add("--strategy", choices=["static", "dynamic"], help="static (default): reveal each step's "
+        "quota of most confident positions; dynamic: also every one above --threshold")
+    add("--threshold", type=float, help="confidence threshold of --strategy dynamic (default "
+        f"{sdar.Settings.threshold})")
+    add("--temperature", type=float, default=0.0, help="default 0 = argmax")
+    add("--top-k", type=int, default=0, help="default 0 = off")
+    add("--top-p", type=float, default=1.0, help="in (0, 1], default 1 = off")
+    add("--eos-min-prob", type=float, help="exact/simsd: a stop token chosen by the target needs "
+        "this target probability (default 0 = off)")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add("--draft-device", choices=["cpu", "cuda"], help="device of the draft (default: --device)")
+    add("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, else float32")
+    add("--seed", type=int, default=0, help="seed of sampling (default 0)")
+    add("--threads", type=int, help="CPU threads (default: 1 for models under 100M parameters, "
+        "which are dispatch-bound, where one thread is as fast on a quiet machine and far faster "
+        "on a busy one; else torch's default)")
+    return p.parse_args(argv)
 
 
-def trim(tokens, stop_ids, room):
-    """(tokens before the first stop token, at most `room` of them; True when decoding is done)."""
-    for i, token in enumerate(tokens[:room]):
-        if token in stop_ids:
-            return tokens[:i], True
-    return tokens[:room], len(tokens) >= room
+def check_flags(args):
+    """Each value in its range and each combination meaningful, before anything loads."""
+    try:
+        sdar.check(FLAGS, max_new_tokens=args.max_new_tokens, block=args.block,
+                   lookahead=args.lookahead, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, threshold=args.threshold, eos_min_prob=args.eos_min_prob)
+    except ValueError as e:
+        fail(e)
+    if not 0 <= args.seed < 2 ** 64:
+        fail(f"--seed must be an integer from 0 to 2**64 - 1; got {args.seed}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        fail(f"--threads must be an integer from 1 to this machine's {cores} cores; "
+             f"got {args.threads}")
+    for name in ("model", "draft", "prompt"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            fail(f"{FLAGS.name(name)} is empty")
+    if args.vanilla and args.draft:
+        fail("--vanilla decodes without a draft; drop --draft or --vanilla")
+    if args.draft and args.draft != "self" and not args.model:
+        fail("--draft needs --model; the toy models bring their own drafts (or --draft self)")
+    if args.model is None and (args.system is not None or args.no_think):
+        which = "--system" if args.system is not None else "--no-think"
+        fail(f"{which} does not apply to the toy models, which were trained without system "
+             "messages or think blocks; it is for real chat checkpoints (--model)")
+    if args.strategy != "dynamic" and args.threshold is not None:
+        fail("--threshold applies to --strategy dynamic only")
+    if args.batch_size is not None and (args.prompts is None or args.batch_size < 1):
+        fail(f"--batch-size must be an integer >= 1; got {args.batch_size}" if args.prompts
+             else "--batch-size applies to --prompts FILE")
+    if args.prompts is not None:
+        for name in ("prompt", "show"):
+            if getattr(args, name):
+                fail(f"{FLAGS.name(name)} does not apply to --prompts, which decodes a file of "
+                     "prompts in batches")
+        args.lines = read_prompts(args.prompts)
 
 
-def quota(step, block, steps):
-    """SDAR's quota of a block's step (0-based; an int or a tensor of them): the block spread over
-    the steps as evenly as possible, block // steps each and one more for the first block % steps.
-    A step reveals min(quota, masks left) positions (more when dynamic)."""
-    base, extra = divmod(block, steps)
-    return base + (step < extra)
+def read_prompts(path):
+    """[(line number, prompt)] of a prompts file, its blank lines skipped; a sentence otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        fail(f"--prompts {path} is a folder; give a text file with one prompt per line")
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        fail(f"--prompts {path} does not exist")
+    except UnicodeDecodeError as e:
+        fail(f"--prompts {path} is not UTF-8 text (line {raw[:e.start].count(10) + 1}, byte "
+             f"{e.start}, cannot be decoded); save it as UTF-8")
+    except OSError as e:
+        fail(f"--prompts {path} cannot be read ({e.strerror})")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        fail(f"--prompts {path} holds no prompt; write one per line")
+    return lines
 
 
-def schedule(masks_left, block, steps, done=0):
-    """The quotas of the steps a block needs to reveal its `masks_left` masks statically, its first
-    `done` steps taken. A block that starts with known tokens finishes early (block 4, steps 2, two
-    masks: one step); a block continued after `done` steps keeps its schedule: schedule(6, 8, 5,
-    done=1) is [2, 2, 1, 1], where a fresh start would be [2, 2, 2]. Dynamic decoding reveals at
-    least as much per step, so it needs these steps at most."""
+def pick_device(name, flag_name):
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail(f"{flag_name} cuda was asked for but this machine has no CUDA GPU "
+             "(or torch was built without CUDA)")
+    return device
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# A checkpoint folder before its weights load: every check needs only these.
+Checkpoint = namedtuple("Checkpoint", "config tok path flag")
+
+
+def read_checkpoint(path, flag_name):
+    """The config and tokenizer of a checkpoint folder; a sentence instead of a traceback."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f"{flag_name} {path} is not a folder; {WEIGHTS_HELP}.")
+    try:
+        config, _ = checkpoint.load_config(path), checkpoint.weight_files(path)  # weights there
+        return Checkpoint(config, checkpoint.load_tokenizer(path), path, flag_name)
+    except (OSError, ValueError) as e:
+        fail(f"{flag_name} {path} cannot be loaded: {e}")
+
+
+def load_weights(ckpt, device, dtype):
+    """The model of a checked checkpoint, on its device; a sentence instead of a traceback."""
+    try:
+        return checkpoint.load(ckpt.path, device, dtype)
+    except (OSError, ValueError) as e:
+        fail(f"{ckpt.flag} {ckpt.path} cannot be loaded: {e}")
+
+
+def jobs(args):
+    """[(target folder, draft folder or None, [(prompt, answer or None, line or None)])] to
+    decode. --prompts: the file's lines (the toys: each on its task's models)."""
+    if args.prompts is not None:
+        if args.model:
+            return [(args.model, args.draft, [(text, None, n) for n, text in args.lines])]
+        train_tiny.ensure_trained()
+        out = []
+        for task in train_tiny.TASKS:
+            mine = [(text, None, n) for n, text in args.lines if train_tiny.task_of(text) == task]
+            folders = train_tiny.folders(task)
+            out += [(folders["target"], toy_draft(args, folders), mine)] if mine else []
+        return out
+    return [(target, draft, [(text, answer, None) for text, answer in prompts])
+            for target, draft, prompts in examples(args)]
+
+
+def toy_draft(args, folders):
+    """The draft a toy task decodes with: none (--vanilla), the target itself, or the default."""
+    if args.vanilla:
+        return None
+    return "self" if args.draft == "self" else folders[train_tiny.DEFAULT_DRAFT]
+
+
+def examples(args):
+    """[(target folder, draft folder or None, [(prompt, answer or None)])] without --prompts."""
+    if args.model:
+        tasks = train_tiny.tasks_of(args.model) if args.prompt is None else None
+        if tasks:  # a toy folder: its tasks' held-out prompts
+            prompts = [p for task in tasks for p in train_tiny.examples(3, "heldout", task=task)]
+        else:
+            prompts = [(args.prompt or "Write a haiku about the sea.", None)]
+        return [(args.model, args.draft, prompts)]
+    train_tiny.ensure_trained()
+    if args.prompt is not None:
+        note = train_tiny.outside_training(args.prompt)
+        if note:
+            print(f"note: {note}", flush=True)
+        tasks, prompts = [train_tiny.task_of(args.prompt)], [(args.prompt, None)]
+    else:
+        tasks, prompts = train_tiny.TASKS, None
     out = []
-    while sum(out) < masks_left:
-        out.append(quota(done + len(out), block, steps))
+    for task in tasks:
+        folders = train_tiny.folders(task)
+        held_out = train_tiny.examples(3, "heldout", task=task)
+        out.append((folders["target"], toy_draft(args, folders), prompts or held_out))
     return out
 
 
-def reveal(probs, tokens, todo, k, strategy="static", threshold=0.9):
-    """SDAR's rule: which masked positions a step reveals, from the distributions probs (..., B, V)
-    and each position's pick tokens (..., B). A position's confidence is its pick's probability;
-    static reveals the k most confident (ties: the lower position first), dynamic also every one
-    above the threshold, and "left" (a draft proposing to an AR target) the k leftmost. todo
-    (..., B) marks the masked positions; k, the step's quota, is an int or a (..., 1) tensor.
-    The target alone (denoise) and lossless verification decide with this one function."""
-    conf = probs.gather(-1, tokens[..., None])[..., 0]
-    if strategy == "left":
-        conf = -torch.arange(todo.shape[-1], device=todo.device).float().expand_as(conf)
-    conf = conf.masked_fill(~todo, -math.inf)
-    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = most confident
-    chosen = rank < k
-    if strategy == "dynamic":
-        chosen = chosen | (conf > threshold)
-    return todo & chosen
+def read_pair(args, target_dir, draft_dir):
+    """Target and draft (or None) Checkpoints, the tokenizer and the mode; every pair checked
+    before any weights load."""
+    target = read_checkpoint(target_dir, "--model")
+    tok, ar = target.tok, target.config.model_type == "qwen3"
+    if not ar and tok.mask_id is None:
+        fail(f"--model {target_dir} is an SDAR model but its tokenizer defines no mask token "
+             "(<|MASK|>); a diffusion model cannot decode without one")
+    if draft_dir == "self" and ar:
+        fail(f"--model {target_dir} is autoregressive and cannot propose for itself here; give "
+             "an SDAR --draft folder")
+    draft = None if draft_dir in (None, "self") else read_checkpoint(draft_dir, "--draft")
+    if draft is not None:
+        try:
+            checkpoint.check_pair(target, draft, tok, draft.tok)
+        except ValueError as e:
+            fail(f"--draft {draft_dir} with --model {target_dir}: {e}")
+    mode = sdar.mode_of(target, draft or draft_dir, args.verify)
+    return target, draft, draft.tok if draft is not None and ar else tok, mode
 
 
-@dataclass
-class Denoised:
-    """Denoised blocks (R rows): tokens (R, B), step (R, B) (0 = known, s = revealed at step s of
-    this call), and per row the forwards it used and the steps it took; recorded, for each step s
-    the pick at every position of the state before it, picks (S, R, B), and their distributions,
-    probs (S, R, B, V; None when greedy). A single block, x (B,), has no row dimension."""
-    tokens: torch.Tensor
-    step: torch.Tensor
-    forwards: list | int
-    steps: list | int
-    picks: torch.Tensor | None = None
-    probs: torch.Tensor | None = None
+def settings_of(args, mode, target, draft, tok):
+    """The decode's Settings, as the flags chose them (resolve() completes them with the mode's
+    defaults), checked against the mode and the checkpoints: the block they were trained with,
+    the forward's size."""
+    given = sorted(name for name in (*sdar.ACTS, *ACTS) if getattr(args, name) not in (None, False))
+    for name in given:  # the flags the mode cannot act on: refused, not ignored
+        if mode not in {**sdar.ACTS, **ACTS}[name]:
+            fail(f"{FLAGS.name(name)} does not apply to {sdar.MODES[mode]}")
+    trained = (draft or target).config.block_size
+    block = args.block or trained or 4
+    if trained is not None and block != trained:
+        advice = " (block 8 needs the -b8 checkpoints, e.g. SDAR-8B-Chat-b8)" if block == 8 else ""
+        fail(f"block {block} requested but this checkpoint was trained with block {trained}; "
+             f"use --block {trained} or leave it out{advice}")
+    threshold = sdar.Settings.threshold if args.threshold is None else args.threshold
+    s = sdar.Settings(args.max_new_tokens, block, args.steps, args.strategy or "static", threshold,
+                      sdar.Sampling(args.temperature, args.top_k, args.top_p), tok.stop_ids,
+                      args.verify, args.accept, args.lookahead or sdar.LOOKAHEAD,
+                      args.eos_min_prob or 0.0, args.proposer, args.drafting)
+    try:
+        s.check(mode, [name for name in given if name in sdar.ACTS], FLAGS)
+    except ValueError as e:
+        fail(e)
+    full = s.resolve(mode)
+    size = speculative.widest(full, mode) if mode in SPECULATIVE else {"vanilla": 2 * block,
+                                                                        "ar": 1}[mode]
+    if size > MAX_FORWARD:
+        fail(f"one target forward would hold {size} tokens (block {block}, steps {full.steps}, "
+             f"lookahead {full.lookahead}), more than the {MAX_FORWARD} whose attention mask this "
+             "command builds; use a smaller --block, --steps or --lookahead")
+    return s
 
 
-def forward_block(model, pending, x, start, cache):
-    """Logits (R, B, V) of blocks x (R, B), row r at positions start[r].., in one forward on each
-    row's [pending[r] | x[r]]: a block sees its row's pending tokens (those just before it that
-    the model has not cached, maybe none), its cached slots and itself. Rows of different widths
-    are padded (mask.pack)."""
-    B, dev = x.shape[-1], x.device
-    widths = [len(p) for p in pending]
-    if len(set(widths)) == 1:  # one width: one mask for every row
-        n = widths[0]
-        ids = torch.cat([torch.stack(pending), x], -1)
-        pos = torch.tensor(start, device=dev)[:, None] + torch.arange(-n, B, device=dev)
-        attend = masks.block_causal(n + B, B, start[0] - n, dev)  # pending is whole blocks
-        return model(ids, pos, attend, cache)[:, n:]
-    rows = [(torch.cat([p, row]), torch.arange(s - len(p), s + B, device=dev),
-             masks.block_causal(len(p) + B, B, s - len(p), dev))
-            for p, row, s in zip(pending, x, start)]
-    logits = model(*masks.pack(rows, 0), cache)
-    first = torch.tensor(widths, device=dev)[:, None] + torch.arange(B, device=dev)
-    return logits[torch.arange(len(x), device=dev)[:, None], first]
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    devices = (pick_device(args.device, "--device"),
+               pick_device(args.draft_device or args.device,
+                           "--draft-device" if args.draft_device else "--device"))
+    for target_dir, draft_dir, prompts in jobs(args):
+        target, draft, tok, mode = read_pair(args, target_dir, draft_dir)
+        s = settings_of(args, mode, target, draft, tok)
+        chats = check_lengths(args, tok, target.config, prompts, s.block)
+        target = load_weights(target, devices[0], dtype_of(args, devices[0]))
+        draft = draft and load_weights(draft, devices[1], dtype_of(args, devices[1]))
+        params = sum(p.numel() for m in (target, draft) if m is not None for p in m.parameters())
+        small = params < 100e6 and "cuda" not in devices
+        torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
+        models = (target, draft or ("self" if mode == "self" else None))
+        if args.prompts is not None:
+            decode_file(models, tok, chats, prompts, s, mode, args)
+            continue
+        for ids, (text, answer, _) in zip(chats, prompts):
+            decode_one(models, tok, ids, text, answer, s, mode, args)
+    if args.prompts is None:
+        print("\n(tok/s is rough here, and the first prompt includes warm-up: python bench.py "
+              "measures speed)")
 
 
-def denoise(model, x, known, start, quotas, *, cache=None, pending=None, strategy="static",
-            threshold=0.9, sampling=GREEDY, generator=None, record=False, probs=None,
-            refresh=True):
-    """Fill blocks' unknown positions: the one denoiser, of the target alone and of the draft.
-
-    x (R, B): row r's block, its tokens at positions start[r]..start[r]+B-1 (x (B,) and an int
-    start: one block); known (R, B) bool says which are known (anywhere in the block); the others
-    are fed as mask tokens and filled. quotas[r]: the reveals of row r's steps (schedule(); one
-    list: every row's); a static block takes them all, a dynamic one stops once it is full. The
-    rows step together, one forward for all; a row whose block is full waits.
-    pending[r]: the tokens just before row r's block that the model has not cached. With a
-    cache they are the blocks completed last, and the first forward stores them (commits them);
-    without one (the oracle), the whole sequence so far, recomputed at every step.
-    record=True keeps each step's picks (and distributions when sampling) for verification.
-    probs (R, B, V): distributions to take the first step from instead of a forward;
-    refresh=False takes every later step from the first step's distributions too, with fresh
-    picks at each state: a chain proposed from one forward (or from none, given probs).
-    Host syncs: none, except one per step of dynamic decoding (which blocks are full?).
-    """
-    single = x.dim() == 1
-    x, known = (x[None], known[None]) if single else (x, known)
-    probs = probs[None] if single and probs is not None else probs
-    R, mask_id = len(x), model.config.mask_token_id
-    start = [start] * R if isinstance(start, int) else list(start)
-    quotas = quotas if quotas and isinstance(quotas[0], list) else [quotas] * R
-    pending = [x[r, :0] for r in range(R)] if pending is None else list(
-        pending[None] if single else pending)
-    todo = ~known
-    x = x.masked_fill(todo, mask_id)
-    step = torch.zeros_like(x)
-    picks, dists, taken, forwards, tokens = [], [], [0] * R, 0, None
-    for s in range(1, max(map(len, quotas)) + 1):
-        going = [s <= len(q) for q in quotas]
-        if strategy == "dynamic" and s > 1:  # a dynamic block may be full before its schedule
-            going = todo.any(-1).tolist()
-        if not any(going):
-            break
-        taken = [t + g for t, g in zip(taken, going)]
-        if probs is None or s > 1 and refresh:
-            logits = forward_block(model, pending, x, start, cache)
-            forwards += 1
-            if cache is not None:  # pending is stored; the blocks' own keys are scratch
-                cache.commit([len(p) for p in pending])
-                pending = [p[:0] for p in pending]
-            probs, tokens = sampling.distribution(logits, suppress=mask_id), None  # (R, B, V)
-        if tokens is None or not sampling.greedy:  # argmax once per forward; draws at every state
-            tokens = sampling.pick(probs, generator)
-        k = torch.tensor([q[s - 1] if s <= len(q) else 0 for q in quotas], device=x.device)
-        revealed = reveal(probs, tokens, todo, k[:, None], strategy, threshold)
-        x = torch.where(revealed, tokens, x)
-        step = torch.where(revealed, s, step)
-        todo = todo & ~revealed
-        picks.append(tokens)
-        dists.append(probs)
-    used = [t if refresh else min(t, forwards) for t in taken]  # forwards each row took part in
-    picks = torch.stack(picks) if record and picks else None
-    dists = torch.stack(dists) if record and dists and not sampling.greedy else None
-    if single:
-        return Denoised(x[0], step[0], used[0], taken[0], None if picks is None else picks[:, 0],
-                        None if dists is None else dists[:, 0])
-    return Denoised(x, step, used, taken, picks, dists)
+def dtype_of(args, device):
+    return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
 
 
-def sync(device):
-    """The time, once the device has finished its queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def check_lengths(args, tok, config, prompts, block):
+    """Each prompt's chat ids; a sentence naming the prompt (its line of --prompts) that would not
+    fit the model's positions with --max-new-tokens and one block."""
+    room, chats = config.max_position_embeddings, []
+    for text, _, line in prompts:
+        ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
+        if len(ids) + args.max_new_tokens + block > room:
+            where = f"line {line} of --prompts: the prompt" if line else "the prompt"
+            fail(f"{where} ({len(ids)} tokens), --max-new-tokens {args.max_new_tokens} and one "
+                 f"block ({block}) exceed the model's max_position_embeddings {room}")
+        chats.append(ids)
+    return chats
 
 
-def device_of(model):
-    return model.model.embed_tokens.weight.device
+# ----------------------------------------------------------------------------- decoding
+
+def decode_file(models, tok, chats, prompts, s, mode, args):
+    """Decode the prompts in batches of --batch-size; each prompt's answer is printed as one JSON
+    line (index: its place among the file's prompts, line: its line) as soon as it is final."""
+    size, index = args.batch_size or 16, {line: i for i, (line, _) in enumerate(args.lines)}
+    for first in range(0, len(chats), size):
+        batch = list(range(first, min(first + size, len(chats))))
+
+        def on_row(i, tokens, stats, batch=batch):
+            text, _, line = prompts[batch[i]]
+            end = "length" if len(tokens) == args.max_new_tokens else "stop"
+            print(json.dumps({"index": index[line], "line": line, "prompt": text,
+                              "output": tok.decode(tokens), "tokens": len(tokens), "end": end},
+                             ensure_ascii=False), flush=True)
+        t0 = time.perf_counter()
+        outs, _ = run_decoder(models, [chats[b] for b in batch], s, mode, args, on_row=on_row)
+        print(f"[{len(batch)} prompts, {sum(map(len, outs))} tokens in "
+              f"{time.perf_counter() - t0:.1f} s ({mode}, batch of {len(batch)})]", file=sys.stderr,
+              flush=True)
 
 
-def diffusion_mask_id(model):
-    """The mask token id of a model that can decode diffusion-style, or a ValueError."""
-    config = model.config
-    if config.model_type != "sdar" or config.mask_token_id is None:
-        raise ValueError(f"a {config.model_type} model without a mask token cannot decode "
-                         "diffusion-style; use an SDAR checkpoint (mask_token_id in its "
-                         "config.json) or decode it autoregressively")
-    return config.mask_token_id
+def decode_one(models, tok, ids, text, answer, s, mode, args):
+    out = Printer(tok, sys.stdout.isatty(), mode)
+    print(f"\n>>> {text}\n", flush=True)
+    if args.show:
+        out.legend()
+    on_iteration = out.show if args.show else lambda info: out.stream(info["new"])
+    tokens, stats = run_decoder(models, ids, s, mode, args, callback=out.stream,
+                                on_iteration=on_iteration)
+    text_out = tok.decode(tokens)
+    print("\n" + text_out if args.show else text_out[len(out.shown):])
+    if answer is not None:
+        print(f"[{verdict(text, text_out, answer, len(tokens), args.max_new_tokens)}]")
+    print(f"[{summary(stats, s, mode, sdar.device_of(models[0]))}]")
 
 
-def as_prompt(prompt_ids, device):
-    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device)
-    if not len(prompt):
-        raise ValueError("the prompt is empty; decoding starts from at least one token")
-    return prompt
+def run_decoder(models, prompts, s, mode, args, callback=None, on_iteration=None, on_row=None):
+    """The mode's decoder on one prompt or a batch: callback streams a decoder alone's tokens,
+    on_iteration sees a speculative one's iterations, on_row each prompt's final output."""
+    target, draft = models
+    device = sdar.device_of(draft if draft not in (None, "self") else target)
+    options = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "mask_id"}
+    common = dict(generator=torch.Generator(device=device).manual_seed(args.seed), on_row=on_row)
+    if mode == "ar":
+        return generate_ar(target, prompts, s.max_new_tokens, sampling=s.sampling,
+                           stop_ids=s.stop_ids, callback=callback, **common)
+    if mode == "vanilla":
+        alone = {k: options[k] for k in ("block", "steps", "strategy", "threshold", "sampling",
+                                         "stop_ids")}
+        return generate(target, prompts, callback=callback, **common, **alone,
+                        max_new_tokens=s.max_new_tokens)
+    return speculative.generate(target, None if draft == "self" else draft, prompts,
+                                on_iteration=on_iteration, **common, **options)
 
 
-def as_batch(prompts, device):
-    """(whether prompts is a batch, its prompts as tensors): one prompt is a sequence of ids, a
-    batch a list of them (of any lengths)."""
-    batch = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and not isinstance(
-        prompts[0], int)
-    if batch and any(isinstance(p, int) for p in prompts):
-        raise ValueError("a batch is a list of prompts, each a list of token ids")
-    return batch, [as_prompt(p, device) for p in (prompts if batch else [prompts])]
+def verdict(prompt, output, answer, n_tokens, max_new_tokens):
+    if train_tiny.score(prompt, output, answer):
+        return "correct"
+    if n_tokens == max_new_tokens:
+        return f"truncated at --max-new-tokens {max_new_tokens}"
+    return f"wrong; one right answer: {answer}"
 
 
-def prefill(model, ids, cache, block):
-    """Commit ids at positions 0.. to the cache in one block-causal forward (block 1: causal): ids
-    (..., T), or a list of each row's ids (of any lengths, whole blocks each)."""
-    rows = ids if isinstance(ids, list) else [ids] if ids.dim() == 1 else list(ids)
-    widths = [len(r) for r in rows]
-    if max(widths):
-        dev = rows[0].device
-        pad = [(r, torch.arange(len(r), device=dev), None) for r in rows]
-        tokens, pos, _ = masks.pack(pad, 0)  # padding after a row's last block: nothing sees it
-        attend = masks.block_causal(max(widths), block, device=dev)
-        model(tokens, pos[0] if len(set(widths)) == 1 else pos, attend, cache)
-        cache.commit(widths)
+def summary(stats, s, mode, device):
+    forwards, s = max(stats.forwards, 1), s.resolve(mode)
+    what = "forward" if mode in ("ar", "vanilla") else "target forward"
+    parts = [f"{stats.tokens} tokens", f"{stats.tokens / forwards:.2f} tokens per {what}"]
+    if mode in SPECULATIVE:
+        parts.append(f"{stats.matched / forwards:.2f} proposed steps matched per target forward")
+        parts.append(f"{stats.draft_forwards / forwards:.2f} draft forwards per target forward")
+    names = {"paper": f"{s.verify}, {s.accept} order",
+             "self": "lossless, the target proposing for itself",
+             "lossless": f"lossless, {s.proposer} proposals"}
+    parts.append(names.get(mode, mode))
+    if mode != "ar":
+        parts.append(f"block {s.block}")
+    if mode in SPECULATIVE:
+        parts.append(f"lookahead {s.lookahead}")
+    parts.append(f"{device.type}, {torch.get_num_threads()} thread(s)")
+    return ", ".join(parts) + f"; {stats.tokens / max(stats.seconds, 1e-9):.0f} tok/s"
 
 
-@dataclass
-class Rows:
-    """A batch's decoding state, an entry per row still decoding: `index`, the prompt's place in
-    the batch; its block's first position (`start`), first new position (`first`: past the
-    prompt's tail), steps taken and schedule (`quotas`); `pending`, the tokens its model has not
-    cached (cached: the block filled last; the oracle: all of them); its tokens so far (`out`)
-    and Stats. x (R, B) and todo (R, B) hold every row's block: its tokens, its masked places."""
-    index: list
-    start: list
-    first: list
-    steps: list
-    quotas: list
-    pending: list
-    out: list
-    stats: list
-    x: torch.Tensor
-    todo: torch.Tensor
+class Printer:
+    """Streams decoded text, holding back a split UTF-8 character; draws --show iterations."""
+    STYLE = {"known": ("2", "({})"), "accepted": ("32", "[{}]"), "target": ("31", "{{{}}}"),
+             "dropped": ("9;90", "~{}~"), "bonus": ("1;33", "<{}>")}  # colour, marker without
 
-    def keep(self, rows, cache):
-        """Only these rows go on; the cache's other rows leave with them."""
-        for name in ("index", "start", "first", "steps", "quotas", "pending", "out", "stats"):
-            setattr(self, name, [getattr(self, name)[r] for r in rows])
-        self.x, self.todo = self.x[rows], self.todo[rows]
-        if cache is not None:
-            cache.keep_rows(rows)
+    def __init__(self, tok, color, mode=None):
+        self.tok, self.tokens, self.shown, self.color, self.mode = tok, [], "", color, mode
+        self.lossless = mode in ("lossless", "self")
 
+    def stream(self, tokens):
+        self.tokens += tokens
+        text = self.tok.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
 
-def start_rows(prompts, block, steps, mask_id, cached, stats):
-    """The Rows of a batch after its prefill: each prompt's whole blocks are cached (the oracle:
-    pending), its tail is its first block's known part."""
-    aligned = [len(p) - len(p) % block for p in prompts]  # blocks sit at [kB, (k+1)B)
-    tails = [p[a:] for p, a in zip(prompts, aligned)]
-    x = [torch.cat([t, t.new_full((block - len(t),), mask_id)]) for t in tails]
-    todo = [torch.arange(block, device=t.device) >= len(t) for t in tails]
-    return Rows(list(range(len(prompts))), aligned, [len(t) for t in tails], [0] * len(prompts),
-                [schedule(block - len(t), block, steps) for t in tails],
-                [p[:0] if cached else p[:a] for p, a in zip(prompts, aligned)],
-                [[] for _ in prompts], stats, torch.stack(x), torch.stack(todo))
+    def paint(self, kind, text):
+        code, marker = self.STYLE[kind]
+        return f"\033[{code}m{text}\033[0m" if self.color else marker.format(text)
 
+    def word(self, token):
+        return repr(self.tok.decode([token]))[1:-1]
 
-def fill(rows, full, mask_id, max_new_tokens, stop_ids, callback, cached, steps):
-    """Rows whose block is full return its new tokens (callback(i, tokens)) and start their next
-    block, the full one pending (cached) or appended (the oracle). Returns, per row, whether it
-    goes on (no stop token, room left)."""
-    B, going = rows.x.shape[-1], [True] * len(full)
-    filled = [r for r, f in enumerate(full) if f]
-    for r, tokens in zip(filled, rows.x[filled].tolist() if filled else []):  # one host sync
-        stats, block = rows.stats[r], rows.x[r].clone()  # x is refilled below
-        new, done = trim(tokens[rows.first[r]:], stop_ids, max_new_tokens - len(rows.out[r]))
-        rows.out[r] += new
-        stats.forwards += rows.steps[r]
-        if callback:
-            callback(rows.index[r], new)
-        going[r] = not done
-        rows.pending[r] = block if cached else torch.cat([rows.pending[r], block])
-        rows.start[r], rows.first[r], rows.steps[r] = rows.start[r] + B, 0, 0
-        rows.quotas[r] = schedule(B, B, steps)
-    if filled:
-        rows.x[filled], rows.todo[filled] = mask_id, True
-    return going
+    def legend(self):
+        target = "t@s>u@k the target's u at its step k" if self.lossless else \
+            "t@s>u the target's u instead"
+        kinds = [("known", "known"), ("accepted", "t@s committed as proposed"), ("target", target),
+                 ("dropped", "t@s dropped"), ("bonus", "u the target's own where nothing was "
+                                              "proposed")]
+        painted = "  ".join(self.paint(kind, words) for kind, words in kinds)
+        who = "the chain shown (by the draft or the target itself)" if self.lossless else \
+            "the draft"
+        print(f"  every proposed block after verification; t@s = the token t proposed at step s of "
+              f"{who}:\n  {painted}", flush=True)
 
+    def cell(self, fate, token, drafted, step, taken):
+        if fate == KNOWN:
+            return self.paint("known", self.word(token))
+        proposal = f"{self.word(drafted)}@{step}"
+        if fate == ACCEPTED:
+            return self.paint("accepted", proposal)
+        if fate == DROPPED:
+            return self.paint("dropped", proposal)
+        if step == 0:  # the target's token where nothing was proposed: an AR target's bonus
+            return self.paint("bonus", self.word(token))
+        own = f"@{taken}" if self.lossless else ""
+        return self.paint("target", f"{proposal}>{self.word(token)}{own}")
 
-def final(results, i, out, stats, seconds, on_row):
-    """Prompt i's output is final: its Stats completed, its result kept, on_row told."""
-    stats.tokens, stats.seconds = len(out), seconds
-    results[i] = (out, stats)
-    if on_row:
-        on_row(i, out, stats)
+    def tally(self, fate, steps, taken, by):
+        if not self.lossless:
+            names = ((ACCEPTED, "accepted"), (TARGET, "the target's"), (DROPPED, "dropped"))
+            return "(" + ", ".join(f"{fate.count(f)} {name}" for f, name in names) + ")"
+        if TARGET in fate and not any(steps):
+            return f"(the target's own step {taken}: nothing was proposed from this state)"
+        if TARGET in fate:
+            return (f"({taken - 1} step(s) matched by {by}, then the target's own step {taken}: "
+                    "the chain stops)")
+        if taken == 0:
+            return "(not reached: the chain stopped before this block)"
+        return f"({taken} step(s) matched by {by})"
 
-
-@torch.inference_mode()
-def generate(model, prompts, max_new_tokens, *, block=4, steps=None, strategy="static",
-             threshold=0.9, sampling=GREEDY, stop_ids=(), generator=None, callback=None,
-             on_row=None, cached=True):
-    """Vanilla block-diffusion decoding of one prompt (a list of ids) or a batch (a list of
-    prompts of any lengths). Returns (new tokens, Stats): at most max_new_tokens, trimmed before the
-    first stop token; a batch returns a list of each. steps: denoising steps per block (default:
-    block, one position per step). callback(tokens) sees each block's new tokens, exactly those
-    returned (a batch: callback(i, tokens), i the prompt's place); on_row(i, tokens, stats) sees
-    each prompt's output once it is final. cached=False is the oracle: the same decisions,
-    recomputing the whole sequence at every step.
-    The rows of a batch advance on their own (a row whose block is full starts its next at the
-    next step), in one forward per step; a finished row leaves the batch and costs nothing more.
-    Host syncs: one per step where a block fills (its tokens), and with dynamic decoding one per
-    step (which blocks are full?)."""
-    steps = block if steps is None else steps
-    check(max_new_tokens=max_new_tokens, block=block, strategy=strategy, threshold=threshold)
-    check_steps(steps, block)
-    mask_id, dev = diffusion_mask_id(model), device_of(model)
-    batch, prompts = as_batch(prompts, dev)
-    longest = max(len(p) - len(p) % block for p in prompts)
-    cache = model.new_cache(longest + max_new_tokens + 3 * block, len(prompts)) if cached else None
-    t0 = sync(dev)
-    if cached:
-        prefill(model, [p[:len(p) - len(p) % block] for p in prompts], cache, block)
-    t1 = sync(dev)
-    rows = start_rows(prompts, block, steps, mask_id, cached,
-                      [Stats(prefill_seconds=t1 - t0) for _ in prompts])
-    stream = callback if batch or callback is None else lambda i, new: callback(new)
-    results = [None] * len(prompts)
-    while rows.index:
-        logits = forward_block(model, rows.pending, rows.x, rows.start, cache)
-        if cached:  # the pending blocks are stored; the blocks' own keys are scratch
-            cache.commit([len(p) for p in rows.pending])
-            rows.pending = [p[:0] for p in rows.pending]
-        probs = sampling.distribution(logits, suppress=mask_id)  # (R, B, V)
-        tokens = sampling.pick(probs, generator)
-        k = torch.tensor([quota(s, block, steps) for s in rows.steps], device=dev)[:, None]
-        revealed = reveal(probs, tokens, rows.todo, k, strategy, threshold)
-        rows.x, rows.todo = torch.where(revealed, tokens, rows.x), rows.todo & ~revealed
-        rows.steps = [s + 1 for s in rows.steps]
-        full = [s == len(q) for s, q in zip(rows.steps, rows.quotas)]
-        if strategy == "dynamic":  # a dynamic block may be full before its schedule
-            full = (~rows.todo.any(-1)).tolist()
-        going = fill(rows, full, mask_id, max_new_tokens, stop_ids, stream, cached, steps)
-        for r in (r for r, g in enumerate(going) if not g):
-            rows.stats[r].steps = rows.stats[r].forwards
-            final(results, rows.index[r], rows.out[r], rows.stats[r], sync(dev) - t1, on_row)
-        if not all(going):
-            rows.keep([r for r, g in enumerate(going) if g], cache)
-    return tuple(map(list, zip(*results))) if batch else results[0]
+    def show(self, info):
+        rows = zip(info["starts"], info["tokens"], info["fate"], info["drafted"], info["steps"],
+                   info["taken"])
+        for j, (start, tokens, fate, drafted, steps, taken) in enumerate(rows):
+            cells = [self.cell(f, t, d, s, taken)
+                     for f, t, d, s in zip(fate, tokens, drafted, steps)
+                     if f != KNOWN or t != self.tok.mask_id]  # never-proposed positions: blank
+            if not any(fate):
+                continue  # a block after the proposed ones that holds nothing new
+            lead = "  @" if j == 0 else " +@"  # a block reached by lookahead: the same forward
+            tally = self.tally(fate, steps, taken, info["by"])
+            print(f"{lead}{start:<4} {' '.join(cells)}   {tally}", flush=True)
 
 
-@torch.inference_mode()
-def generate_ar(model, prompts, max_new_tokens, *, sampling=GREEDY, stop_ids=(), generator=None,
-                callback=None, on_row=None, cached=True):
-    """Plain autoregressive decoding, the baseline of an AR (Qwen3) target, of one prompt or a
-    batch: a causal prefill of each prompt but its last token, then one forward per token on each
-    row's newest token. The AR shift: the logits at position i predict the token at i + 1.
-    cached=False is the oracle, recomputing the whole sequence for every token. Returns as
-    generate does; callback sees each new token (a batch: callback(i, [token])), on_row each
-    prompt's final output. Host syncs: one per token."""
-    check(max_new_tokens=max_new_tokens)
-    dev = device_of(model)
-    batch, seqs = as_batch(prompts, dev)
-    cache = model.new_cache(max(map(len, seqs)) + max_new_tokens, len(seqs)) if cached else None
-    t0 = sync(dev)
-    if cached:
-        prefill(model, [p[:-1] for p in seqs], cache, 1)
-    t1 = sync(dev)
-    index, outs = list(range(len(seqs))), [[] for _ in seqs]
-    stats, results = [Stats(prefill_seconds=t1 - t0) for _ in seqs], [None] * len(seqs)
-    while index:
-        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
-        if cached:  # each row's newest token, which sees its cached slots
-            logits = model(torch.stack([s[-1:] for s in seqs]), last[:, None], None, cache)[:, -1]
-            cache.commit(1)
-        else:
-            rows = [(s, torch.arange(len(s), device=dev), masks.block_causal(len(s), 1, device=dev))
-                    for s in seqs]
-            logits = model(*masks.pack(rows, 0))[torch.arange(len(seqs), device=dev), last]
-        tokens = sampling.pick(sampling.distribution(logits), generator)  # (R,)
-        going = []
-        for r, token in enumerate(tokens.tolist()):  # the step's host sync
-            new, done = trim([token], stop_ids, max_new_tokens - len(outs[r]))
-            outs[r] += new
-            stats[r].forwards += 1
-            if callback and new:
-                callback(*((index[r], new) if batch else (new,)))
-            going.append(not done)
-            if done:
-                stats[r].steps = stats[r].forwards
-                final(results, index[r], outs[r], stats[r], sync(dev) - t1, on_row)
-        seqs = [torch.cat([s, tokens[r:r + 1]]) for r, s in enumerate(seqs)]
-        if not all(going):
-            keep = [r for r, g in enumerate(going) if g]
-            index, outs, stats = ([x[r] for r in keep] for x in (index, outs, stats))
-            seqs = [seqs[r] for r in keep]
-            if cache is not None:
-                cache.keep_rows(keep)
-    return tuple(map(list, zip(*results))) if batch else results[0]
+def run(main):
+    """main(), ending quietly when the reader goes away (e.g. `| head`)."""
+    try:
+        main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    import cli  # the command line sits above the library; the library never imports it
-
-    cli.run(cli.decode_main)
+    run(main)

@@ -8,6 +8,7 @@ Layouts, for a block of B positions:
   prefill        prompt tokens; block k sees blocks <= k                     block_causal
   training       [x_t ; x_0], both halves at the same positions              training
   SimSD verify   [the block, drafted positions as references | B masks]      verify
+  a stored block [pending | the tokens after it]                             with_pending
   exact verify   one copy of the block per proposed state, each blind to the others   copies
   one forward    [pending | clean copies of proposed blocks | one part per state]     tree
   a batch        rows of different widths in one forward, padded                      pack
@@ -67,6 +68,18 @@ def copies(n, block, device=None):
     return copy[:, None] == copy[None, :]
 
 
+def with_pending(n, mask, block):
+    """The mask of [pending | tokens]: n pending tokens (whole blocks just before, completed and
+    not yet cached: storing them is folded into this forward) are block-causal and seen by every
+    token after them; the tokens see each other by `mask` and are seen by no pending token."""
+    T = len(mask)
+    out = torch.zeros(n + T, n + T, dtype=torch.bool, device=mask.device)
+    out[:n, :n] = block_causal(n, block, device=mask.device)
+    out[n:, :n] = True
+    out[n:, n:] = mask
+    return out
+
+
 def tree(parts, n_pending, block, ancestors, cleans):
     """The mask of one target forward over [pending | clean copies | parts], one part per node of
     a tree of proposals (a node before its children).
@@ -75,27 +88,23 @@ def tree(parts, n_pending, block, ancestors, cleans):
     block is verify(step). ancestors (N, N) bool: node n is node m or descends from it.
     cleans: the nodes (ascending) that start a block after their parent's; each has a clean copy
     of the block before it (B tokens, complete, as proposed on its path), in this order.
-    pending (n_pending tokens, whole blocks) is block-causal, and everything sees it. A clean copy
-    sees itself and the clean copies of its node's ancestors, as storing those blocks would see
-    them; a part sees the clean copies of its node and of its ancestors, and itself by its own
-    mask. A chain of L blocks (ancestors lower-triangular, cleans 1..L-1) is lookahead: block j
-    is verified as if the blocks before it were stored as proposed.
+    pending (with_pending) is seen by everything. A clean copy sees itself and the clean copies of
+    its node's ancestors, as storing those blocks would see them; a part sees the clean copies of
+    its node and of its ancestors, and itself by its own mask. A chain of L blocks (ancestors
+    lower-triangular, cleans 1..L-1) is lookahead: block j is verified as if the blocks before it
+    were stored as proposed.
     """
-    dev, P = ancestors.device, n_pending
+    dev = ancestors.device
     cleans = torch.as_tensor(cleans, dtype=torch.long, device=dev)
     sees = ancestors[:, cleans]  # (N, C): node n sees clean copy c
     sizes = torch.tensor([len(p) for p in parts], device=dev)
     part_of = torch.arange(len(parts), device=dev).repeat_interleave(sizes)
-    n_clean = len(cleans) * block
-    n = P + n_clean + len(part_of)
-    out = torch.zeros(n, n, dtype=torch.bool, device=dev)
-    out[:P, :P] = block_causal(P, block, device=dev)
-    out[P:, :P] = True
-    out[P:P + n_clean, P:P + n_clean] = sees[cleans].repeat_interleave(block, 0).repeat_interleave(
-        block, 1)
-    out[P + n_clean:, P:P + n_clean] = sees[part_of].repeat_interleave(block, 1)
-    out[P + n_clean:, P + n_clean:] = torch.block_diag(*parts)
-    return out
+    C = len(cleans) * block
+    out = torch.zeros(C + len(part_of), C + len(part_of), dtype=torch.bool, device=dev)
+    out[:C, :C] = sees[cleans].repeat_interleave(block, 0).repeat_interleave(block, 1)
+    out[C:, :C] = sees[part_of].repeat_interleave(block, 1)
+    out[C:, C:] = torch.block_diag(*parts)
+    return with_pending(n_pending, out, block)
 
 
 def pack(rows, pad_id):

@@ -31,9 +31,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-import decode
+import sdar
 import mask as masks
-from model import Config, Transformer, load, load_tokenizer, save, write_byte_tokenizer
+from checkpoint import load, load_tokenizer, save, write_byte_tokenizer
+from model import Config, Transformer
 
 ROOT = Path(__file__).parent
 OUT = ROOT / "out"  # the toy folders: OUT/tiny-<preset>
@@ -265,29 +266,30 @@ def trajectories(rows, n, device="cpu"):
 # The decoding a distilled draft learns: its target's strongest alone that keeps its accuracy on
 # both tasks (greedy; the most confident position per step, and every other above the threshold).
 DISTILL = dict(block=4, strategy="dynamic", threshold=0.9)
+RULE = sdar.Settings(MAX_NEW_TOKENS, DISTILL["block"], strategy=DISTILL["strategy"],
+                     threshold=DISTILL["threshold"])
 DISTILL_PROMPTS = 4096  # the most distinct training prompts a target decodes for its draft
 UNSURE = 0.5  # a trajectory label's weight on the target's pick where the target did not reveal it
 
 
 @torch.inference_mode()
 def decode_batch(target, ids, stop_ids):
-    """decode.generate's DISTILL decoding of prompts of one length, ids (N, T), in one batched
+    """sdar.generate's DISTILL decoding of prompts of one length, ids (N, T), in one batched
     cache (a row whose block is full takes no more reveals) until every row has a stop token or
     MAX_NEW_TOKENS are written: the responses' tokens (N, R), step (N, R), picks (N, S, R)."""
     (N, T), B = ids.shape, DISTILL["block"]
     aligned = T - T % B
-    cache = target.new_cache(T + MAX_NEW_TOKENS + 2 * B, batch_size=N)
-    decode.prefill(target, ids[:, :aligned], cache, B)
+    cache = target.new_cache(RULE.room(T, 2 * B), batch_size=N)  # a pending block and one
+    sdar.prefill(target, ids[:, :aligned], cache, B)
     tail, pending, stops = ids[:, aligned:], ids[:, :0], torch.tensor(stop_ids)
     done, out = torch.zeros(N, dtype=torch.bool), []
     for start in range(aligned, T + MAX_NEW_TOKENS, B):
         n_known = tail.shape[1]
         x = torch.cat([tail, tail.new_full((N, B - n_known), target.config.mask_token_id)], 1)
         known = (torch.arange(B) < n_known).expand(N, B)
-        quotas = decode.schedule(B - n_known, B, B)
-        d = decode.denoise(target, x, known, start, quotas, cache=cache, pending=pending,
-                           strategy=DISTILL["strategy"], threshold=DISTILL["threshold"],
-                           record=True)
+        quotas = [sdar.schedule(B - n_known, B, B)] * N
+        d = sdar.denoise(target, x, known, [start] * N, quotas, RULE, cache=cache,
+                         pending=list(pending))
         unused = d.tokens[None].expand(B - len(d.picks), N, B)  # steps the block did not take
         out.append((d.tokens, d.step, torch.cat([d.picks, unused]).transpose(0, 1)))
         done |= torch.isin(d.tokens[:, n_known:], stops).any(1)
@@ -422,10 +424,10 @@ def evaluate(model, tok, n=100, block=4, task="sort", strategy="static"):
     hits = 0
     for prompt, answer in examples(n, "heldout", task=task):
         if model.config.model_type == "qwen3":
-            ids, _ = decode.generate_ar(model, tok.chat(prompt), MAX_NEW_TOKENS,
+            ids, _ = sdar.generate_ar(model, tok.chat(prompt), MAX_NEW_TOKENS,
                                         stop_ids=tok.stop_ids)
         else:
-            ids, _ = decode.generate(model, tok.chat(prompt), MAX_NEW_TOKENS, block=block,
+            ids, _ = sdar.generate(model, tok.chat(prompt), MAX_NEW_TOKENS, block=block,
                                      strategy=strategy, threshold=DISTILL["threshold"],
                                      stop_ids=tok.stop_ids)
         hits += score(prompt, tok.decode(ids), answer)

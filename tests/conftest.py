@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +93,9 @@ def write_micro_checkpoint(path, seed=0, block_size=4, model_type="sdar", layers
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                      mask_token_id=259 if sdar else None, block_size=block_size if sdar else None,
                      model_type=model_type)
-    model.save(model.Transformer(c), path)
+    checkpoint.save(model.Transformer(c), path)
     specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + (("<|MASK|>",) if sdar else ())
-    model.write_byte_tokenizer(path, specials=specials)
+    checkpoint.write_byte_tokenizer(path, specials=specials)
     return str(path)
 
 

@@ -1,5 +1,5 @@
 """bench.py: the table's maths, the projection and the headline against hand-computed values on
-synthetic records; --shapes at the tiny shape; checkpoints and the toy rows on micro models (the
+synthetic records; checkpoints and the toy rows on micro models (the
 lossless rows must equal their target row); bad input refused with one sentence and exit 2."""
 import json
 import math
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import model
-from decode import Stats
+from batch import Stats
 
 
 def strict_json(line):
@@ -186,31 +187,15 @@ def test_report_names_draft_lookahead_threads_and_never_writes_infinity(capsys):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_shapes_tiny_end_to_end(capsys):
-    bench.main(["--shapes", "tiny:tiny", "--device", "cpu", "--context", "20", "--new-tokens", "8",
-                "--repeats", "1", "--blocks", "4", "8", "--threads", "1"])
-    result = last_json(capsys)
-    assert result["device"] == "cpu" and result["gpu"] is None and result["threads"] == 1
-    for block in result["blocks"]:
-        B = block["block"]
-        tokens = {f["name"]: f["tokens"] for f in block["forwards"]}
-        assert tokens == {"target denoise step": B, "target verify, lossless/exact": B * B,
-                          "target verify, simsd": 2 * B, "draft step": B}
-        # per layer 2 x 64 x 64 + 2 x 64 x 32 (attention) + 3 x 64 x 128 (mlp) + 2 x 16 + 2 x 64
-        # (norms) = 37024; 2 layers, embedding and head 512 x 64 each, final norm 64: 139648 floats
-        assert {f["weight_bytes"] for f in block["forwards"]} == {139648 * 4}
-        assert all(f["floor_fraction"] is None for f in block["forwards"])  # no bandwidth on a CPU
-
-
 def write_checkpoint(random_model, path, seed, layers, model_type="sdar", block_size=None):
     """A micro checkpoint on the byte-level ids, its head sharpened (random_model) so that
     dynamic decoding reveals several positions in some steps."""
     m = random_model(seed, layers, model_type, vocab=260)
     m.config.block_size = block_size
-    model.save(m, path)
+    checkpoint.save(m, path)
     mask = ("<|MASK|>",) if model_type == "sdar" else ()
     specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + mask
-    model.write_byte_tokenizer(path, specials=specials)
+    checkpoint.write_byte_tokenizer(path, specials=specials)
     return str(path)
 
 
@@ -328,24 +313,29 @@ def test_batch_table_on_the_toys(toys, capsys):
     assert all(r["speedup"] == 1.0 for r in batches if r["method"] in ("target", "ar"))
 
 
-def test_split_adds_up_and_leaves_the_code_as_it_was(toys, capsys):
-    """--split on the micro toys: a row per task and method, parts that add up to the total (the
-    forwards a real share of it), and afterwards no function left wrapped."""
-    before = {name: getattr(bench.verifier, name) for name in ("judge", "layout", "to_host")}
-    bench.main(["--split", "--num-prompts", "2", "--new-tokens", "8", "--methods", "target-dyn0.9",
+def test_split_reads_the_loops_labels_and_adds_up(toys, capsys):
+    """split.py on the micro toys: a row per task and method, parts that add up to the total (the
+    target's forward a real share of it), the draft's denoising only where a draft runs, and every
+    step of the speculative loop found by its label (a renamed label would read as zero)."""
+    import split
+    split.main(["--num-prompts", "2", "--new-tokens", "8", "--methods", "target-dyn0.9",
                 "simsd-lossless-block-dyn0.9", "target-self", "--lookahead", "2"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| task | method | total | target forward | draft forwards |")
+    assert lines[0] == ("| task | method | batch | total | target forward | step | propose | "
+                        "draft | lay out | accept | commit | the rest |")
     rows = [line.strip("| ").split(" | ") for line in lines[1:]]
     assert [(r[0], r[1].split(" ")[0]) for r in rows] == [
         (t, m) for t in ("sort", "walk") for m in ("target-dyn0.9", "simsd-lossless-block-dyn0.9",
                                                     "target-self")]
     for r in rows:
-        total, parts = float(r[2]), [float(x) for x in r[3:]]
-        assert sum(parts) == pytest.approx(total, abs=0.005 * len(parts)) and parts[0] > 0.2 * total, r
-        assert (parts[1] > 0) == ("draft" in r[1])
-    assert before == {name: getattr(bench.verifier, name) for name in before}
-    assert "forward" not in vars(bench.model.load(toys["target"]))
+        total, parts = float(r[3]), dict(zip(split.LABELS + ("the rest",), map(float, r[4:])))
+        shown = sum(v for k, v in parts.items() if k != "draft")  # the draft's is in propose's
+        assert shown == pytest.approx(total, abs=0.005 * len(parts)), r
+        assert parts["target forward"] > 0.2 * total, r
+        assert (parts["draft"] > 0) == ("draft" in r[1]), r
+        speculating = r[1].split(" ")[0] != "target-dyn0.9"
+        loop = ("propose", "lay out", "accept", "commit")
+        assert all((parts[k] > 0) == speculating for k in loop) and (parts["step"] > 0) != speculating, r
 
 
 # ----------------------------------------------------------------------------- refused input
@@ -387,4 +377,3 @@ def test_block_errors_say_what_the_config_holds(tmp_path, micro, random_model, c
     err += refusal(["--model", b4, "--draft", b4, "--prompts", str(ok), "--blocks", "8"], capsys)
     assert "block 8 requested but the models were trained with block 4" in err
     assert "None" not in err and "-b8" not in err
-    assert "--shapes takes TARGET:DRAFT" in refusal(["--shapes", "sdar-8b"], capsys)

@@ -1,360 +1,267 @@
-"""decode.py: the cached decoder equals the no-cache oracle; SDAR's schedule and rule against
-hand-written tables and literal loops; stops, forwards, sampling filters, AR decoding."""
-import collections
-import itertools
-import math
-import random
+"""`python decode.py` (decode.py): every bad input is one sentence and exit 2, every mode decodes, the
+stream is exactly the returned tokens, and the toy default routes prompts to their task's models."""
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import decode
-from mask import block_causal as mask_of
+import sdar
+import checkpoint
+import model
+import speculative
+import train_tiny
 
-MASK = 60  # the random models' mask id (conftest)
-
-
-@pytest.mark.parametrize("block", [4, 8])
-@pytest.mark.parametrize("strategy", ["static", "dynamic"])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cache_equals_oracle(block, strategy, temperature, random_model, prompt):
-    """Cached generate == the no-cache oracle token for token, every prompt alignment, steps <= block."""
-    m = random_model()
-    sampling = decode.Sampling(temperature, top_k=20, top_p=0.9) if temperature else decode.GREEDY
-    for P in (1, block - 1, block, 2 * block + 1):
-        for steps in (block, block // 2):
-            kw = dict(block=block, steps=steps, strategy=strategy, threshold=0.3, sampling=sampling)
-            a, _ = decode.generate(m, prompt(P, P), 3 * block + 1, generator=torch.Generator().manual_seed(P), **kw)
-            b, _ = decode.generate(m, prompt(P, P), 3 * block + 1, generator=torch.Generator().manual_seed(P),
-                                   cached=False, **kw)
-            assert a == b and len(a) == 3 * block + 1, (P, steps)
+ROOT = Path(__file__).resolve().parents[1]
 
 
-# SDAR's schedule: (masks, block, steps, steps done) -> the quota of each step the block still needs.
-# The quota spreads the block over the steps, remainder first; a step reveals min(quota, masks left).
-SDAR_SCHEDULES = {
-    (4, 4, 4, 0): [1, 1, 1, 1], (2, 4, 4, 0): [1, 1], (4, 4, 2, 0): [2, 2], (2, 4, 2, 0): [2],
-    (3, 4, 2, 0): [2, 2], (1, 4, 2, 0): [2], (4, 4, 3, 0): [2, 1, 1], (3, 4, 3, 0): [2, 1],
-    (2, 4, 3, 0): [2], (4, 4, 1, 0): [4], (8, 8, 3, 0): [3, 3, 2], (7, 8, 3, 0): [3, 3, 2],
-    (5, 8, 3, 0): [3, 3], (5, 8, 4, 0): [2, 2, 2], (8, 8, 8, 0): [1] * 8, (6, 8, 5, 0): [2, 2, 2],
-    # continued after `done` steps: the schedule goes on where it was, it does not restart
-    (6, 8, 5, 1): [2, 2, 1, 1], (4, 8, 5, 2): [2, 1, 1], (2, 8, 5, 3): [1, 1], (3, 4, 4, 1): [1, 1, 1],
-    (5, 8, 3, 1): [3, 2], (2, 8, 3, 1): [3], (1, 4, 2, 1): [2],
-}
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, micro_checkpoint):
+    """Named micro checkpoints: a target and a draft (block 4), a block-8 draft, a draft without
+    block_size, an AR target, and broken folders."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {"target": micro_checkpoint(root / "target"), "draft": micro_checkpoint(root / "draft", 1),
+           "b8": micro_checkpoint(root / "b8", 2, block_size=8),
+           "free": micro_checkpoint(root / "free", 5, block_size=None),
+           "ar": micro_checkpoint(root / "ar", 3, model_type="qwen3")}
+    (root / "weightless").mkdir()
+    (root / "weightless" / "config.json").write_text((root / "target" / "config.json").read_text())
+    out["weightless"] = str(root / "weightless")
+    out["notjson"] = micro_checkpoint(root / "notjson")
+    (root / "notjson" / "config.json").write_text("{ this is not json")
+    out["layers"] = micro_checkpoint(root / "layers")
+    config = json.loads((root / "layers" / "config.json").read_text())
+    (root / "layers" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -1}))
+    out["nomask"] = micro_checkpoint(root / "nomask")
+    checkpoint.write_byte_tokenizer(root / "nomask", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    (root / "prompts.txt").write_text("hi\n\nhello there\nsort 12\n", encoding="utf-8")
+    (root / "latin1.txt").write_bytes("hi\ncafé au lait\n".encode("latin-1"))
+    (root / "blank.txt").write_text("\n  \n\n")
+    (root / "long.txt").write_text("hi\n\n" + "a " * 40 + "\n")
+    (root / "folder").mkdir()
+    out.update({name: str(root / f"{name}.txt") for name in ("prompts", "latin1", "blank", "long")})
+    out["folder"], out["missing"] = str(root / "folder"), str(root / "missing.txt")
+    out["othervocab"] = micro_checkpoint(root / "othervocab", 4)
+    checkpoint.write_byte_tokenizer(root / "othervocab",
+                               specials=("<|im_start|>", "<|endoftext|>", "<|im_end|>", "<|MASK|>"))
+    return out
 
 
-@pytest.mark.parametrize("masks_left,block,steps,done", sorted(SDAR_SCHEDULES))
-def test_schedule_is_sdars(masks_left, block, steps, done):
-    assert decode.schedule(masks_left, block, steps, done) == SDAR_SCHEDULES[masks_left, block, steps, done]
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "decode.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
-def brute_reveal(conf, todo, k, strategy, threshold):
-    """SDAR's rule read literally: the k masked positions of highest confidence (ties: lower position
-    first), plus, when dynamic, every masked position above the threshold; "left": the k leftmost."""
-    masked = [i for i in range(len(conf)) if todo[i]]
-    if strategy == "left":
-        order = masked
-    else:
-        order = sorted(masked, key=lambda i: (-conf[i], i))
-    chosen = set(order[:k])
-    if strategy == "dynamic":
-        chosen |= {i for i in masked if conf[i] > threshold}
-    return [i in chosen for i in range(len(conf))]
+def bad_inputs(c):
+    """(arguments, the sentence expected on stderr); each must exit 2 with no traceback."""
+    m = ["--model", c["target"], "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "8"]
+    free = ["--model", c["free"], "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "8"]
+    f = m[:4] + ["--max-new-tokens", "8"]  # for --prompts
+    spec = m + ["--draft", c["draft"]]
+    cases = [
+        (m + ["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = argmax); got -1.0"),
+        (m + ["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+        (m + ["--top-p", "0"], "--top-p must be in (0, 1] (1 = off); got 0.0"),
+        (m + ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (m + ["--top-k", "-3"], "--top-k must be an integer >= 0"),
+        (m + ["--block", "0"], "--block must be an integer >= 1; got 0"),
+        (m + ["--steps", "0"], "--steps must be an integer from 1 to the block length (4); got 0"),
+        (m + ["--steps", "5"], "--steps must be an integer from 1 to the block length (4); got 5"),
+        (m + ["--strategy", "dynamic", "--threshold", "2"], "--threshold must be in [0, 1]; got 2.0"),
+        (m + ["--threshold", "0.5"], "--threshold applies to --strategy dynamic only"),
+        (m + ["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1; got 0"),
+        (m + ["--max-new-tokens", "60"], "exceed the model's max_position_embeddings 64"),
+        (m + ["--prompt", "  "], "--prompt is empty"),
+        (["--model", ""], "--model is empty"),
+        (m + ["--seed", "1180591620717411303424"], "--seed must be an integer from 0 to 2**64 - 1"),
+        (m + ["--threads", "0"], "--threads must be an integer from 1 to this machine's"),
+        (m + ["--threads", "100000"], "--threads must be an integer from 1 to this machine's"),
+        (m + ["--strategy", "sometimes"], "invalid choice: 'sometimes'"),
+        (m + ["--block", "8"], "block 8 requested but this checkpoint was trained with block 4; use "
+                               "--block 4 or leave it out (block 8 needs the -b8 checkpoints"),
+        (["--model", c["b8"], "--block", "4"], "trained with block 8; use --block 8 or leave it out"),
+        (free + ["--block", "1000000"], "one target forward would hold 2000000 tokens"),
+        (free + ["--block", "100"], "exceed the model's max_position_embeddings 64"),
+        (spec + ["--lookahead", "0"], "--lookahead must be an integer >= 1; got 0"),
+        (spec + ["--eos-min-prob", "5"], "--eos-min-prob must be in [0, 1]"),
+        (spec + ["--accept", "step"], "--accept does not apply to lossless verification"),
+        (spec + ["--eos-min-prob", "0.5"], "--eos-min-prob does not apply to lossless verification"),
+        (spec + ["--vanilla"], "--vanilla decodes without a draft"),
+        (m + ["--verify", "exact"], "--verify does not apply to decoding without a draft"),
+        (m + ["--show"], "--show does not apply to decoding without a draft"),
+        (m + ["--draft", c["b8"]], "the draft was trained with block 8 and the target with block 4"),
+        (m + ["--draft", c["free"]], "the draft was trained with no block_size in its config.json"),
+        (m + ["--draft", c["ar"]], "this project drafts with diffusion models"),
+        (m + ["--draft", c["othervocab"]], "does not give every token of the target the same id"),
+        (["--model", c["ar"], "--draft", c["draft"], "--accept", "step"],
+         "--accept does not apply to an autoregressive target"),
+        (["--model", c["ar"], "--draft", c["draft"], "--temperature", "1", "--strategy", "dynamic"],
+         "--strategy dynamic drafts by the confidence of sampled tokens"),
+        (["--model", c["ar"], "--block", "4"], "--block does not apply to an autoregressive target decoding alone"),
+        (["--model", c["nomask"]], "defines no mask token (<|MASK|>); a diffusion model cannot"),
+        (["--model", c["layers"]], "num_hidden_layers must be a positive integer; got -1."),
+        (["--model", "/no/such/folder"], "is not a folder; download weights with the Hugging Face CLI"),
+        (["--model", c["weightless"]], "the weights are missing."),
+        (["--model", c["notjson"]], "config.json is not valid JSON"),
+        (["--system", "be brief"], "--system does not apply to the toy models"),
+        (["--no-think"], "--no-think does not apply to the toy models"),
+        (m + ["--draft", "self", "--lookahead", "3"], "--lookahead 3 does not apply to the target proposing for itself"),
+        (m + ["--draft", "self", "--drafting", "block"], "--drafting does not apply to the target proposing for itself"),
+        (m + ["--draft", "self", "--draft-device", "cpu"], "--draft-device does not apply to the target proposing for itself"),
+        (m + ["--draft", "self", "--verify", "exact"], "--verify exact judges a draft's tokens"),
+        (spec + ["--verify", "exact", "--proposer", "hybrid"],
+         "--proposer does not apply to the paper's verification"),
+        (m + ["--proposer", "hybrid"], "--proposer does not apply to decoding without a draft"),
+        (m + ["--drafting", "step"], "--drafting does not apply to decoding without a draft"),
+        (["--model", c["ar"], "--draft", "self"], "is autoregressive and cannot propose for itself"),
+        (["--model", c["ar"], "--draft", c["draft"], "--proposer", "draft"],
+         "--proposer does not apply to an autoregressive target"),
+        (f + ["--prompts", c["missing"]], "does not exist"),
+        (f + ["--prompts", c["folder"]], "is a folder; give a text file with one prompt per line"),
+        (f + ["--prompts", c["latin1"]], "is not UTF-8 text (line 2, byte 6, cannot be decoded)"),
+        (f + ["--prompts", c["blank"]], "holds no prompt; write one per line"),
+        (f + ["--prompts", c["long"]], "line 3 of --prompts: the prompt ("),
+        (f + ["--prompts", c["prompts"], "--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
+        (f + ["--prompts", c["prompts"], "--batch-size", "-2"], "--batch-size must be an integer >= 1; got -2"),
+        (f + ["--prompts", c["prompts"], "--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+        (m + ["--batch-size", "4"], "--batch-size applies to --prompts FILE"),
+        (m + ["--prompts", c["prompts"]], "--prompt does not apply to --prompts"),
+        (f + ["--prompts", c["prompts"], "--show"], "--show does not apply to --prompts"),
+        (["--model", c["target"], "--draft-device", "cuda"], "--draft-device cuda was asked for"),
+        (["--device", "cuda"], "--device cuda was asked for but this machine has no CUDA GPU")]
+    return [case for case in cases if "cuda" not in case[0] or not torch.cuda.is_available()]
 
 
-def test_reveal_matches_a_literal_loop():
-    """The one rule the target alone and lossless verification share, on random distributions with
-    exact ties, known positions anywhere, every strategy, and a batch of rows with their own quotas."""
-    rng = random.Random(0)
-    for trial in range(300):
-        B, V = rng.randint(1, 8), 5
-        probs = torch.tensor([[rng.choice([0.1, 0.2, 0.3, 0.5]) for _ in range(V)] for _ in range(B)])
-        probs = probs / probs.sum(-1, keepdim=True)  # repeated values: exact ties
-        tokens = torch.tensor([rng.randrange(V) for _ in range(B)])
-        todo = torch.tensor([rng.random() < 0.7 for _ in range(B)])
-        k, strategy = rng.randint(1, B), rng.choice(["static", "dynamic", "left"])
-        conf = probs.gather(-1, tokens[:, None])[:, 0].tolist()
-        got = decode.reveal(probs, tokens, todo, k, strategy, 0.29).tolist()
-        assert got == brute_reveal(conf, todo.tolist(), k, strategy, 0.29), trial
-    batch = torch.rand(3, 4, V).softmax(-1)
-    tokens, todo, k = batch.argmax(-1), torch.ones(3, 4, dtype=torch.bool), torch.tensor([[1], [2], [3]])
-    assert decode.reveal(batch, tokens, todo, k).sum(-1).tolist() == [1, 2, 3]
+def test_bad_input_is_one_sentence_and_exit_2(ckpt, capsys):
+    """Every bad input: exit 2, the sentence on stderr, no doubled punctuation, and the download
+    hint only where the folder is missing. In-process (an exception other than the exit would fail
+    the test); the command itself, run as a process, is checked below."""
+    for args, sentence in bad_inputs(ckpt):
+        with pytest.raises(SystemExit) as exit_:
+            decode.main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and sentence in err, (args, err)
+        line = err.strip().splitlines()[-1]  # ours, after argparse's usage lines if any
+        assert line.startswith("decode.py: error: "), err
+        assert not any(p in line for p in ("..", ".;", ";.", "  ")), err
+        assert ("huggingface-cli" in err) == ("/no/such/folder" in args), err
 
 
-def test_step_map_follows_the_schedule(random_model, prompt):
-    """Static decoding reveals min(quota, masks left) positions at step s, each position exactly once;
-    known positions, anywhere in the block, stay as they were and keep step 0."""
-    m = random_model()
-    for pattern, steps in itertools.product(range(15), (1, 2, 3, 4)):  # every known pattern but full
-        known = torch.tensor([bool(pattern >> i & 1) for i in range(4)])
-        x = torch.where(known, torch.tensor(prompt(4, pattern)), MASK)
-        quotas = decode.schedule(int((~known).sum()), 4, steps)
-        with torch.no_grad():
-            out = decode.denoise(m, x, known, 0, quotas)
-        assert (out.tokens != MASK).all() and out.step[known].eq(0).all()
-        assert torch.equal(out.tokens[known], x[known])
-        left, reveals = int((~known).sum()), []
-        for k in quotas:
-            reveals.append(min(k, left))
-            left -= reveals[-1]
-        assert [int((out.step == s).sum()) for s in range(1, out.forwards + 1)] == reveals
+def test_the_command_refuses_without_a_traceback(ckpt, run_scripts):
+    """As processes: a range, a loading and a pairing error end with one line and exit 2."""
+    cases = [case for case in bad_inputs(ckpt) if case[1].startswith(("--temperature must",
+             "num_hidden_layers", "the draft was trained with block 8"))]
+    for (args, sentence), proc in zip(cases, run_scripts("decode.py", [a for a, _ in cases])):
+        assert proc.returncode == 2 and sentence in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_static_reveals_the_most_confident(random_model):
-    """The first step reveals the position of the highest confidence of a plain forward."""
-    m = random_model(3)
-    x, known = torch.full((4,), MASK), torch.zeros(4, dtype=torch.bool)
-    with torch.no_grad():
-        out = decode.denoise(m, x, known, 0, [1, 1, 1, 1])
-        probs = m(x[None], torch.arange(4), torch.ones(4, 4, dtype=torch.bool))[0]
-        probs = probs.index_fill(-1, torch.tensor([MASK]), -math.inf).softmax(-1)
-    first = out.step.tolist().index(1)
-    assert first == int(probs.max(-1).values.argmax()) and out.tokens[first] == probs[first].argmax()
+def test_every_mode_decodes(ckpt):
+    """A checkpoint decodes alone (SDAR and AR), speculatively (SimSD's three verifications and
+    SpecDiff) and with --show."""
+    cases = [([ckpt["target"]], ["tokens per forward", "vanilla"]),
+             ([ckpt["ar"], "--no-think"], ["1.00 tokens per forward", "ar,"]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--show", "--lookahead", "2"],
+              ["tokens per target forward", "lossless", "lookahead 2", "steps matched per target"]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd", "--accept", "position"],
+              ["simsd, position order"]),
+             ([ckpt["ar"], "--draft", ckpt["draft"], "--show", "--temperature", "1"], ["specdiff"]),
+             ([ckpt["target"], "--draft", "self", "--show"], ["the target proposing for itself",
+                                                            "0.00 draft forwards per target"]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--proposer", "draft", "--drafting", "step"],
+              ["lossless, draft proposals"])]
+    for args, words in cases:
+        r = run_cli("--model", *args, "--prompt", "hi", "--max-new-tokens", "8", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        assert all(w in r.stdout for w in words), (args, r.stdout)
 
 
-def test_a_batch_of_blocks_denoises_as_each_alone(random_model, prompt):
-    """denoise on (N, B) blocks with a batched cache equals N separate calls, with their picks."""
-    m = random_model(4)
-    prefix = torch.tensor([prompt(8, s) for s in range(3)])
-    x, known = torch.full((3, 4), MASK), torch.zeros(3, 4, dtype=torch.bool)
-    known[1, 2], x[1, 2] = True, 5
-    with torch.no_grad():
-        cache = m.new_cache(16, batch_size=3)
-        decode.prefill(m, prefix, cache, 4)
-        batched = decode.denoise(m, x, known, 8, [1, 1, 1, 1], cache=cache, strategy="dynamic",
-                                 threshold=0.5, record=True)
-        for row in range(3):
-            alone_cache = m.new_cache(16)
-            decode.prefill(m, prefix[row], alone_cache, 4)
-            alone = decode.denoise(m, x[row], known[row], 8, [1, 1, 1, 1], cache=alone_cache,
-                                   strategy="dynamic", threshold=0.5, record=True)
-            assert torch.equal(batched.tokens[row], alone.tokens) and torch.equal(batched.step[row], alone.step)
+def test_the_stream_is_exactly_the_returned_tokens(ckpt):
+    """The streamed text is the decoded output, cut at --max-new-tokens, in every mode."""
+    tok = checkpoint.load_tokenizer(ckpt["target"])
+    target, draft, ar = (checkpoint.load(ckpt[k]) for k in ("target", "draft", "ar"))
+    ids = tok.chat("hi")
+    cases = [([ckpt["target"]], sdar.generate(target, ids, 5, stop_ids=tok.stop_ids)[0]),
+             ([ckpt["ar"]], sdar.generate_ar(ar, ids, 5, stop_ids=tok.stop_ids)[0]),
+             ([ckpt["target"], "--draft", ckpt["draft"], "--verify", "simsd"],
+              speculative.generate(target, draft, ids, 5, stop_ids=tok.stop_ids, verify="simsd")[0]),
+             ([ckpt["target"], "--draft", "self"],
+              speculative.generate(target, None, ids, 5, stop_ids=tok.stop_ids)[0])]
+    for args, tokens in cases:
+        r = run_cli("--model", *args, "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu")
+        body = r.stdout.split(">>> hi\n\n", 1)[1].split("\n[", 1)[0]
+        assert body == tok.decode(tokens) and f"[{len(tokens)} tokens" in r.stdout, (args, r.stdout)
 
 
-def test_forwards_count_the_folded_store(random_model, prompt):
-    """A block costs `steps` forwards: the block before it is stored by folding it into its first."""
-    m = random_model()
-    for block, steps in ((4, 4), (4, 2), (8, 8), (8, 3)):
-        _, stats = decode.generate(m, prompt(2 * block), 5 * block, block=block, steps=steps)
-        assert stats.forwards == stats.steps == 5 * steps
-        _, stats = decode.generate(m, prompt(block + 1), 5 * block - 1, block=block, steps=steps)
-        first = len(decode.schedule(block - 1, block, steps))  # one known token: it may finish early
-        assert stats.forwards == first + 4 * steps
+def test_help_shows_defaults_and_a_closed_pipe_is_quiet(ckpt):
+    r = run_cli("--help")
+    for name, default in (("--max-new-tokens", "default 256"), ("--top-k", "default 0"),
+                          ("--seed", "default 0"), ("--threshold", "default 0.9"),
+                          ("--verify", "default lossless"), ("--threads", "default: 1 for models")):
+        assert default in " ".join(r.stdout.split()), name
+    proc = subprocess.Popen([sys.executable, "decode.py", "--model", ckpt["target"], "--prompt", "hi",
+                             "--max-new-tokens", "40", "--device", "cpu"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(4)
+    proc.stdout.close()  # what `| head -c 4` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def test_stop_tokens_and_max_new_tokens(random_model, prompt):
-    """Output is trimmed before the first stop token; without one, exactly max_new_tokens come back."""
-    m = random_model()
-    free, _ = decode.generate(m, prompt(5), 23)
-    assert len(free) == 23
-    stop = free[9]
-    assert decode.generate(m, prompt(5), 23, stop_ids=(stop, 999))[0] == free[:free.index(stop)]
-    for n in (1, 4, 7):
-        assert decode.generate(m, prompt(5), n)[0] == free[:n]
+@pytest.fixture
+def toys(ckpt, monkeypatch):
+    """The toy default, pointed at micro checkpoints (the real toys take minutes to train): sort runs
+    target + draft, walk runs draft + target, so the output says which pair ran."""
+    folders = {"sort": {"target": ckpt["target"], "data": ckpt["draft"], "distilled": ckpt["draft"]},
+               "walk": {"target": ckpt["draft"], "data": ckpt["target"], "distilled": ckpt["target"]}}
+    monkeypatch.setattr(train_tiny, "folders", folders.get)
+    monkeypatch.setattr(train_tiny, "ensure_trained", lambda quiet=False: None)
+    loaded = []
+    real = decode.read_checkpoint
+    monkeypatch.setattr(decode, "read_checkpoint", lambda path, *a: (loaded.append(Path(path).name), real(path, *a))[1])
+    return loaded
 
 
-def test_seeded_sampling_is_reproducible(random_model, prompt):
-    """Same seed, same tokens; another seed, other tokens."""
-    m, sampling = random_model(), decode.Sampling(1.0)
-    runs = [decode.generate(m, prompt(6), 16, sampling=sampling, generator=torch.Generator().manual_seed(s))[0]
-            for s in (7, 7, 8)]
-    assert runs[0] == runs[1] != runs[2]
+def test_the_toy_default_routes_prompts_to_their_tasks_models(toys, capsys):
+    """--prompt picks its task's pair and notes a prompt outside the toys' training; --vanilla drops
+    the draft; without --prompt each task's held-out prompts run on that task's pair."""
+    decode.main(["--prompt", "walk 3 to 5 in 4 steps within 2-6", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count(">>> ") == 1 and ">>> walk 3 to 5" in out and "lossless" in out
+    assert "note: " in out and toys == ["draft", "target"]
+    toys.clear()
+    decode.main(["--vanilla", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    prompts = [p for task in train_tiny.TASKS for p, _ in train_tiny.examples(3, "heldout", task=task)]
+    assert [line[4:] for line in out.splitlines() if line.startswith(">>> ")] == prompts
+    assert "vanilla" in out and "lossless" not in out and "truncated at --max-new-tokens 4" in out
+    assert toys == ["target", "draft"]  # each task's target, no drafts
+    toys.clear()
+    decode.main(["--draft", "self", "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("the target proposing for itself") == len(prompts)
+    assert toys == ["target", "draft"]  # each task's target proposes for itself
 
 
-def test_sampling_filters():
-    """top-k keeps the k largest, top-p the smallest prefix reaching p, temperature sharpens."""
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    assert decode.Sampling(1.0, top_k=2).distribution(logits).tolist() == pytest.approx([0.625, 0.375, 0, 0])
-    assert decode.Sampling(1.0, top_p=0.8).distribution(logits).tolist() == pytest.approx([0.625, 0.375, 0, 0])
-    assert decode.Sampling(1.0, top_p=0.81).distribution(logits).tolist() == pytest.approx(
-        [0.5 / .95, 0.3 / .95, .15 / .95, 0])
-    assert decode.Sampling(0.5).distribution(logits)[0] == pytest.approx(0.25 / 0.365, rel=1e-4)  # p^2
-
-
-def test_top_p_keeps_the_smallest_set_that_reaches_it_at_the_boundary():
-    """Probabilities 0.5, 0.25, 0.25: top_p 0.5 keeps one token (its mass reaches 0.5 exactly), 0.75
-    two, and a hair above either one more. A rule that drops a token only when the mass before it
-    exceeds top_p (> for >=) keeps one too many at the boundary, and fails here."""
-    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
-    for top_p, kept in ((0.5, 1), (0.5 + 1e-6, 2), (0.75, 2), (0.75 + 1e-6, 3), (1.0, 3)):
-        probs = decode.Sampling(1.0, top_p=top_p).distribution(logits)
-        assert int((probs > 0).sum()) == kept, (top_p, probs)
-        assert probs[0] == pytest.approx(0.5 / [0.5, 0.75, 1.0][kept - 1])  # renormalised
-
-
-@pytest.mark.parametrize("strategy", ["static", "dynamic"])
-def test_one_forward_chain_is_the_rule_applied_to_one_forwards_logits(strategy, random_model, prompt):
-    """denoise(refresh=False) (the draft proposing a block from one forward, with its cache): one
-    forward, and the tokens, step map and picks that a literal loop gets by applying SDAR's rule
-    step after step to the logits of one separate no-cache forward (argmax picks; static: the
-    quota's most confident still masked, ties to the lower position; dynamic: also every one above
-    the threshold)."""
-    m = random_model(5)
-    checked = beyond = 0
-    for P, known_at, steps in itertools.product((4, 6), ((), (2,), (0, 3)), (4, 2)):
-        ids = prompt(P + 4, P)
-        x = torch.tensor(ids[P:])
-        known = torch.tensor([i in known_at for i in range(4)])
-        quotas = decode.schedule(4 - len(known_at), 4, steps)
-        cache = m.new_cache(64)
-        decode.prefill(m, torch.tensor(ids[:P]), cache, 4)
-        got = decode.denoise(m, x, known, P, quotas, cache=cache, strategy=strategy,
-                             threshold=0.3, record=True, refresh=False)
-        state = [t if i in known_at else MASK for i, t in enumerate(ids[P:])]
-        seq = torch.tensor(ids[:P] + state)
-        with torch.no_grad():
-            logits = m(seq[None], torch.arange(len(seq)), mask_of(len(seq), 4))[0, -4:].tolist()
-        probs = [[math.exp(v - max(row)) for v in row[:MASK]] for row in logits]  # the mask: never
-        probs = [[p / sum(row) for p in row] for row in probs]
-        pick = [row.index(max(row)) for row in probs]
-        step, todo = [0] * 4, [i for i in range(4) if i not in known_at]
-        for s, k in enumerate(quotas, start=1):
-            if strategy == "dynamic" and s > 1 and not todo:
-                break
-            order = sorted(todo, key=lambda i: (-probs[i][pick[i]], i))
-            chosen = set(order[:k]) | {i for i in todo if strategy == "dynamic"
-                                       and probs[i][pick[i]] > 0.3}
-            for i in chosen:
-                state[i], step[i] = pick[i], s
-            todo = [i for i in todo if i not in chosen]
-            beyond += len(chosen) > k  # the threshold revealed more than the quota
-        assert got.forwards == 1 and got.tokens.tolist() == state and got.step.tolist() == step
-        assert got.picks.tolist() == [pick] * len(got.picks)
-        checked += len(got.picks)
-    assert checked >= 12 and (beyond > 0) == (strategy == "dynamic")
-
-
-def test_missing_mask_id_is_an_error(random_model):
-    """A model without mask_token_id, or an AR model, refuses diffusion decoding."""
-    m = random_model()
-    m.config.mask_token_id = None
-    with pytest.raises(ValueError, match="without a mask token cannot decode diffusion-style"):
-        decode.generate(m, [1, 2], 4)
-    with pytest.raises(ValueError, match="a qwen3 model"):
-        decode.generate(random_model(model_type="qwen3"), [1, 2], 4)
-
-
-def test_the_mask_token_is_never_output(random_model, favour, prompt):
-    """A diffusion decoder gives its mask id zero probability: vanilla decoding, the oracle and every
-    speculative verification, greedy and sampled, even from models rigged to prefer it."""
-    import speculative
-    target, draft = favour(random_model(0), 1e4, MASK), favour(random_model(1, 1), 1e4, MASK)
-    with torch.no_grad():
-        assert target(torch.tensor([[1, 2]]), torch.arange(2))[0].argmax(-1).eq(MASK).all()  # rigged
-    for sampling in (decode.GREEDY, decode.Sampling(1.0)):
-        kw = dict(sampling=sampling, generator=torch.Generator().manual_seed(0))
-        outs = [decode.generate(target, prompt(6), 12, **kw)[0],
-                decode.generate(target, prompt(6), 12, cached=False, **kw)[0]]
-        outs += [speculative.generate(target, draft, prompt(6), 12, verify=v, **kw)[0]
-                 for v in ("lossless", "exact", "simsd")]
-        assert all(len(o) == 12 and MASK not in o for o in outs), outs
-
-
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_ar_cache_equals_recomputing_everything(temperature, random_model, prompt):
-    """Cached AR decoding == recomputing the whole sequence causally for every token (the oracle)."""
-    m = random_model(model_type="qwen3", sharpen=1.0)
-    sampling = decode.Sampling(temperature, top_k=30, top_p=0.95) if temperature else decode.GREEDY
-    for P in (1, 2, 5):
-        def seeded():
-            return torch.Generator().manual_seed(P)
-
-        a, stats = decode.generate_ar(m, prompt(P, P), 17, sampling=sampling, generator=seeded())
-        b, _ = decode.generate_ar(m, prompt(P, P), 17, sampling=sampling, generator=seeded(),
-                                  cached=False)
-        assert a == b and len(a) == 17 and stats.forwards == 17
-
-
-@torch.no_grad()
-def test_ar_greedy_is_the_argmax_of_the_shifted_logits(random_model, prompt):
-    """Each greedy token is the argmax of a plain causal forward's logits at the position before it."""
-    m = random_model(3, model_type="qwen3", sharpen=1.0)
-    out, _ = decode.generate_ar(m, prompt(4), 10)
-    seq = torch.tensor(prompt(4) + out)
-    logits = m(seq[None], torch.arange(len(seq)), torch.ones(len(seq), len(seq), dtype=torch.bool).tril())[0]
-    assert out == logits[3:-1].argmax(-1).tolist()
-
-
-def test_ar_stops_and_stream(random_model, prompt):
-    """Stops trim; the callback sees exactly the returned tokens."""
-    m, seen = random_model(model_type="qwen3", sharpen=1.0), []
-    free, _ = decode.generate_ar(m, prompt(3), 12, callback=seen.extend)
-    assert seen == free
-    stop, seen = free[6], []
-    cut, _ = decode.generate_ar(m, prompt(3), 12, stop_ids=(stop,), callback=seen.extend)
-    assert cut == free[:free.index(stop)] == seen
-
-
-@pytest.mark.parametrize("kw,message", [
-    (dict(temperature=-1.0), r"temperature must be a finite number >= 0 \(0 = argmax\); got -1.0"),
-    (dict(temperature=math.inf), "temperature must be a finite number"),
-    (dict(temperature=math.nan), "temperature must be a finite number"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=-3), "top_k must be an integer >= 0")])
-def test_sampling_settings_are_checked(kw, message):
-    with pytest.raises(ValueError, match=message):
-        decode.Sampling(**kw)
-
-
-@pytest.mark.parametrize("kw,message", [
-    (dict(threshold=2.0), r"threshold must be in \[0, 1\]"), (dict(block=0), "block must be an integer >= 1"),
-    (dict(steps=0), "steps must be an integer from 1"), (dict(strategy="maybe"), "strategy must be"),
-    (dict(steps=5), r"steps must be an integer from 1 to the block length \(4\)"),
-    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1")])
-def test_decoding_options_are_checked_with_pythons_names(kw, message, random_model):
-    """Bad options raise ValueError naming the parameter as Python spells it, from every decoder."""
-    import speculative
-    m, n = random_model(), kw.pop("max_new_tokens", 4)
-    for call in (lambda: decode.generate(m, [1, 2], n, **kw), lambda: decode.generate(m, [1, 2], n, cached=False, **kw),
-                 lambda: speculative.generate(m, m, [1, 2], n, **kw)):
-        with pytest.raises(ValueError, match=message):
-            call()
-
-
-def test_empty_prompts_are_refused(random_model):
-    for call in (lambda: decode.generate(random_model(), [], 4),
-                 lambda: decode.generate_ar(random_model(model_type="qwen3"), [], 4)):
-        with pytest.raises(ValueError, match="the prompt is empty"):
-            call()
-
-
-# ----------------------------------------------------------------------------- batches
-
-def batch_case(m, prompts, n, kw, decoder, varied_stop):
-    """A stop token that several rows say at different places (so rows stop at different times),
-    and each prompt's decode alone with it."""
-    stop = varied_stop([decoder(m, p, n, **kw)[0] for p in prompts], n)
-    return stop, [decoder(m, p, n, stop_ids=(stop,), **kw)[0] for p in prompts]
-
-
-@pytest.mark.parametrize("strategy", ["static", "dynamic"])
-@pytest.mark.parametrize("block", [2, 4, 8])
-def test_every_row_of_a_batch_is_its_decode_alone(block, strategy, random_model, prompt, varied_stop):
-    """Prompts of every alignment in one batch, a stop token met at different times: each row of
-    the batched decode (cached, and the oracle) equals its decode alone, token for token;
-    callback(i, tokens) streams each row's tokens and on_row(i, tokens, stats) its final output,
-    once."""
-    m = random_model(5)  # its rows say two tokens, each first at different places
-    prompts = [prompt(P, P) for P in range(1, 2 * block + 2)]
-    for cached in (True, False):
-        kw = dict(block=block, strategy=strategy, threshold=0.4, cached=cached)
-        stop, alone = batch_case(m, prompts, 3 * block + 1, kw, decode.generate, varied_stop)
-        streamed, final = collections.defaultdict(list), collections.defaultdict(list)
-        outs, stats = decode.generate(m, prompts, 3 * block + 1, stop_ids=(stop,), **kw,
-                                      callback=lambda i, t: streamed[i].extend(t),
-                                      on_row=lambda i, t, s: final[i].append(t))
-        assert outs == alone and [s.tokens for s in stats] == list(map(len, alone))
-        assert {i: o for i, o in enumerate(outs) if o} == {i: t for i, t in streamed.items() if t}
-        assert dict(final) == {i: [o] for i, o in enumerate(outs)}
-        assert len(set(map(len, alone))) > 1  # rows stopped at different times
-
-
-@pytest.mark.parametrize("cached", [True, False])
-def test_every_row_of_an_ar_batch_is_its_decode_alone(cached, random_model, prompt, varied_stop):
-    m = random_model(3, model_type="qwen3")
-    prompts = [prompt(P, P) for P in range(1, 10)]
-    kw = dict(cached=cached)
-    stop, alone = batch_case(m, prompts, 9, kw, decode.generate_ar, varied_stop)
-    outs, stats = decode.generate_ar(m, prompts, 9, stop_ids=(stop,), **kw)
-    assert outs == alone and len(set(map(len, alone))) > 1
-    assert [s.forwards for s in stats] == [min(len(o) + 1, 9) for o in alone]
+@pytest.mark.parametrize("mode", [[], ["--draft", "DRAFT"], ["--draft", "self"], ["--vanilla"]])
+def test_a_file_of_prompts_is_one_json_line_each(mode, ckpt):
+    """--prompts FILE --batch-size 2: one JSON line per prompt (blank lines skipped), each with its
+    index and line, and the output its decode alone gives, whatever the batch."""
+    args = [a.replace("DRAFT", ckpt["draft"]) for a in mode]
+    r = run_cli("--model", ckpt["target"], "--prompts", ckpt["prompts"], "--batch-size", "2",
+                "--max-new-tokens", "6", "--device", "cpu", *args)
+    assert r.returncode == 0, r.stderr
+    rows = sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda x: x["index"])
+    assert [(x["index"], x["line"], x["prompt"]) for x in rows] == [
+        (0, 1, "hi"), (1, 3, "hello there"), (2, 4, "sort 12")]
+    tok, target = checkpoint.load_tokenizer(ckpt["target"]), checkpoint.load(ckpt["target"])
+    for x in rows:
+        ids, stops = tok.chat(x["prompt"]), tok.stop_ids
+        want = sdar.generate(target, ids, 6, stop_ids=stops)[0]
+        if "--draft" in args and args[1] != "self":
+            want = speculative.generate(target, checkpoint.load(ckpt["draft"]), ids, 6, stop_ids=stops)[0]
+        assert x["output"] == tok.decode(want) and x["tokens"] == len(want)
+        assert x["end"] == ("length" if len(want) == 6 else "stop")

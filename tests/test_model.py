@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import model
 from model import Config, Transformer
 
@@ -40,11 +41,11 @@ def block_mask(pos, block):
 def test_save_load_round_trip(tmp_path, tie, kind, arch):
     """save -> load gives the same config, kind, parameters and logits, tied or not."""
     m = tiny(tie, model_type=kind)
-    model.save(m, tmp_path)
+    checkpoint.save(m, tmp_path)
     header = json.loads((tmp_path / "config.json").read_text())
     assert header["tie_word_embeddings"] is tie and header["hidden_size"] == 48
     assert header["model_type"] == kind and header["architectures"] == [arch]
-    m2 = model.load(tmp_path)
+    m2 = checkpoint.load(tmp_path)
     assert m2.config == m.config and m2.config.model_type == kind
     idx = torch.randint(0, 97, (2, 11))
     assert torch.equal(logits(m, idx), logits(m2, idx))
@@ -60,24 +61,24 @@ def test_sharded_checkpoint_loads_the_same(tmp_path):
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     for f, keys in shards.items():
-        model.write_safetensors({k: state[k] for k in keys}, tmp_path / f)
+        checkpoint.write_safetensors({k: state[k] for k in keys}, tmp_path / f)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
-    model.save(m, tmp_path / "single")
+    checkpoint.save(m, tmp_path / "single")
     (tmp_path / "config.json").write_text((tmp_path / "single" / "config.json").read_text())
     idx = torch.randint(0, 97, (1, 9))
-    assert torch.equal(logits(model.load(tmp_path), idx), logits(m, idx))
+    assert torch.equal(logits(checkpoint.load(tmp_path), idx), logits(m, idx))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_round_trip_and_cast(tmp_path, dtype):
     """bf16/f16 tensors survive the writer and reader bit for bit; `dtype=` casts on load."""
     m = tiny().to(dtype)
-    model.save(m, tmp_path)
-    m2 = model.load(tmp_path)
+    checkpoint.save(m, tmp_path)
+    m2 = checkpoint.load(tmp_path)
     for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
         assert b.dtype == dtype and torch.equal(a, b), k
-    assert model.load(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
+    assert checkpoint.load(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("block,prefix", [(4, 8), (4, 0), (8, 16), (3, 9)])
@@ -338,15 +339,15 @@ def test_qwen3_folder_loads_as_autoregressive(tmp_path, tie):
     c = {**QWEN3_CONFIG, "tie_word_embeddings": tie}
     (tmp_path / "config.json").write_text(json.dumps(c, indent=2))
     t = qwen3_tensors(c)
-    model.write_safetensors(t, tmp_path / "model.safetensors")
-    model.write_byte_tokenizer(tmp_path, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-    m = model.load(tmp_path)
+    checkpoint.write_safetensors(t, tmp_path / "model.safetensors")
+    checkpoint.write_byte_tokenizer(tmp_path, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    m = checkpoint.load(tmp_path)
     assert m.config == Config(vocab_size=259, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5e5,
                               rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=512,
                               mask_token_id=None, block_size=None, model_type="qwen3")
     assert (m.lm_head.weight is m.model.embed_tokens.weight) is tie
-    tok = model.load_tokenizer(tmp_path)
+    tok = checkpoint.load_tokenizer(tmp_path)
     assert tok.mask_id is None and tok.stop_ids == (258, 256)
     idx = torch.tensor(tok.chat("hi"))
     reference = qwen3_causal_logits(t, c, idx)
@@ -357,21 +358,21 @@ def test_qwen3_folder_loads_as_autoregressive(tmp_path, tie):
 
 @pytest.fixture
 def ckpt(tmp_path):
-    model.save(tiny(), tmp_path)
+    checkpoint.save(tiny(), tmp_path)
     return tmp_path
 
 
 def test_folder_without_config(tmp_path, refuses):
     """A folder without config.json names the folder and says what it needs."""
     with refuses(FileNotFoundError, match="no config.json.*checkpoint folder"):
-        model.load(tmp_path)
+        checkpoint.load(tmp_path)
 
 
 def test_folder_without_weights(ckpt, refuses):
     """config.json without weights says the weights are missing."""
     (ckpt / "model.safetensors").unlink()
     with refuses(FileNotFoundError, match="weights are missing"):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -382,11 +383,11 @@ def test_folder_without_weights(ckpt, refuses):
 ])
 def test_wrong_tensors_are_listed(ckpt, edit, message, refuses):
     """Missing, unexpected and mis-shaped tensors are named in the error."""
-    state = model.read_safetensors(ckpt / "model.safetensors")
+    state = checkpoint.read_safetensors(ckpt / "model.safetensors")
     edit(state)
-    model.write_safetensors(state, ckpt / "model.safetensors")
+    checkpoint.write_safetensors(state, ckpt / "model.safetensors")
     with refuses(ValueError, match=message):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
 
 
 def raw_file(path, header, data=b""):
@@ -398,7 +399,7 @@ def test_unsupported_dtype(tmp_path, refuses):
     """An unsupported dtype is named, with what to do."""
     raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"ab")
     with refuses(ValueError, match="F8_E4M3.*not support"):
-        model.read_safetensors(tmp_path / "x.safetensors")
+        checkpoint.read_safetensors(tmp_path / "x.safetensors")
 
 
 def test_truncated_file(ckpt, refuses):
@@ -407,31 +408,31 @@ def test_truncated_file(ckpt, refuses):
     data = f.read_bytes()
     f.write_bytes(data[:-10])
     with refuses(ValueError, match="outside the file.*truncated"):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
     f.write_bytes(data[:20])
     with refuses(ValueError, match="is truncated"):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
 
 
 def test_header_not_json(tmp_path, refuses):
     """A header that is not JSON says so."""
     (tmp_path / "x.safetensors").write_bytes((5).to_bytes(8, "little") + b"{nope" + b"\0" * 8)
     with refuses(ValueError, match="header is not JSON"):
-        model.read_safetensors(tmp_path / "x.safetensors")
+        checkpoint.read_safetensors(tmp_path / "x.safetensors")
 
 
 def test_offsets_outside_the_file(tmp_path, refuses):
     """Offsets past the end of the data are refused."""
     raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
     with refuses(ValueError, match=r"bytes \[0, 16\) of 8.*outside the file"):
-        model.read_safetensors(tmp_path / "x.safetensors")
+        checkpoint.read_safetensors(tmp_path / "x.safetensors")
 
 
 def test_missing_shard(ckpt, refuses):
     """An index naming an absent shard says which file is missing."""
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
     with refuses(FileNotFoundError, match="model-1.safetensors.*missing"):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -444,7 +445,7 @@ def test_config_without_a_known_model_type_is_refused(ckpt, edit, message, refus
     edit(d)
     (ckpt / "config.json").write_text(json.dumps(d))
     with refuses(ValueError, match=re.escape(str(ckpt / "config.json")) + " " + message):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
     with refuses(ValueError, match="^the config " + message):
         Config.from_json(d)
 
@@ -456,7 +457,7 @@ def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw, refuses):
     (ckpt / name).write_bytes(raw)
     what = "holds JSON that is not an object" if raw == b"[1, 2]" else "is not valid JSON"
     with refuses(ValueError, match=re.escape(str(ckpt / name)) + " " + what):
-        model.load(ckpt)
+        checkpoint.load(ckpt)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -471,4 +472,4 @@ def test_config_values_are_checked(ckpt, key, value, message, refuses):
     d[key] = value
     (ckpt / "config.json").write_text(json.dumps(d))
     with refuses(ValueError, match=re.escape(str(ckpt / "config.json")) + ": " + message):
-        model.load(ckpt)
+        checkpoint.load(ckpt)

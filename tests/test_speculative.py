@@ -1,21 +1,24 @@
-"""speculative.py: each guarantee against an independent reference: the target alone (decode.generate
-and decode.generate_ar), separate no-cache forwards, exact distributions enumerated by brute force,
+"""speculative.py: each guarantee against an independent reference: the target alone (sdar.generate
+and sdar.generate_ar), separate no-cache forwards, exact distributions enumerated by brute force,
 and literal loops over the acceptance rules."""
 import collections
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
-import decode
+import sdar
 import mask as masks
+import checkpoint
 import model
+import lossless
 import speculative
 import verifier
 
-SAMPLED = decode.Sampling(temperature=1.0)
+SAMPLED = sdar.Sampling(temperature=1.0)
 
 
 def noisy_copy(m, scale, seed):
@@ -60,7 +63,7 @@ def proposing(pair, proposer, drafting):
 @pytest.mark.parametrize("proposer,drafting", PROPOSERS)
 @pytest.mark.parametrize("block", [2, 4, 8])
 def test_lossless_greedy_is_the_targets_own_decoding(block, proposer, drafting, pairs, prompt):
-    """Token for token decode.generate's output, for every proposer (drafts that disagree),
+    """Token for token sdar.generate's output, for every proposer (drafts that disagree),
     steps = block and block/2, static and dynamic, every prompt alignment, lookahead 1-3 (the target
     alone: 1-2; at block 8, one per alignment); never more target forwards than the target alone,
     at least one target step per target forward, and no draft forward when the target proposes
@@ -72,7 +75,7 @@ def test_lossless_greedy_is_the_targets_own_decoding(block, proposer, drafting, 
         for P in range(1, block + 2):
             target, draft, spec = proposing(pairs[P % 2], proposer, drafting)
             kw = dict(block=block, steps=steps, strategy=strategy, threshold=0.6)
-            want, alone = decode.generate(target, prompt(P, P), 2 * block + 1, **kw)
+            want, alone = sdar.generate(target, prompt(P, P), 2 * block + 1, **kw)
             got, stats, _ = run(target, draft, prompt(P, P), 2 * block + 1,
                                 lookahead=L or 1 + P % most, **kw, **spec)
             assert got == want, (steps, strategy, L, P)
@@ -88,9 +91,9 @@ def test_lossless_greedy_stops_and_short_answers(proposer, drafting, pairs, prom
     for every proposer."""
     target, draft, kw = proposing(pairs[0], proposer, drafting)
     for P in (3, 4, 5):
-        free, _ = decode.generate(target, prompt(P, P), 12, block=4)
+        free, _ = sdar.generate(target, prompt(P, P), 12, block=4)
         stop = free[1]
-        want, _ = decode.generate(target, prompt(P, P), 12, block=4, stop_ids=(stop,))
+        want, _ = sdar.generate(target, prompt(P, P), 12, block=4, stop_ids=(stop,))
         got, _, seen = run(target, draft, prompt(P, P), 12, block=4, stop_ids=(stop,), lookahead=2,
                            **kw)
         assert got == want == free[:free.index(stop)] and sum((i["new"] for i in seen), []) == got
@@ -105,17 +108,17 @@ def test_lossless_greedy_on_the_toy_pairs():
     import train_tiny
     if not all(train_tiny.complete(f) for t in train_tiny.TASKS
                for f in train_tiny.folders(t).values()):
-        pytest.skip("needs the toy models in out/; python train_tiny.py (or python decode.py) "
+        pytest.skip("needs the toy models in out/; python train_tiny.py (or python sdar.py) "
                     "trains them")
     for task in train_tiny.TASKS:
         folders = train_tiny.folders(task)
-        target, tok = model.load(folders["target"]), model.load_tokenizer(folders["target"])
-        drafts = [model.load(folders[d]) for d in train_tiny.DRAFTS]
+        target, tok = checkpoint.load(folders["target"]), checkpoint.load_tokenizer(folders["target"])
+        drafts = [checkpoint.load(folders[d]) for d in train_tiny.DRAFTS]
         for text, _ in train_tiny.examples(6, "heldout", task=task):
             ids = tok.chat(text)
             for strategy in ("static", "dynamic"):
                 kw = dict(block=4, strategy=strategy, stop_ids=tok.stop_ids)
-                want, _ = decode.generate(target, ids, 48, **kw)
+                want, _ = sdar.generate(target, ids, 48, **kw)
                 for draft, L in itertools.product(drafts, (1, 2)):
                     got, _ = speculative.generate(target, draft, ids, 48, lookahead=L, **kw)
                     assert got == want, (task, text, strategy, L)
@@ -127,7 +130,7 @@ def test_a_draft_equal_to_the_target_commits_every_proposed_step(random_model, p
     of the block before): B (L - 1) tokens a forward once the blocks are under way; the paper's
     exact verification commits the L blocks drafted."""
     m = random_model(3, 2)
-    want = decode.generate(m, prompt(8), 36, block=4)[0]
+    want = sdar.generate(m, prompt(8), 36, block=4)[0]
     for L, verify in itertools.product((1, 2, 3), ("lossless", "exact")):
         out, stats, seen = run(m, m, prompt(8), 36, block=4, lookahead=L, verify=verify,
                                proposer="draft", drafting="step")
@@ -206,7 +209,7 @@ def enumerate_decoding(m, prompt_ids, n, block, strategy, threshold, sampling):
             y = torch.tensor(state)
             y[todo] = torch.tensor(picks)
             p = prob * math.prod(q[i, t].item() for i, t in zip(todo, picks))
-            revealed = decode.reveal(q, y, masked, decode.quota(steps, block, block), strategy,
+            revealed = sdar.reveal(q, y, masked, sdar.quota(steps, block, block), strategy,
                                      threshold).tolist()
             new = [int(y[i]) if revealed[i] else state[i] for i in range(block)]
             walk(done, new, steps + 1, p)
@@ -232,14 +235,14 @@ def flat_pair(random_model):
 # (strategy, sampling, lookahead, proposer, drafting, block): two blocks of 2 after a one-token tail,
 # or one block of 3 (where the target's own chains have two states: the draft's three); the cases
 # of the draft proposing step by step on tiny_pair (threshold 0.6), the others on flat_pair (0.4)
-SAMPLED_CASES = [("static", decode.Sampling(1.0), 1, "draft", "step", 2),
-                 ("dynamic", decode.Sampling(1.0, top_p=0.9), 2, "draft", "step", 2),
-                 ("static", decode.Sampling(0.8, top_k=2), 3, "draft", "step", 2),
-                 ("static", decode.Sampling(1.0), 2, "draft", "block", 3),
-                 ("static", decode.Sampling(1.0), 1, "self", None, 3),
-                 ("dynamic", decode.Sampling(1.0, top_p=0.9), 2, "self", None, 2),
-                 ("static", decode.Sampling(1.0, top_p=0.9), 1, "hybrid", "step", 3),
-                 ("dynamic", decode.Sampling(1.0, top_p=0.9), 2, "hybrid", "block", 3)]
+SAMPLED_CASES = [("static", sdar.Sampling(1.0), 1, "draft", "step", 2),
+                 ("dynamic", sdar.Sampling(1.0, top_p=0.9), 2, "draft", "step", 2),
+                 ("static", sdar.Sampling(0.8, top_k=2), 3, "draft", "step", 2),
+                 ("static", sdar.Sampling(1.0), 2, "draft", "block", 3),
+                 ("static", sdar.Sampling(1.0), 1, "self", None, 3),
+                 ("dynamic", sdar.Sampling(1.0, top_p=0.9), 2, "self", None, 2),
+                 ("static", sdar.Sampling(1.0, top_p=0.9), 1, "hybrid", "step", 3),
+                 ("dynamic", sdar.Sampling(1.0, top_p=0.9), 2, "hybrid", "block", 3)]
 SETUPS = {2: ([1, 2, 0], 3), 3: ([1, 2, 0], 3)}  # block: (prompt, new tokens)
 
 
@@ -273,12 +276,12 @@ def test_the_sampled_test_detects_a_draw_reused_across_states(flat_pair, monkeyp
     instead of drawing afresh: the chain revealed the most confident draws first, so a draw still
     masked at a later state is a selected one, not a draw from the proposal, and rejection sampling
     against it is biased."""
-    real = decode.Sampling.pick
+    real = sdar.Sampling.pick
     first = {}
 
     def reused(self, probs, generator=None):  # the first draw from these distributions, kept
         return first.setdefault(id(probs), real(self, probs, generator))
-    monkeypatch.setattr(decode.Sampling, "pick", reused)
+    monkeypatch.setattr(sdar.Sampling, "pick", reused)
     prompt_ids, n = SETUPS[3]
     exact = enumerate_decoding(flat_pair[0], prompt_ids, n, 3, "static", 0.4, SAMPLED)
     samples = sampled_outputs(flat_pair, 0.4, "self", None, "static", SAMPLED, 1, 3)
@@ -298,12 +301,12 @@ def test_the_sampled_test_detects_the_papers_bias(tiny_pair):
 
 
 def test_enumeration_matches_the_target_alone(tiny_pair):
-    """The reference itself: decode.generate's own samples follow the enumerated distribution."""
+    """The reference itself: sdar.generate's own samples follow the enumerated distribution."""
     target, _ = tiny_pair
     exact = enumerate_decoding(target, [1, 2, 0], 3, 2, "static", 0.6, SAMPLED)
     assert sum(exact.values()) == pytest.approx(1.0)
     g = torch.Generator().manual_seed(1)
-    samples = [tuple(decode.generate(target, [1, 2, 0], 3, block=2, sampling=SAMPLED, generator=g)[0])
+    samples = [tuple(sdar.generate(target, [1, 2, 0], 3, block=2, sampling=SAMPLED, generator=g)[0])
                for _ in range(600)]
     assert p_value(exact, samples) > 1e-5
 
@@ -325,7 +328,7 @@ def test_specdiff_greedy_is_the_ar_targets_greedy(block, ar_target, random_model
     for seed in (0, 1):
         target = ar_target(seed)
         for P in range(1, block + 3):
-            want, _ = decode.generate_ar(target, prompt(P, P), 3 * block + 1)
+            want, _ = sdar.generate_ar(target, prompt(P, P), 3 * block + 1)
             got, stats, seen = run(target, draft, prompt(P, P), 3 * block + 1, block=block,
                                    lookahead=1 + P % 3)
             assert got == want, (seed, P)
@@ -360,7 +363,7 @@ def enumerate_ar(m, prompt_ids, n, sampling):
 @pytest.mark.parametrize("lookahead", [1, 2])
 def test_specdiff_sampling_follows_the_ar_targets_distribution(lookahead, random_model, favour):
     """600 outputs of sampled SpecDiff (the draft reveals the leftmost positions first) against the
-    exact distribution of the AR target's sampling, itself checked against decode.generate_ar's
+    exact distribution of the AR target's sampling, itself checked against sdar.generate_ar's
     samples; each test fails falsely once in 100,000 seeds (p < 1e-5)."""
     target = favour(random_model(4, 1, model_type="qwen3", vocab=4, sharpen=2.0), -1e4, token=3)
     draft = random_model(5, 1, vocab=4, sharpen=2.0)  # id 3 is its mask, which the target never says
@@ -370,7 +373,7 @@ def test_specdiff_sampling_follows_the_ar_targets_distribution(lookahead, random
                                           sampling=SAMPLED, generator=g)[0]) for _ in range(600)]
     assert p_value(exact, samples) > 1e-5
     if lookahead == 1:  # the reference itself
-        alone = [tuple(decode.generate_ar(target, [1, 0, 2], 3, sampling=SAMPLED, generator=g)[0])
+        alone = [tuple(sdar.generate_ar(target, [1, 0, 2], 3, sampling=SAMPLED, generator=g)[0])
                  for _ in range(600)]
         assert p_value(exact, alone) > 1e-5
 
@@ -382,7 +385,7 @@ def assert_cache_is_the_oracle(m, cache, tokens, block, row=0):
     tokens."""
     n = cache.lens[row]
     oracle = model.KVCache(m.config, n, 1, "cpu", torch.float32)
-    decode.prefill(m, torch.tensor(tokens[:n]), oracle, block)
+    sdar.prefill(m, torch.tensor(tokens[:n]), oracle, block)
     torch.testing.assert_close(cache.k[:, row:row + 1, :, :n], oracle.k, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cache.v[:, row:row + 1, :, :n], oracle.v, rtol=1e-4, atol=1e-5)
 
@@ -450,25 +453,28 @@ def test_caches_equal_the_oracle_after_every_iteration(mode, made_caches, pairs,
 # ----------------------------------------------------------------------------- the layouts
 
 def verified(target, draft, prompt_ids, lookahead, verify, proposer="draft", block=4):
-    """The proposals for lookahead blocks after prompt_ids as verifier.grow lays them out (a
-    hybrid's target chain from its own distributions at the first state, computed apart), and the
-    target's logits at the rows that verify them, from one forward on verifier.layout."""
-    opt = speculative.options(target, draft, 32, block=block, steps=None, strategy="static",
-                              threshold=0.9, sampling=decode.GREEDY, verify=verify, accept=None,
-                              lookahead=lookahead, eos_min_prob=0.0, stop_ids=(),
-                              proposer=proposer, drafting="step")
-    run_ = speculative.start(target, draft, [torch.tensor(prompt_ids)], None, opt)
+    """The proposals for lookahead blocks after prompt_ids as the verifier lays them out (a
+    hybrid's target chain from its own distributions at the first state, computed apart), as a
+    tree of states (the paper's: its draft's chain), and the target's logits at the rows that
+    verify them, from one forward on the verifier's layout."""
+    s = sdar.Settings(32, block, verify=verify, lookahead=lookahead, proposer=proposer,
+                      drafting="step")
+    mode = sdar.mode_of(target, draft, verify)
+    s = replace(s.resolve(mode), mask_id=target.config.mask_token_id)
+    run_ = speculative.start(target, draft, [torch.tensor(prompt_ids)], s, mode, None, None)
     row = run_.rows[0]
     if proposer == "hybrid":
         aligned = len(prompt_ids) - len(prompt_ids) % block
         seq = torch.tensor(prompt_ids[:aligned] + row.block.tokens.tolist())
         logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0]
-        row.hint = decode.GREEDY.distribution(logits[-block:], suppress=opt.mask_id)
-    chains = speculative.propose(run_, [lookahead], opt)[0]
-    tree = verifier.grow(chains, lookahead, row.block, opt)
-    ids, pos, attend, rows = verifier.layout(tree, row.tpending, row.block.start, opt)
+        row.hint = sdar.GREEDY.distribution(logits[-block:], suppress=s.mask_id)
+    chains = speculative.propose(run_, [lookahead])
+    laid = run_.verifier.layout(run_, chains, [lookahead])
     with torch.no_grad():
-        logits = target(ids[None], pos, attend, run_.tcache)[0, rows]
+        logits = target(laid.ids, laid.pos, laid.mask, run_.target_cache)[0, laid.rows[0]]
+    tree = laid.parts[0]
+    if mode == "paper":  # its draft's chain, as a tree
+        tree = lossless.chain(tree, False, verifier.DRAFT, s.mask_id)
     return tree, logits
 
 
@@ -545,7 +551,7 @@ def test_step_order_is_temporally_valid_and_position_order_is_not(temperature, p
     for accept, (target, draft), P, strategy in itertools.product(invalid, pairs, (3, 4), ("static", "dynamic")):
         _, stats, seen = run(target, draft, prompt(P, P), 16, block=4, verify="simsd", accept=accept,
                              strategy=strategy, threshold=0.5, lookahead=1 + P % 2,
-                             sampling=decode.Sampling(temperature),
+                             sampling=sdar.Sampling(temperature),
                              generator=torch.Generator().manual_seed(P))
         invalid[accept] += sum(not temporally_valid(info) for info in seen)
         rejected += sum(f == 2 for info in seen for row in info["fate"] for f in row)
@@ -625,7 +631,7 @@ def brute_in_order(ok, order):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_judge_and_time_order_match_a_brute_force_loop(temperature):
     """Random rows with ties in time, EOS gates, greedy and sampled; the same uniform stream."""
-    rng, sampling = random.Random(0), decode.Sampling(temperature)
+    rng, sampling = random.Random(0), sdar.Sampling(temperature)
     for trial in range(200):
         r, V = rng.randint(1, 8), 6
         g = torch.Generator().manual_seed(trial)
@@ -666,8 +672,8 @@ def test_the_eos_gate():
     """A stop token the target chooses below eos_min_prob is replaced; a confident one is kept."""
     STOP, d = 3, torch.tensor([0])
     q = torch.tensor([[0.05, 0.30, 0.20, 0.45]])  # the target prefers the stop token, at 0.45
-    assert verifier.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.5)[0].tolist() == [1]
-    assert verifier.judge(d, q, q, decode.GREEDY, None, (STOP,), 0.4)[0].tolist() == [STOP]
+    assert verifier.judge(d, q, q, sdar.GREEDY, None, (STOP,), 0.5)[0].tolist() == [1]
+    assert verifier.judge(d, q, q, sdar.GREEDY, None, (STOP,), 0.4)[0].tolist() == [STOP]
     g, p = torch.Generator().manual_seed(0), torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     tokens, ok = verifier.judge(d.expand(400), p.expand(400, 4), q.expand(400, 4), SAMPLED, g, (STOP,), 0.5)
     assert STOP not in tokens[~ok].tolist() and {1, 2} <= set(tokens[~ok].tolist())
@@ -678,20 +684,20 @@ def test_options_are_checked_with_pythons_names(pairs, random_model):
     ar = random_model(0, model_type="qwen3")
     cases = [(target, dict(verify="fast"), "verify must be 'lossless', 'exact' or 'simsd'"),
              (target, dict(verify="exact", accept="prefix"), "accept must be 'step' or 'position'"),
-             (target, dict(accept="step"), "accept applies to verify='exact' or 'simsd'"),
-             (target, dict(eos_min_prob=0.5), "eos_min_prob changes the target's output"),
+             (target, dict(accept="step"), "accept does not apply to lossless verification"),
+             (target, dict(eos_min_prob=0.5), "eos_min_prob does not apply to lossless verification"),
              (target, dict(lookahead=0), "lookahead must be an integer >= 1"),
              (target, dict(steps=5), r"steps must be an integer from 1 to the block length \(4\)"),
-             (ar, dict(verify="exact"), "verify and accept apply to a diffusion target only"),
-             (ar, dict(strategy="dynamic", sampling=SAMPLED), "strategy='dynamic' reveals drafted"),
+             (ar, dict(verify="exact"), "verify does not apply to an autoregressive target"),
+             (ar, dict(strategy="dynamic", sampling=SAMPLED), "strategy 'dynamic' drafts by the confidence of sampled"),
              (target, dict(proposer="both"), "proposer must be 'draft', 'self' or 'hybrid'"),
-             (target, dict(proposer="self"), "proposes with the target alone; pass draft=None"),
-             (target, dict(verify="exact", proposer="hybrid"), "verified losslessly only"),
+             (target, dict(proposer="self"), "proposes with the target alone; give no draft"),
+             (target, dict(verify="exact", proposer="hybrid"), "proposer does not apply to the paper's"),
              (target, dict(drafting="once"), "drafting must be 'step' or 'block'")]
-    alone = [(target, dict(proposer="hybrid"), "needs a draft model"),
+    alone = [(target, dict(proposer="hybrid"), "proposer does not apply to the target proposing for"),
              (target, dict(lookahead=3), "lookahead 1 or 2"),
-             (target, dict(drafting="block"), "drafting applies to a draft model"),
-             (target, dict(verify="simsd"), "verified losslessly only"),
+             (target, dict(drafting="block"), "drafting does not apply to the target proposing for itself"),
+             (target, dict(verify="simsd"), "judges a draft's tokens; the target proposing for itself is verified losslessly"),
              (ar, {}, "an autoregressive target needs a draft")]
     for (t, kw, message), d in [*zip(cases, itertools.repeat(draft)),
                                 *zip(alone, itertools.repeat(None))]:
@@ -733,7 +739,7 @@ def test_every_row_of_a_batch_is_its_decode_alone(method, block, varied_pairs, a
         target = ar_target(0) if method == "specdiff" else target
         draft = None if method == "lossless, self" else draft
         kw = dict(block=block, strategy=strategy, threshold=0.4, lookahead=L, **spec)
-        alone = decode.generate_ar if method == "specdiff" else decode.generate
+        alone = sdar.generate_ar if method == "specdiff" else sdar.generate
         rule = dict(block=block, strategy=strategy, threshold=0.4)
         stop = varied_stop([alone(target, p, n, **({} if method == "specdiff" else rule))[0]
                             for p in prompts], n)
@@ -756,15 +762,17 @@ def test_batched_caches_equal_the_oracle_row_by_row(mode, monkeypatch, varied_pa
     draft = None if mode == "lossless, self" else draft
     prompts, real, checked = [prompt(P, P) for P in (3, 5, 6, 8, 9)], speculative.commit, []
 
-    def commit(run, verdicts, draft_lens, opt):
-        news = real(run, verdicts, draft_lens, opt)
+    def commit(run, verdicts, marks):
+        news = real(run, verdicts, marks)
+        block = run.settings.block
         for r, (row, new) in enumerate(zip(run.rows, news)):
             committed = prompts[row.index] + row.out + new
             if draft is not None:
-                assert_cache_is_the_oracle(draft, run.dcache, committed, opt.block, r)
+                assert_cache_is_the_oracle(draft, run.draft_cache, committed, block, r)
             if mode == "ar":
-                assert run.tcache.lens[r] == len(committed) - 1
-            assert_cache_is_the_oracle(target, run.tcache, committed, 1 if mode == "ar" else 4, r)
+                assert run.target_cache.lens[r] == len(committed) - 1
+            assert_cache_is_the_oracle(target, run.target_cache, committed,
+                                       1 if mode == "ar" else block, r)
             checked.append(row.index)
         return news
     monkeypatch.setattr(speculative, "commit", commit)
@@ -795,7 +803,7 @@ def test_batched_sampling_alone_and_specdiff_follow_their_distributions(tiny_pai
     enumeration), and of SpecDiff (against the AR target's enumeration)."""
     target = tiny_pair[0]
     exact = enumerate_decoding(target, [1, 2, 0], 3, 2, "static", 0.6, SAMPLED)
-    outs, _ = decode.generate(target, [[1, 2, 0]] * 600, 3, block=2, sampling=SAMPLED,
+    outs, _ = sdar.generate(target, [[1, 2, 0]] * 600, 3, block=2, sampling=SAMPLED,
                               generator=torch.Generator().manual_seed(2))
     assert p_value(exact, [tuple(o) for o in outs]) > 1e-5
     ar = favour(random_model(4, 1, model_type="qwen3", vocab=4, sharpen=2.0), -1e4, token=3)

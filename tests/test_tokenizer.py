@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model import bytes_to_unicode, load_tokenizer, write_byte_tokenizer
+from checkpoint import bytes_to_unicode, load_tokenizer, write_byte_tokenizer
 
 
 MULTILINGUAL = [

@@ -1,6 +1,6 @@
 """train_tiny.py: the tasks and their scorers, the noising, the SDAR, trajectory and AR losses
 against brute-force references, losses that drop, the target's batched decodes against
-decode.generate, a distilled draft that agrees with its target, checkpoints that load back,
+sdar.generate, a distilled draft that agrees with its target, checkpoints that load back,
 ensure_trained (its lock, the missing models only), Ctrl-C, and the command line's checks.
 Micro models only; nothing in out/."""
 import json
@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import decode
+import sdar
 import mask
-from model import Config, load, load_tokenizer, write_byte_tokenizer
+from checkpoint import load, load_tokenizer, write_byte_tokenizer
+from model import Config
 import speculative
 import train_tiny as tt
 
@@ -279,7 +280,7 @@ def test_ar_training_loss_drops_on_the_mixture(tok):
 
 def test_target_rows_are_the_targets_own_decodes(tok, random_model, favour):
     """Prompts of several lengths decoded in batches (of 4, so that groups split) give, per
-    prompt, decode.generate's tokens under DISTILL up to the first stop token, then the rest of
+    prompt, sdar.generate's tokens under DISTILL up to the first stop token, then the rest of
     that block; and the trajectory is consistent: each position's pick at its own step is the
     token it got."""
     target = favour(random_model(seed=1, vocab=tok.vocab_size), 9.0, tok.id_of("<|im_end|>"))
@@ -289,7 +290,7 @@ def test_target_rows_are_the_targets_own_decodes(tok, random_model, favour):
     assert len({len(r.prompt) for r in data}) >= 3
     stopped = 0
     for row in data:
-        expected, _ = decode.generate(target, row.prompt, 48, stop_ids=tok.stop_ids, **tt.DISTILL)
+        expected, _ = sdar.generate(target, row.prompt, 48, stop_ids=tok.stop_ids, **tt.DISTILL)
         stops = [i for i, t in enumerate(row.response) if t in tok.stop_ids]
         cut = stops[0] if stops else len(expected)
         assert row.response[:cut] == expected
@@ -439,7 +440,7 @@ def test_evaluate_scores_the_held_out_decodes(tok, monkeypatch, kind, strategy):
         calls.append((kw.get("block"), kw.get("strategy")))
         right = len(calls) % 2 == 0
         return tok.encode(answers[tuple(prompt_ids)] if right else "[]"), None
-    monkeypatch.setattr(decode, "generate_ar" if kind == "qwen3" else "generate", fake)
+    monkeypatch.setattr(sdar, "generate_ar" if kind == "qwen3" else "generate", fake)
     model = micro_ar(tok) if kind == "qwen3" else micro(tok)
     options = {"strategy": strategy} if strategy else {}
     for task in tt.TASKS:
