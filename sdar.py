@@ -20,12 +20,15 @@ from batch import Batch, Row, as_batch
 
 # ----------------------------------------------------------------------------- settings
 
+MIN_TEMPERATURE = 1e-4  # the logits over a smaller one reach 1e4 and more: argmax, or overflow
 # Each setting's allowed values, as (test, words).
 RANGES = {
     "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "block": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "lookahead": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = argmax)"),
+    "temperature": (lambda v: v == 0 or MIN_TEMPERATURE <= v < math.inf,
+                    f"0 (argmax) or a finite number >= {MIN_TEMPERATURE:g} (smaller ones are argmax "
+                    "in effect and can overflow float32; use 0)"),
     "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
     "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -84,6 +87,7 @@ class Sampling:
             sorted_logits, order = torch.sort(logits, descending=True)
             p = sorted_logits.softmax(-1)
             drop = p.cumsum(-1) - p >= self.top_p  # the mass before this token reaches top_p
+            drop[..., 0] = False  # the most likely token stays, however small top_p is
             logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
         return logits.softmax(-1)
 

@@ -350,7 +350,7 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, run_scripts):
              (["--threads", "0"], "--threads must be from 1 to this machine's"),
              (["--model", "m", "--draft", "d", "--prompts", str(tmp_path / "empty.jsonl")],
               "line 2 is not a {\"prompt\": ..., \"answer\": ...} object"),
-             (["--temperatures", "inf"], "--temperatures must be a finite number >= 0"),
+             (["--temperatures", "inf"], "--temperatures must be 0 (argmax) or a finite number >= 0.0001"),
              (["--lookahead", "0"], "argument --lookahead: must be an integer >= 1; got 0")]
     for (args, sentence), proc in zip(cases, run_scripts("bench.py", [a for a, _ in cases])):
         err = proc.stderr

@@ -62,8 +62,8 @@ def bad_inputs(c):
     f = m[:4] + ["--max-new-tokens", "8"]  # for --prompts
     spec = m + ["--draft", c["draft"]]
     cases = [
-        (m + ["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = argmax); got -1.0"),
-        (m + ["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+        (m + ["--temperature", "-1"], "--temperature must be 0 (argmax) or a finite number >= 0.0001 (smaller ones are argmax in effect and can overflow float32; use 0); got -1.0"),
+        (m + ["--temperature", "inf"], "--temperature must be 0 (argmax) or a finite number >= 0.0001"),
         (m + ["--top-p", "0"], "--top-p must be in (0, 1] (1 = off); got 0.0"),
         (m + ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (m + ["--top-k", "-3"], "--top-k must be an integer >= 0"),

@@ -81,6 +81,17 @@ def test_reveal_matches_a_literal_loop():
     assert sdar.reveal(batch, tokens, todo, k).sum(-1).tolist() == [1, 2, 3]
 
 
+def test_dynamic_reveals_above_the_threshold_not_at_it():
+    """SDAR's dynamic rule reveals a position whose confidence is above the threshold
+    (confidence > threshold, as its generate.py has it); one exactly at the threshold is revealed
+    only within the step's quota."""
+    probs = torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.5, 0.0], [0.5, 0.25, 0.25]])
+    tokens, todo = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool)
+    assert sdar.reveal(probs, tokens, todo, 1, "dynamic", 0.5).tolist() == [True, False, False]
+    assert sdar.reveal(probs, tokens, todo, 1, "dynamic", 0.49).tolist() == [True, True, True]
+    assert sdar.reveal(probs, tokens, todo, 2, "dynamic", 0.5).tolist() == [True, True, False]
+
+
 def one(d):
     """Row 0 of a Denoised batch of one block: tokens (B,), step (B,), forwards, picks (S, B)."""
     return sdar.Denoised(d.tokens[0], d.step[0], d.forwards[0], d.steps[0], d.picks[:, 0],
@@ -188,6 +199,17 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it_at_the_boundary():
         assert probs[0] == pytest.approx(0.5 / [0.5, 0.75, 1.0][kept - 1])  # renormalised
 
 
+def test_a_tiny_top_p_keeps_the_most_likely_token(random_model, prompt):
+    """top_p = 1e-300 (0 in float32) keeps the most likely token alone: a one-hot distribution, and
+    a sampled decode that equals the greedy one, never a NaN or a sampling error."""
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    assert sdar.Sampling(1.0, top_p=1e-300).distribution(logits).tolist() == [0.0, 1.0, 0.0]
+    m = random_model()
+    tiny = sdar.Sampling(1.0, top_p=1e-300)
+    assert sdar.generate(m, prompt(5), 9, sampling=tiny, generator=torch.Generator().manual_seed(0))[0] \
+        == sdar.generate(m, prompt(5), 9)[0]
+
+
 @pytest.mark.parametrize("strategy", ["static", "dynamic"])
 def test_one_forward_chain_is_the_rule_applied_to_one_forwards_logits(strategy, random_model, prompt):
     """denoise(drafting="block") (the draft proposing a block from one forward, with its cache): one
@@ -293,9 +315,10 @@ def test_ar_stops_and_stream(random_model, prompt):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(temperature=-1.0), r"temperature must be a finite number >= 0 \(0 = argmax\); got -1.0"),
-    (dict(temperature=math.inf), "temperature must be a finite number"),
-    (dict(temperature=math.nan), "temperature must be a finite number"),
+    (dict(temperature=-1.0), r"temperature must be 0 \(argmax\) or a finite number >= 0.0001 .*; got -1.0"),
+    (dict(temperature=math.inf), "temperature must be 0 \\(argmax\\) or a finite number"),
+    (dict(temperature=math.nan), "temperature must be 0 \\(argmax\\) or a finite number"),
+    (dict(temperature=1e-300), "smaller ones are argmax in effect and can overflow float32; use 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-3), "top_k must be an integer >= 0")])
 def test_sampling_settings_are_checked(kw, message):

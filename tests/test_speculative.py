@@ -15,6 +15,7 @@ import mask as masks
 import checkpoint
 import model
 import lossless
+import simsd
 import speculative
 import verifier
 
@@ -528,6 +529,45 @@ def test_simsd_equals_exact_in_one_layer_and_differs_deeper(random_model, prompt
 
 
 # ----------------------------------------------------------------------------- the paper's rules
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_engine_decodes_the_papers_method_as_simsd_py_does(temperature, pairs, prompt):
+    """simsd.py, the paper's method alone at batch 1, is the reference: speculative.generate with
+    verify="simsd" and lookahead 1 returns its tokens, for drafts that disagree, every prompt
+    alignment, blocks 2 and 4, static and dynamic, draft-step and position order, with a stop
+    token; greedy, and sampled from the same seed (the same draws in the same order)."""
+    sampling, checked = sdar.Sampling(temperature), 0
+    cases = itertools.product(pairs, range(1, 9), (2, 4), ("static", "dynamic"), ("step", "position"))
+    for (target, draft), P, block, strategy, order in cases:
+        kw = dict(block=block, strategy=strategy, threshold=0.5, sampling=sampling, stop_ids=(5,))
+        want, _ = simsd.generate(target, draft, prompt(P, P), 11, order=order,
+                                 generator=torch.Generator().manual_seed(P), **kw)
+        got, _ = speculative.generate(target, draft, prompt(P, P), 11, verify="simsd", accept=order,
+                                      lookahead=1, generator=torch.Generator().manual_seed(P), **kw)
+        assert got == want, (P, block, strategy, order)
+        checked += len(want)
+    assert checked > 1000
+
+
+def test_the_trie_shares_the_chains_prefix_only():
+    """Two chains equal at their first state, different at the second and equal again at the third
+    (the same block, revealed in two orders, then the next block's all-masked state after it)
+    share their first state only: the trie holds 3 + 2 states, the second chain's hanging from
+    the root. Counting every equal state instead of the shared prefix would merge the third."""
+    mask_id, blank = 9, torch.full((2,), 9)
+    known = torch.zeros(2, dtype=torch.bool)
+
+    def proposal(step):
+        return verifier.Proposal(0, known, torch.tensor([1, 2]), torch.tensor(step), 0,
+                                 torch.zeros(2, 2, dtype=torch.long), None)
+    block = speculative.Block(0, blank, known, 2)
+    tree = lossless.grow({verifier.SELF: [proposal([1, 2])], verifier.DRAFT: [proposal([2, 1])]},
+                         2, block, mask_id)
+    assert tree.states.tolist() == [[9, 9], [1, 9], [9, 9], [9, 2], [9, 9]]
+    assert tree.parent == [-1, 0, 1, 0, 3] and tree.block == [0, 0, 1, 0, 1]
+
+
+
 
 def temporally_valid(info):
     """Every committed drafted token was judged in a state that exists: every position revealed
