@@ -21,12 +21,23 @@ import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 from collections import namedtuple
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+
+
+def quit_at_once(signum, frame):
+    """Ctrl-C while torch imports: one line and exit status 130 at once, not a traceback."""
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, quit_at_once)  # from here, not after torch's second or more
 
 import torch
 
@@ -679,4 +690,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if signal.getsignal(signal.SIGINT) is quit_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

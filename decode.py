@@ -3,12 +3,28 @@
 The program, above the library (sdar, speculative, checkpoint) and the toy world (train_tiny),
 none of which imports it. Every option is checked before anything loads or trains: a bad value, or
 a flag that cannot act in the chosen mode, is one sentence on stderr and exit status 2. The rules
-are the library's own (sdar.Settings), spelled as flags.
+are the library's own (sdar.Settings), spelled as flags. Output that cannot be written ends in one
+sentence and exit status 1 (quietly for a reader gone away, `| head`); Ctrl-C in one line and 130.
 """
+import os
+import signal
+import sys
+
+
+def quit_at_once(signum, frame):
+    """Ctrl-C before run() takes over, while torch imports: one line and exit status 130 at once
+    (a KeyboardInterrupt raised inside an import would end in a traceback)."""
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+# As a program: from its first line, not after the imports' second or more (hence the imports
+# below). A Ctrl-C that was ignored when the program started (a background job) stays ignored.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, quit_at_once)
+
 import argparse
 import json
-import os
-import sys
 import time
 from collections import namedtuple
 from dataclasses import fields
@@ -26,6 +42,10 @@ from verifier import ACCEPTED, DROPPED, KNOWN, TARGET
 WEIGHTS_HELP = ("download weights with the Hugging Face CLI, e.g. `huggingface-cli download "
                 "JetLM/SDAR-8B-Chat --local-dir SDAR-8B-Chat`, then pass --model SDAR-8B-Chat")
 MAX_FORWARD = 8192  # query tokens in one forward: its (T, T) attention mask must fit in memory
+MAX_PROMPTS = 64 * 2 ** 20  # bytes of --prompts, read whole: a bound, so /dev/zero is refused
+# Line breaks to str.splitlines() that json.dumps leaves as they are (it escapes those below
+# U+0020): escaped, so that each answer stays one line whoever reads it.
+ONE_LINE = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 SPECULATIVE = ("lossless", "self", "paper", "specdiff")
 # The command line's own flags and the modes they act in (the library's: sdar.ACTS).
 ACTS = {"show": SPECULATIVE, "draft_device": ("lossless", "paper", "specdiff"),
@@ -33,9 +53,24 @@ ACTS = {"show": SPECULATIVE, "draft_device": ("lossless", "paper", "specdiff"),
         "strategy": ("vanilla", *SPECULATIVE), "threshold": ("vanilla", *SPECULATIVE)}
 
 
-def fail(message):
+def fail(message, status=2):
     print(f"decode.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+class OutputError(Exception):
+    """stdout refused a write: a full disk, a descriptor not open for writing."""
+
+
+def say(*args, **kwargs):
+    """print() to stdout, flushed at once: output that cannot be written is found where it is
+    written (OutputError), never lost silently at exit."""
+    try:
+        print(*args, **kwargs, flush=True)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): run() ends quietly
+    except OSError as e:
+        raise OutputError(e.strerror or e) from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,9 +107,10 @@ def parse_args(argv=None):
     add("--show", action="store_true", help="draw every speculative iteration's blocks")
     add("--prompt", help="user message, chat template applied (default: held-out prompts of the "
         "toys, else 'Write a haiku about the sea.')")
-    add("--prompts", metavar="FILE", help="a UTF-8 text file, one prompt per line (blank lines "
-        "skipped): decode them all in batches; each prompt's answer is one JSON line on stdout, "
-        "written as soon as it is final, with its index and line")
+    add("--prompts", metavar="FILE", help=f"a UTF-8 text file of at most {MAX_PROMPTS // 2 ** 20} "
+        "MiB, one prompt per line (ending at \\n or \\r\\n only; blank lines skipped): decode "
+        "them all in batches; each prompt's answer is one JSON line on stdout, written as soon as "
+        "it is final, with its index and line")
     add("--batch-size", type=int, help="prompts of --prompts decoded together (default 16)")
     add("--system", help="system message (real checkpoints)")
     add("--no-think", action="store_true", help="append the chat template's empty think block "
@@ -115,7 +151,7 @@ def check_flags(args):
     if args.threads is not None and not 1 <= args.threads <= cores:
         fail(f"--threads must be an integer from 1 to this machine's {cores} cores; "
              f"got {args.threads}")
-    for name in ("model", "draft", "prompt"):
+    for name in ("model", "draft", "prompt", "prompts"):
         value = getattr(args, name)
         if value is not None and not value.strip():
             fail(f"{FLAGS.name(name)} is empty")
@@ -141,21 +177,32 @@ def check_flags(args):
 
 
 def read_prompts(path):
-    """[(line number, prompt)] of a prompts file, its blank lines skipped; a sentence otherwise."""
+    r"""[(line number, prompt)] of a prompts file, blank lines skipped. Lines end at "\n" (or
+    "\r\n") alone, so the numbers are the file's: str.splitlines() would also end them at U+2028,
+    \x0c and others. A leading byte-order mark is dropped. A sentence otherwise."""
     path = Path(path)
     if path.is_dir():
         fail(f"--prompts {path} is a folder; give a text file with one prompt per line")
     try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPTS + 1)
     except FileNotFoundError:
         fail(f"--prompts {path} does not exist")
+    except OSError as e:
+        fail(f"--prompts {path} cannot be read ({e.strerror})")
+    if len(raw) > MAX_PROMPTS:
+        fail(f"--prompts {path} holds more than {MAX_PROMPTS // 2 ** 20} MiB, the most this "
+             "command reads; split it into smaller files")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        fail(f"--prompts {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it "
+             "as UTF-8")
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         fail(f"--prompts {path} is not UTF-8 text (line {raw[:e.start].count(10) + 1}, byte "
              f"{e.start}, cannot be decoded); save it as UTF-8")
-    except OSError as e:
-        fail(f"--prompts {path} cannot be read ({e.strerror})")
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:
         fail(f"--prompts {path} holds no prompt; write one per line")
     return lines
@@ -181,10 +228,13 @@ def read_checkpoint(path, flag_name):
     if not path.is_dir():
         fail(f"{flag_name} {path} is not a folder; {WEIGHTS_HELP}.")
     try:
-        config, _ = checkpoint.load_config(path), checkpoint.weight_files(path)  # weights there
-        return Checkpoint(config, checkpoint.load_tokenizer(path), path, flag_name)
+        config = checkpoint.load_config(path)
+        checkpoint.check_weights(path, config)  # from the safetensors headers alone
+        tok = checkpoint.load_tokenizer(path)
+        checkpoint.check_tokenizer(config, tok)  # ids inside vocab_size, the mask id the same
     except (OSError, ValueError) as e:
         fail(f"{flag_name} {path} cannot be loaded: {e}")
+    return Checkpoint(config, tok, path, flag_name)
 
 
 def load_weights(ckpt, device, dtype):
@@ -230,9 +280,6 @@ def examples(args):
         return [(args.model, args.draft, prompts)]
     train_tiny.ensure_trained()
     if args.prompt is not None:
-        note = train_tiny.outside_training(args.prompt)
-        if note:
-            print(f"note: {note}", flush=True)
         tasks, prompts = [train_tiny.task_of(args.prompt)], [(args.prompt, None)]
     else:
         tasks, prompts = train_tiny.TASKS, None
@@ -249,9 +296,6 @@ def read_pair(args, target_dir, draft_dir):
     before any weights load."""
     target = read_checkpoint(target_dir, "--model")
     tok, ar = target.tok, target.config.model_type == "qwen3"
-    if not ar and tok.mask_id is None:
-        fail(f"--model {target_dir} is an SDAR model but its tokenizer defines no mask token "
-             "(<|MASK|>); a diffusion model cannot decode without one")
     if draft_dir == "self" and ar:
         fail(f"--model {target_dir} is autoregressive and cannot propose for itself here; give "
              "an SDAR --draft folder")
@@ -298,48 +342,92 @@ def settings_of(args, mode, target, draft, tok):
     return s
 
 
+# One decode, checked before any weights load: its checkpoints, mode, Settings and prompts (with
+# their chat ids).
+Plan = namedtuple("Plan", "target draft tok mode settings prompts chats")
+
+
+def plan(args, target_dir, draft_dir, prompts):
+    target, draft, tok, mode = read_pair(args, target_dir, draft_dir)
+    s = settings_of(args, mode, target, draft, tok)
+    chats = [tok.chat(text, args.system, enable_thinking=not args.no_think)
+             for text, _, _ in prompts]
+    return Plan(target, draft, tok, mode, s, prompts, chats)
+
+
 def main(argv=None):
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): print(file=None) would write its
+        sys.stderr = open(os.devnull, "w")  # lines into stdout, among the answers: drop them
+    if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every answer
+        fail("stdout is closed, so no answer could be written; run the command with its output "
+             "going to a terminal, a file or a pipe", 1)
     args = parse_args(argv)
     check_flags(args)
     devices = (pick_device(args.device, "--device"),
                pick_device(args.draft_device or args.device,
                            "--draft-device" if args.draft_device else "--device"))
-    for target_dir, draft_dir, prompts in jobs(args):
-        target, draft, tok, mode = read_pair(args, target_dir, draft_dir)
-        s = settings_of(args, mode, target, draft, tok)
-        chats = check_lengths(args, tok, target.config, prompts, s.block)
-        target = load_weights(target, devices[0], dtype_of(args, devices[0]))
-        draft = draft and load_weights(draft, devices[1], dtype_of(args, devices[1]))
-        params = sum(p.numel() for m in (target, draft) if m is not None for p in m.parameters())
+    plans = [plan(args, *job) for job in jobs(args)]  # every checkpoint and prompt: the toys' too
+    check_lengths(args, plans)
+    note_untrained(args)
+    for p in plans:
+        target = load_weights(p.target, devices[0], dtype_of(args, devices[0]))
+        draft = p.draft and load_weights(p.draft, devices[1], dtype_of(args, devices[1]))
+        params = sum(x.numel() for m in (target, draft) if m is not None for x in m.parameters())
         small = params < 100e6 and "cuda" not in devices
         torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
-        models = (target, draft or ("self" if mode == "self" else None))
+        models = (target, draft or ("self" if p.mode == "self" else None))
         if args.prompts is not None:
-            decode_file(models, tok, chats, prompts, s, mode, args)
+            decode_file(models, p.tok, p.chats, p.prompts, p.settings, p.mode, args)
             continue
-        for ids, (text, answer, _) in zip(chats, prompts):
-            decode_one(models, tok, ids, text, answer, s, mode, args)
+        for ids, (text, answer, _) in zip(p.chats, p.prompts):
+            decode_one(models, p.tok, ids, text, answer, p.settings, p.mode, args)
     if args.prompts is None:
-        print("\n(tok/s is rough here, and the first prompt includes warm-up: python bench.py "
-              "measures speed)")
+        say("\n(tok/s is rough here, and the first prompt includes warm-up: python bench.py "
+            "measures speed)")
 
 
 def dtype_of(args, device):
     return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
 
 
-def check_lengths(args, tok, config, prompts, block):
-    """Each prompt's chat ids; a sentence naming the prompt (its line of --prompts) that would not
-    fit the model's positions with --max-new-tokens and one block."""
-    room, chats = config.max_position_embeddings, []
-    for text, _, line in prompts:
-        ids = tok.chat(text, args.system, enable_thinking=not args.no_think)
-        if len(ids) + args.max_new_tokens + block > room:
-            where = f"line {line} of --prompts: the prompt" if line else "the prompt"
-            fail(f"{where} ({len(ids)} tokens), --max-new-tokens {args.max_new_tokens} and one "
-                 f"block ({block}) exceed the model's max_position_embeddings {room}")
-        chats.append(ids)
-    return chats
+def check_lengths(args, plans):
+    """A sentence naming the first prompt (its line of --prompts, and the other lines) that would
+    not fit its model's positions with --max-new-tokens and one block."""
+    too_long = []
+    for p in plans:
+        room, block = p.target.config.max_position_embeddings, p.settings.block
+        for ids, (_, _, line) in zip(p.chats, p.prompts):
+            if len(ids) + args.max_new_tokens + block > room:
+                too_long.append((line or 0, len(ids), block, room))
+    if not too_long:
+        return
+    too_long.sort()
+    line, n, block, room = too_long[0]
+    where = f"line {line} of --prompts: the prompt" if line else "the prompt"
+    others = [str(other[0]) for other in too_long[1:]] if line else []
+    if len(others) > 5:
+        others = others[:5] + [f"{len(others) - 5} more"]
+    lines = "does line" if len(others) == 1 else "do lines"
+    also = f" (and so {lines} {', '.join(others)})" if others else ""
+    fail(f"{where} ({n} tokens), --max-new-tokens {args.max_new_tokens} and one block ({block}) "
+         f"exceed the model's max_position_embeddings {room}{also}; shorten the prompt or lower "
+         "--max-new-tokens")
+
+
+def note_untrained(args):
+    """The toys' note on each prompt outside what they learned: --prompt's on stdout, each line's of
+    --prompts on stderr (stdout holds the JSON lines)."""
+    if args.model:
+        return
+    if args.prompts is None:
+        note = args.prompt is not None and train_tiny.outside_training(args.prompt)
+        if note:
+            say(f"note: {note}")
+        return
+    for n, text in args.lines:
+        note = train_tiny.outside_training(text)
+        if note:
+            print(f"note: line {n} of --prompts: {note}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -354,29 +442,30 @@ def decode_file(models, tok, chats, prompts, s, mode, args):
         def on_row(i, tokens, stats, batch=batch):
             text, _, line = prompts[batch[i]]
             end = "length" if len(tokens) == args.max_new_tokens else "stop"
-            print(json.dumps({"index": index[line], "line": line, "prompt": text,
-                              "output": tok.decode(tokens), "tokens": len(tokens), "end": end},
-                             ensure_ascii=False), flush=True)
+            record = json.dumps({"index": index[line], "line": line, "prompt": text,
+                                 "output": tok.decode(tokens), "tokens": len(tokens), "end": end},
+                                ensure_ascii=False)
+            say(record.translate(ONE_LINE))
         t0 = time.perf_counter()
         outs, _ = run_decoder(models, [chats[b] for b in batch], s, mode, args, on_row=on_row)
-        print(f"[{len(batch)} prompts, {sum(map(len, outs))} tokens in "
+        print(f"[{count(len(batch), 'prompt')}, {sum(map(len, outs))} tokens in "
               f"{time.perf_counter() - t0:.1f} s ({mode}, batch of {len(batch)})]", file=sys.stderr,
               flush=True)
 
 
 def decode_one(models, tok, ids, text, answer, s, mode, args):
     out = Printer(tok, sys.stdout.isatty(), mode)
-    print(f"\n>>> {text}\n", flush=True)
+    say(f"\n>>> {text}\n")
     if args.show:
         out.legend()
     on_iteration = out.show if args.show else lambda info: out.stream(info["new"])
     tokens, stats = run_decoder(models, ids, s, mode, args, callback=out.stream,
                                 on_iteration=on_iteration)
     text_out = tok.decode(tokens)
-    print("\n" + text_out if args.show else text_out[len(out.shown):])
+    say("\n" + text_out if args.show else text_out[len(out.shown):])
     if answer is not None:
-        print(f"[{verdict(text, text_out, answer, len(tokens), args.max_new_tokens)}]")
-    print(f"[{summary(stats, s, mode, sdar.device_of(models[0]))}]")
+        say(f"[{verdict(text, text_out, answer, len(tokens), args.max_new_tokens)}]")
+    say(f"[{summary(stats, s, mode, sdar.device_of(models[0]))}]")
 
 
 def run_decoder(models, prompts, s, mode, args, callback=None, on_iteration=None, on_row=None):
@@ -406,12 +495,24 @@ def verdict(prompt, output, answer, n_tokens, max_new_tokens):
     return f"wrong; one right answer: {answer}"
 
 
+def count(n, thing):
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
+
+
 def summary(stats, s, mode, device):
+    """One line on what a decode did. The forwards commit whole steps, some past the output's end
+    (its stop token, or --max-new-tokens), which the counts say: each step commits a token or
+    more, so at least `steps - tokens` of them committed none that was returned."""
     forwards, s = max(stats.forwards, 1), s.resolve(mode)
     what = "forward" if mode in ("ar", "vanilla") else "target forward"
-    parts = [f"{stats.tokens} tokens", f"{stats.tokens / forwards:.2f} tokens per {what}"]
+    parts = [f"{count(stats.tokens, 'token')} in {count(stats.forwards, what)} "
+             f"({stats.tokens / forwards:.2f} tokens per {what})"]
     if mode in SPECULATIVE:
-        parts.append(f"{stats.matched / forwards:.2f} proposed steps matched per target forward")
+        past = stats.steps - stats.tokens
+        beyond = f" (at least {past} past the output's end)" if past > 0 else ""
+        parts.append(f"{count(stats.steps, 'step')} committed{beyond}, {stats.matched} as "
+                     f"proposed ({stats.matched / forwards:.2f} proposed steps matched per target "
+                     "forward)")
         parts.append(f"{stats.draft_forwards / forwards:.2f} draft forwards per target forward")
     names = {"paper": f"{s.verify}, {s.accept} order",
              "self": "lossless, the target proposing for itself",
@@ -438,7 +539,7 @@ class Printer:
         self.tokens += tokens
         text = self.tok.decode(self.tokens)
         if not text.endswith("\ufffd"):
-            print(text[len(self.shown):], end="", flush=True)
+            say(text[len(self.shown):], end="")
             self.shown = text
 
     def paint(self, kind, text):
@@ -457,8 +558,8 @@ class Printer:
         painted = "  ".join(self.paint(kind, words) for kind, words in kinds)
         who = "the chain shown (by the draft or the target itself)" if self.lossless else \
             "the draft"
-        print(f"  every proposed block after verification; t@s = the token t proposed at step s of "
-              f"{who}:\n  {painted}", flush=True)
+        say(f"  every proposed block after verification; t@s = the token t proposed at step s of "
+            f"{who}:\n  {painted}")
 
     def cell(self, fate, token, drafted, step, taken):
         if fate == KNOWN:
@@ -497,19 +598,28 @@ class Printer:
                 continue  # a block after the proposed ones that holds nothing new
             lead = "  @" if j == 0 else " +@"  # a block reached by lookahead: the same forward
             tally = self.tally(fate, steps, taken, info["by"])
-            print(f"{lead}{start:<4} {' '.join(cells)}   {tally}", flush=True)
+            say(f"{lead}{start:<4} {' '.join(cells)}   {tally}")
 
 
 def run(main):
-    """main(), ending quietly when the reader goes away (e.g. `| head`)."""
+    """main() as the program: one line and a status for what ends it from outside. A reader gone
+    away (`| head`): quiet, 1. Output that cannot be written: 1. Ctrl-C: 130."""
     try:
+        if signal.getsignal(signal.SIGINT) is quit_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
         main()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush: quiet
         sys.exit(1)
+    except OutputError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        fail(f"stdout cannot be written ({e}), so the output stops here, incomplete; send it "
+             "somewhere that can take it", 1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,21 @@ one JSON line.
 """
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 from functools import partial
+
+
+def quit_at_once(signum, frame):
+    """Ctrl-C while torch imports: one line and exit status 130 at once, not a traceback."""
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, quit_at_once)  # from here, not after torch's second or more
 
 import torch
 
@@ -165,4 +177,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if signal.getsignal(signal.SIGINT) is quit_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

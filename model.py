@@ -6,6 +6,7 @@ names (model.layers.N.self_attn.q_proj, ...) and loading is a plain load_state_d
 the RoPE positions.
 """
 import json
+import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -45,20 +46,49 @@ class Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads}).")
-        if self.head_dim is None:
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number above 0; got {value!r}.")
+        if type(self.tie_word_embeddings) is not bool:
+            raise ValueError(f"tie_word_embeddings must be true or false; got "
+                             f"{self.tie_word_embeddings!r}.")
+        if not (isinstance(self.model_type, str) and self.model_type in ARCHITECTURES):
+            raise ValueError(f"model_type must be one of {list(ARCHITECTURES)}; got "
+                             f"{self.model_type!r}.")
+        mask = self.mask_token_id
+        if mask is not None and not (type(mask) is int and 0 <= mask < self.vocab_size):
+            raise ValueError(f"mask_token_id must be a token id, an integer from 0 to vocab_size "
+                             f"- 1 ({self.vocab_size - 1}); got {mask!r}.")
+        given = self.head_dim is not None
+        if not given:  # as Qwen3 derives it
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            where = "" if given else " (hidden_size // num_attention_heads: no head_dim given)"
+            raise ValueError(f"head_dim must be even and at least 2, as RoPE turns pairs of "
+                             f"dimensions; got {self.head_dim}{where}.")
 
     @classmethod
     def from_json(cls, src):
         """Read a config.json path or dict, ignoring the keys we do not use."""
         where = "the config" if isinstance(src, dict) else str(src)
         d = dict(src) if isinstance(src, dict) else read_json(src)
-        if "rope_theta" not in d and "rope_theta" in (d.get("rope_parameters") or {}):
-            d["rope_theta"] = d["rope_parameters"]["rope_theta"]  # newer writers nest it
+        rope = d.get("rope_parameters")  # newer writers nest rope_theta here
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"{where}: rope_parameters must be an object; got {rope!r}.")
+        if "rope_theta" not in d and "rope_theta" in (rope or {}):
+            d["rope_theta"] = rope["rope_theta"]
+        scaling = d.get("rope_scaling") or rope or {}
+        if isinstance(scaling, dict):  # {"rope_type": "yarn", ...} (or "type", the older key)
+            scaling = scaling.get("rope_type", scaling.get("type", "default"))
+        if scaling != "default":  # the model computes plain RoPE only: a scaled one would differ
+            raise ValueError(f"{where} asks for RoPE scaling {scaling!r}, which this model does "
+                             "not implement; use a checkpoint with plain RoPE.")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
         if missing:
             raise ValueError(f"{where} lacks {missing}, which every Qwen3 or SDAR config.json has.")
-        if d.get("model_type") not in ARCHITECTURES:
+        if not (isinstance(d.get("model_type"), str) and d["model_type"] in ARCHITECTURES):
             has = f"model_type {d['model_type']!r}" if "model_type" in d else "no model_type"
             raise ValueError(f"{where} has {has}; only 'sdar' (block diffusion) and 'qwen3' "
                              "(autoregressive) "

@@ -28,6 +28,16 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
+
+def quit_at_once(signum, frame):
+    """Ctrl-C while torch imports: one line and exit status 130 at once, not a traceback."""
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, quit_at_once)  # from here, not after torch's second or more
+
 import torch
 import torch.nn.functional as F
 
@@ -108,22 +118,35 @@ def examples(n, split="heldout", seed=0, task="sort"):
 
 
 def task_of(prompt):
-    """The task a prompt belongs to: its first word ("walk 3 to 5 ..."), else sort."""
-    return "walk" if prompt.startswith("walk ") else "sort"
+    """The task a prompt belongs to: its first word, whatever its case and the spaces around it
+    ("  Walk 3 to 5 ..."), else sort."""
+    return "walk" if prompt.casefold().split()[:1] == ["walk"] else "sort"
+
+
+def learned(prompt):
+    """Whether a prompt is of the kinds the toys learned, exactly as they saw it (ASCII digits)."""
+    if not prompt.isascii():
+        return False
+    sort = re.fullmatch(r"sort (\d+)", prompt)
+    walk = WALK_PROMPT.fullmatch(prompt)
+    if sort:
+        return 8 <= len(sort[1]) <= 12
+    if walk:
+        a, b, n, lo, hi = map(int, walk.groups())
+        return 10 <= n <= 14 and lo < hi and _walks(a, n, b, lo, hi) > 0
+    return False
 
 
 def outside_training(prompt):
     """None for a prompt of the kinds the toys learned; else a sentence saying what they learned."""
-    sort = re.fullmatch(r"sort (\d+)", prompt)
-    walk = WALK_PROMPT.fullmatch(prompt)
-    if sort and 8 <= len(sort[1]) <= 12:
+    if learned(prompt):
         return None
-    if walk:
-        a, b, n, lo, hi = map(int, walk.groups())
-        if 10 <= n <= 14 and lo < hi and _walks(a, n, b, lo, hi):
-            return None
-    return ("the toys learned 'sort' with 8-12 digits and 'walk A to B in N steps within LO-HI' "
-            "with 10-14 steps that can be walked; this prompt is neither, so expect a poor answer")
+    kinds = ("the toys learned 'sort' with 8-12 digits and 'walk A to B in N steps within LO-HI' "
+             "with 10-14 steps that can be walked")
+    if learned(" ".join(prompt.casefold().split())):
+        return (f"{kinds}, in lowercase with single spaces and none around; this prompt is written "
+                "otherwise, so expect a poor answer")
+    return f"{kinds}; this prompt is neither, so expect a poor answer"
 
 
 def score(prompt, prediction, answer):
@@ -554,8 +577,8 @@ def ensure_trained(quiet=False):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence, no usage block
-        fail(message)
+    def error(self, message):  # one line: the reason, and where to learn more
+        fail(f"{message} (python train_tiny.py --help lists the options)")
 
 
 def fail(message):
@@ -633,4 +656,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if signal.getsignal(signal.SIGINT) is quit_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,9 +1,12 @@
 """Shared test plumbing: model and checkpoint factories (as fixtures, so no test file imports
 another), one thread per test run, and `report(line)`: measurements a test prints for a reader
 (not assertions), shown once at the end of the run instead of among pytest's progress dots."""
+import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,6 +108,22 @@ def micro_checkpoint():
     return write_micro_checkpoint
 
 
+def rewrite_header(path, edit):
+    """Rewrite a .safetensors file's JSON header after edit(header) changed it; the data stays."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    Path(path).write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+
+
+@pytest.fixture(scope="session")
+def edit_header():
+    """edit_header(path, edit): a .safetensors file with its header edited in place by edit(header)."""
+    return rewrite_header
+
+
 @pytest.fixture(scope="session")
 def run_scripts():
     """run_scripts(script, argvs, timeout=120): the finished processes of `python script *argv`,
@@ -115,6 +134,29 @@ def run_scripts():
                                   text=True, timeout=timeout)
         with ThreadPoolExecutor(4) as pool:
             return list(pool.map(one, argvs))
+    return run
+
+
+def as_in_a_terminal():  # a job started in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def interrupt_early():
+    """interrupt_early(script, argv): (exit status, stderr) of `python script *argv` sent SIGINT
+    (Ctrl-C) while torch's libraries load (seen in /proc/PID/maps; without /proc after 0.3 s)."""
+    def run(script, argv):
+        proc = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=as_in_a_terminal)
+        maps, t0 = Path(f"/proc/{proc.pid}/maps"), time.monotonic()
+        while time.monotonic() - t0 < (10 if maps.parent.exists() else 0.3):
+            if maps.parent.exists() and "libtorch" in maps.read_text():
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+        return proc.returncode, err
     return run
 
 

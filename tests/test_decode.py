@@ -1,8 +1,14 @@
-"""`python decode.py` (decode.py): every bad input is one sentence and exit 2, every mode decodes, the
-stream is exactly the returned tokens, and the toy default routes prompts to their task's models."""
+"""`python decode.py` (decode.py): every bad input is one sentence and exit 2 (a checkpoint's fields
+among them, checked before any weights load), every mode decodes, the stream is exactly the returned
+tokens, the toy default routes prompts to their task's models, a prompt file's lines are the file's,
+and output that cannot be written (exit 1) or Ctrl-C (exit 130) ends in one line."""
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -11,17 +17,50 @@ import torch
 import decode
 import sdar
 import checkpoint
-import model
 import speculative
 import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Copies of the micro target with one file edited: (name, file, edit(obj) on its JSON, in place).
+def drop(key):
+    return lambda d: d.pop(key)
+
+
+def put(key, value):
+    return lambda d: d.update({key: value})
+
+
+def header(edit):  # the edit of one tensor's entry in the safetensors header
+    return lambda h: edit(h["model.norm.weight"])
+
+
+BROKEN = [
+    ("noweightmap", "model.safetensors.index.json", put("metadata", {})),
+    ("badtoken", "vocab.json", put("a\u4e00", 300)),
+    ("badadded", "tokenizer_config.json", lambda d: d["added_tokens_decoder"].update({"259": "<|MASK|>"})),
+    ("bigadded", "tokenizer_config.json", lambda d: d["added_tokens_decoder"].update({"300": {"content": "<x>"}})),
+    ("ropetext", "config.json", put("rope_theta", "1e4")),
+    ("epszero", "config.json", put("rms_norm_eps", 0)),
+    ("tied", "config.json", put("tie_word_embeddings", "no")),
+    ("yarn", "config.json", put("rope_scaling", {"rope_type": "yarn", "factor": 4.0})),
+    ("maskout", "config.json", put("mask_token_id", 999)),
+    ("nomaskid", "config.json", drop("mask_token_id")),
+    ("wrongmask", "config.json", put("mask_token_id", 258)),
+    ("wide", "config.json", put("hidden_size", 48)),
+    ("eostext", "generation_config.json", put("eos_token_id", "258")),
+    ("eosunknown", "generation_config.json", put("eos_token_id", [258, 5000])),
+    ("nodtype", "model.safetensors", header(drop("dtype"))),
+    ("noshape", "model.safetensors", header(drop("shape"))),
+    ("badoffsets", "model.safetensors", header(put("data_offsets", [0]))),
+    ("notentry", "model.safetensors", lambda h: h.update({"model.norm.weight": [1, 2]}))]
+
+
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, micro_checkpoint):
+def ckpt(tmp_path_factory, micro_checkpoint, edit_header):
     """Named micro checkpoints: a target and a draft (block 4), a block-8 draft, a draft without
-    block_size, an AR target, and broken folders."""
+    block_size, an AR target, broken folders (BROKEN among them) and prompt files."""
     root = tmp_path_factory.mktemp("ckpt")
     out = {"target": micro_checkpoint(root / "target"), "draft": micro_checkpoint(root / "draft", 1),
            "b8": micro_checkpoint(root / "b8", 2, block_size=8),
@@ -47,6 +86,19 @@ def ckpt(tmp_path_factory, micro_checkpoint):
     out["othervocab"] = micro_checkpoint(root / "othervocab", 4)
     checkpoint.write_byte_tokenizer(root / "othervocab",
                                specials=("<|im_start|>", "<|endoftext|>", "<|im_end|>", "<|MASK|>"))
+    for name, file, edit in BROKEN:
+        shutil.copytree(root / "target", root / name)
+        out[name], path = str(root / name), root / name / file
+        if file.endswith(".safetensors"):
+            edit_header(path, edit)
+            continue
+        obj = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        edit(obj)
+        path.write_text(json.dumps(obj), encoding="utf-8")
+    out["roomy"] = micro_checkpoint(root / "roomy", positions=8192)  # room for a long decode
+    (root / "utf16.txt").write_bytes("hi\n".encode("utf-16"))
+    (root / "long3.txt").write_text("hi\nhello\n" + "a " * 40 + "\nhi\n" + "b " * 40 + "\n")
+    out.update({name: str(root / f"{name}.txt") for name in ("utf16", "long3")})
     return out
 
 
@@ -101,7 +153,8 @@ def bad_inputs(c):
         (["--model", c["ar"], "--draft", c["draft"], "--temperature", "1", "--strategy", "dynamic"],
          "--strategy dynamic drafts by the confidence of sampled tokens"),
         (["--model", c["ar"], "--block", "4"], "--block does not apply to an autoregressive target decoding alone"),
-        (["--model", c["nomask"]], "defines no mask token (<|MASK|>); a diffusion model cannot"),
+        (["--model", c["nomask"]], "its config.json says model_type 'sdar' but its tokenizer defines no mask "
+                                 "token (<|MASK|>); a diffusion model cannot decode without one."),
         (["--model", c["layers"]], "num_hidden_layers must be a positive integer; got -1."),
         (["--model", "/no/such/folder"], "is not a folder; download weights with the Hugging Face CLI"),
         (["--model", c["weightless"]], "the weights are missing."),
@@ -131,7 +184,39 @@ def bad_inputs(c):
         (m + ["--prompts", c["prompts"]], "--prompt does not apply to --prompts"),
         (f + ["--prompts", c["prompts"], "--show"], "--show does not apply to --prompts"),
         (["--model", c["target"], "--draft-device", "cuda"], "--draft-device cuda was asked for"),
-        (["--device", "cuda"], "--device cuda was asked for but this machine has no CUDA GPU")]
+        (["--device", "cuda"], "--device cuda was asked for but this machine has no CUDA GPU"),
+        (f + ["--prompts", ""], "--prompts is empty"),
+        (f + ["--prompts", "/dev/zero"], "--prompts /dev/zero holds more than 64 MiB, the most this command reads"),
+        (f + ["--prompts", c["utf16"]], "is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"),
+        (f + ["--prompts", c["long3"]], "line 3 of --prompts: the prompt (99 tokens), --max-new-tokens 8 and one "
+                                        "block (4) exceed the model's max_position_embeddings 64 (and so does line 5)"),
+        (["--model", c["noweightmap"]], "model.safetensors.index.json has no weight_map; it must map each tensor"),
+        (["--model", c["badtoken"]], "vocab.json: the token 'a\u4e00' is not written in the byte-level alphabet"),
+        (["--model", c["badadded"]], "tokenizer_config.json: the added_tokens_decoder entry '259' is not an id"),
+        (["--model", c["bigadded"]], "its tokenizer has ids up to 300 but its config.json's vocab_size is 260"),
+        (["--model", c["ropetext"]], "config.json: rope_theta must be a finite number above 0; got '1e4'."),
+        (["--model", c["epszero"]], "config.json: rms_norm_eps must be a finite number above 0; got 0."),
+        (["--model", c["tied"]], "config.json: tie_word_embeddings must be true or false; got 'no'."),
+        (["--model", c["yarn"]], "config.json asks for RoPE scaling 'yarn', which this model does not implement"),
+        (["--model", c["maskout"]], "config.json: mask_token_id must be a token id, an integer from 0 to "
+                                    "vocab_size - 1 (259); got 999."),
+        (["--model", c["nomaskid"]], "its config.json has no mask_token_id but the tokenizer's <|MASK|> is id "
+                                     "259; set mask_token_id to 259."),
+        (["--model", c["wrongmask"]], "its config.json gives mask_token_id 258 but the tokenizer's <|MASK|> is "
+                                      "id 259; set mask_token_id to 259."),
+        (["--model", c["wide"]], "does not match its config.json: mis-shaped 12 tensors, first ['lm_head.weight "
+                                 "(260, 32) != (260, 48)', "),
+        (["--model", c["eostext"]], "generation_config.json: eos_token_id must be a token id or a list of them; "
+                                    "got '258'."),
+        (["--model", c["eosunknown"]], "generation_config.json: eos_token_id 5000 is no token of this tokenizer"),
+        (["--model", c["nodtype"]], "model.safetensors: the header gives tensor model.norm.weight no dtype; the "
+                                    "file is corrupt"),
+        (["--model", c["noshape"]], "the header gives tensor model.norm.weight no shape"),
+        (["--model", c["badoffsets"]], "the header gives tensor model.norm.weight a data_offsets that is not two "
+                                       "integers"),
+        (["--model", c["notentry"]], "the header's entry of tensor model.norm.weight is not an object"),
+        (m + ["--draft", c["wrongmask"]], "--draft " + c["wrongmask"] + " cannot be loaded: its config.json gives "
+                                          "mask_token_id 258")]
     return [case for case in cases if "cuda" not in case[0] or not torch.cuda.is_available()]
 
 
@@ -265,3 +350,146 @@ def test_a_file_of_prompts_is_one_json_line_each(mode, ckpt):
             want = speculative.generate(target, checkpoint.load(ckpt["draft"]), ids, 6, stop_ids=stops)[0]
         assert x["output"] == tok.decode(want) and x["tokens"] == len(want)
         assert x["end"] == ("length" if len(want) == 6 else "stop")
+
+
+# ----------------------------------------------------------------------------- newcomer pass
+
+SEPARATORS = ["\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85"]  # splitlines()'
+
+
+def rows_of(out):
+    """The JSON lines of --prompts, by index; split with splitlines(), so that an answer broken in
+    two by a separator it holds would fail."""
+    return sorted((json.loads(line) for line in out.splitlines()), key=lambda x: x["index"])
+
+
+def alone(target, tok, prompt, n):
+    """The reference: the prompt's answer decoded alone by the target."""
+    return tok.decode(sdar.generate(target, tok.chat(prompt), n, stop_ids=tok.stop_ids)[0])
+
+
+def test_a_prompt_file_ends_lines_at_newlines_only(ckpt, tmp_path, capsys):
+    """--prompts: a byte-order mark is dropped, a line ends at \\n or \\r\\n alone (every other
+    separator of str.splitlines stays inside its prompt), the line numbers are the file's, and each
+    answer is one line whoever splits them, the output its decode alone gives."""
+    lines = ["hi"] + [f"a{sep}b" for sep in SEPARATORS] + ["", " \t", "last"]
+    text = "\ufeff" + "\r\n".join(lines[:3]) + "\r\n" + "\n".join(lines[3:]) + "\n"
+    (tmp_path / "p.txt").write_text(text, encoding="utf-8")
+    decode.main(["--model", ckpt["target"], "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens",
+                 "3", "--device", "cpu"])
+    rows = rows_of(capsys.readouterr().out)
+    want = [(1, "hi")] + [(n, f"a{sep}b") for n, sep in enumerate(SEPARATORS, 2)] + [(12, "last")]
+    assert [(x["index"], x["line"], x["prompt"]) for x in rows] == [(i, *w) for i, w in enumerate(want)]
+    tok, target = checkpoint.load_tokenizer(ckpt["target"]), checkpoint.load(ckpt["target"])
+    assert all(x["output"] == alone(target, tok, x["prompt"], 3) for x in rows)
+
+
+def test_the_toys_route_each_line_by_its_first_word_and_note_what_they_did_not_learn(toys, ckpt,
+                                                                                    tmp_path, capsys):
+    """Without --model each line goes to its task's models by its first word, whatever its case and
+    spaces (a byte-order mark before it); each line the toys did not learn gets the note --prompt
+    gets, on stderr with its line number, once."""
+    lines = ["walk 3 to 5 in 10 steps within 2-6", "  Walk 3 to 5 in 10 steps within 2-6",
+             "SORT 31415926", "sort 31415926", "walker", "hello"]
+    (tmp_path / "p.txt").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    decode.main(["--vanilla", "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "3",
+                 "--device", "cpu"])  # 3: the micro models hold 64 positions
+    out, err = capsys.readouterr()
+    assert toys == ["target", "draft"]  # the sort job, then the walk job (see `toys`)
+    tok = checkpoint.load_tokenizer(ckpt["target"])
+    models = {"sort": checkpoint.load(ckpt["target"]), "walk": checkpoint.load(ckpt["draft"])}
+    tasks = ["walk", "walk", "sort", "sort", "sort", "sort"]
+    for x, task in zip(rows_of(out), tasks):
+        other = models["sort" if task == "walk" else "walk"]
+        assert x["output"] == alone(models[task], tok, x["prompt"], 3), x
+        assert x["output"] != alone(other, tok, x["prompt"], 3), x  # so the test can tell
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: line {n} of --prompts: {train_tiny.outside_training(lines[n - 1])}"
+                     for n in (2, 3, 5, 6)]
+    assert "written otherwise" in notes[0] and "neither" in notes[2]
+
+
+def test_every_line_is_checked_before_any_weights_load(toys, ckpt, tmp_path, capsys, monkeypatch):
+    """A line too long for its model is refused before anything loads or prints, the toys' walk
+    line (the second job) as much as a --model file's third line."""
+    loaded = []
+    monkeypatch.setattr(decode, "load_weights", lambda *a: loaded.append(a))
+    (tmp_path / "p.txt").write_text("sort 31415926\nwalk 3 to 5 in 10 steps within 2-6\nwalk "
+                                    + "1 " * 40 + "\n", encoding="utf-8")
+    for which in ([], ["--model", ckpt["target"]]):
+        with pytest.raises(SystemExit) as exit_:
+            decode.main([*which, "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "4",
+                         "--device", "cpu"])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 2 and not loaded and out == "", (which, out)
+        assert err.startswith("decode.py: error: line 3 of --prompts: the prompt (") and \
+            len(err.splitlines()) == 1, err
+
+
+def test_the_summary_of_a_short_output_counts_the_steps_past_its_end(ckpt, capsys):
+    """--max-new-tokens 1: the forwards commit whole steps past the one token returned; the summary
+    says so with its counts, the reference decode's own."""
+    tok = checkpoint.load_tokenizer(ckpt["target"])
+    target, draft = checkpoint.load(ckpt["target"]), checkpoint.load(ckpt["draft"])
+    tokens, st = speculative.generate(target, draft, tok.chat("hi"), 1, stop_ids=tok.stop_ids)
+    decode.main(["--model", ckpt["target"], "--draft", ckpt["draft"], "--prompt", "hi",
+                 "--max-new-tokens", "1", "--device", "cpu"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[1 token in")][0]
+    f = st.forwards
+    assert len(tokens) == 1 and st.steps > 1  # the case: the steps past the output's end
+    assert line.startswith(
+        f"[1 token in {f} target forwards ({1 / f:.2f} tokens per target forward), {st.steps} steps "
+        f"committed (at least {st.steps - 1} past the output's end), {st.matched} as proposed "
+        f"({st.matched / f:.2f} proposed steps matched per target forward), "
+        f"{st.draft_forwards / f:.2f} draft forwards per target forward, lossless, "), line
+
+
+def popen(args, **kw):
+    return subprocess.Popen([sys.executable, "decode.py", *args], cwd=ROOT, text=True,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def test_output_that_cannot_be_written_is_one_sentence_and_exit_1(ckpt):
+    """stdout closed (`>&-`), on a full disk (/dev/full) or open for reading only: one sentence on
+    stderr and exit status 1, never a traceback, never exit 0 with the answers lost. stderr closed:
+    its lines are dropped, not mixed into the answers."""
+    one = ["--model", ckpt["target"], "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"]
+    many = ["--model", ckpt["target"], "--prompts", ckpt["prompts"], "--max-new-tokens", "4",
+            "--device", "cpu"]
+    closed = "stdout is closed, so no answer could be written; run the command with its output"
+    full = "stdout cannot be written (No space left on device), so the output stops here"
+    reading = "stdout cannot be written (Bad file descriptor), so the output stops here"
+    cases = [(one, "closed", closed), (many, "closed", closed), (one, "/dev/full", full),
+             (many, "/dev/full", full), (many, os.devnull, reading)]
+
+    def run(case):
+        args, where, sentence = case
+        if where == "closed":  # a shell's `>&-`
+            return subprocess.run(["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "decode.py",
+                                   *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        with open(where, "w" if where == "/dev/full" else "r") as stdout:
+            return subprocess.run([sys.executable, "decode.py", *args], cwd=ROOT, stdout=stdout,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+    if not os.path.exists("/dev/full"):
+        cases = [case for case in cases if case[1] != "/dev/full"]
+    quiet = subprocess.run(["sh", "-c", 'exec "$0" "$@" 2>&-', sys.executable, "decode.py", *many],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and len(rows_of(quiet.stdout)) == 3  # stderr closed: no line lost
+    with ThreadPoolExecutor(3) as pool:
+        for (args, where, sentence), done in zip(cases, pool.map(run, cases)):
+            err = done.stderr
+            assert done.returncode == 1 and "Traceback" not in err, (where, args, err)
+            assert err.startswith(f"decode.py: error: {sentence}") and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_is_one_line_and_exit_130_from_the_first_second(ckpt, interrupt_early):
+    """SIGINT while torch's libraries load, and while a long decode streams: `interrupted` alone on
+    stderr, exit status 130, no traceback."""
+    args = ["--model", ckpt["roomy"], "--prompt", "hi", "--max-new-tokens", "8000", "--device", "cpu"]
+    decoding = popen(args, stdout=subprocess.PIPE,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert decoding.stdout.readline() == "\n" and decoding.stdout.readline().startswith(">>> hi")
+    decoding.send_signal(signal.SIGINT)
+    err = decoding.communicate(timeout=120)[1]
+    for status, err in (interrupt_early("decode.py", args), (decoding.returncode, err)):
+        assert status == 130 and err == "\ninterrupted\n", err

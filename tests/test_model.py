@@ -1,7 +1,6 @@
 """model.py: checkpoints round-trip, the cache equals no-cache forwards, RoPE is what the maths says."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -376,6 +375,8 @@ def test_folder_without_weights(ckpt, refuses):
 
 
 @pytest.mark.parametrize("edit,message", [
+    (lambda s: s.update({"model.norm.weight": torch.zeros(48, dtype=torch.int32)}),
+     r"not floating point \['model.norm.weight torch.int32'\]"),
     (lambda s: s.pop("model.norm.weight"), r"missing \['model.norm.weight'\]"),
     (lambda s: s.update(extra=torch.zeros(2)), r"unexpected \['extra'\]"),
     (lambda s: s.update({"model.norm.weight": torch.zeros(5)}),
@@ -465,11 +466,104 @@ def test_json_that_is_not_an_object_names_the_file(ckpt, name, raw, refuses):
     ("hidden_size", 0, "hidden_size must be a positive integer; got 0."),
     ("vocab_size", 1.5, "vocab_size must be a positive integer; got 1.5."),
     ("block_size", 0, "block_size must be a positive integer; got 0."),
-    ("num_key_value_heads", 3, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\).")])
+    ("num_key_value_heads", 3, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)."),
+    ("rope_theta", "1e6", r"rope_theta must be a finite number above 0; got '1e6'\."),
+    ("rope_theta", float("nan"), r"rope_theta must be a finite number above 0; got nan\."),
+    ("rope_theta", True, r"rope_theta must be a finite number above 0; got True\."),
+    ("rms_norm_eps", -1e-6, r"rms_norm_eps must be a finite number above 0; got -1e-06\."),
+    ("tie_word_embeddings", 1, r"tie_word_embeddings must be true or false; got 1\."),
+    ("mask_token_id", 97, r"mask_token_id must be a token id, an integer from 0 to vocab_size - 1 \(96\); got 97\."),
+    ("mask_token_id", -1, r"mask_token_id must be a token id, .*; got -1\."),
+    ("mask_token_id", "96", r"mask_token_id must be a token id, .*; got '96'\."),
+    ("head_dim", 7, r"head_dim must be even and at least 2, as RoPE turns pairs of dimensions; got 7\."),
+    ("rope_parameters", 5, r"rope_parameters must be an object; got 5\.")])
 def test_config_values_are_checked(ckpt, key, value, message, refuses):
     """A size that cannot build a model is one sentence naming the file, not a list of tensors."""
     d = json.loads((ckpt / "config.json").read_text())
     d[key] = value
     (ckpt / "config.json").write_text(json.dumps(d))
     with refuses(ValueError, match=re.escape(str(ckpt / "config.json")) + ": " + message):
+        checkpoint.load(ckpt)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "asks for RoPE scaling 'yarn', which this model does not"),
+    ({"rope_scaling": {"type": "linear"}}, "asks for RoPE scaling 'linear'"),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "llama3"}}, "asks for RoPE scaling 'llama3'"),
+    ({"model_type": ["sdar"]}, r"has model_type \['sdar'\]; only 'sdar'")])
+def test_config_features_this_model_lacks_are_refused(ckpt, edit, message, refuses):
+    """A config.json asking for what the model does not compute (a scaled RoPE) is refused by name
+    rather than decoded differently; a plain one with rope_type default loads."""
+    d = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**d, **edit}))
+    with refuses(ValueError, match=re.escape(str(ckpt / "config.json")) + " " + message):
+        checkpoint.load(ckpt)
+    plain = {**d, "rope_scaling": None, "rope_parameters": {"rope_theta": 5.0, "rope_type": "default"}}
+    assert Config.from_json(plain) == Config.from_json(d)  # rope_theta itself wins over the nested one
+
+
+def test_a_head_dim_derived_odd_says_where_it_comes_from(refuses):
+    with refuses(ValueError, match=r"head_dim must be even .*; got 9 \(hidden_size // num_attention_heads: no "
+                                   r"head_dim given\)\."):
+        Config(vocab_size=10, hidden_size=36, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+def test_a_long_list_of_wrong_tensors_is_cut_short(ckpt, refuses):
+    """A config.json of another width mis-shapes most tensors: the sentence gives their count (the
+    tensors whose shapes the two configs' models disagree on) and the first three."""
+    d = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**d, "hidden_size": 64}))
+    with torch.device("meta"):
+        old, new = (Transformer(Config.from_json(c)).state_dict() for c in (d, {**d, "hidden_size": 64}))
+    n = sum(old[k].shape != new[k].shape for k in old)
+    with refuses(ValueError, match=rf"mis-shaped {n} tensors, first \['lm_head.weight \(97, 48\) != \(97, 64\)', "
+                                   rf"'[^']*', '[^']*'\]; its weights and config.json must come from one model\.$"):
+        checkpoint.load(ckpt)
+
+
+def test_the_tensors_are_checked_before_any_weight_is_read(ckpt, monkeypatch, refuses):
+    """load() refuses a mis-shaped checkpoint from its headers alone: no tensor data is read."""
+    state = checkpoint.read_safetensors(ckpt / "model.safetensors")
+    state["model.norm.weight"] = torch.zeros(5)
+    checkpoint.write_safetensors(state, ckpt / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "read_safetensors", lambda *a, **k: pytest.fail("weights read"))
+    with refuses(ValueError, match="mis-shaped"):
+        checkpoint.load(ckpt)
+
+
+@pytest.mark.parametrize("header,message", [
+    ({"w": {"shape": [2], "data_offsets": [0, 8]}}, "the header gives tensor w no dtype; the file is corrupt"),
+    ({"w": {"dtype": 5, "shape": [2], "data_offsets": [0, 8]}}, "the header gives tensor w a dtype that is not a name"),
+    ({"w": {"dtype": "F32", "data_offsets": [0, 8]}}, "the header gives tensor w no shape"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "gives tensor w a shape that is not a list"),
+    ({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, "gives tensor w a shape that is not a list"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "the header gives tensor w no data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, "gives tensor w a data_offsets that is not two"),
+    ({"w": {"dtype": "F32", "shape": [2 ** 62, 2 ** 62], "data_offsets": [0, 8]}}, "tensor w claims bytes .* outside"),
+    ({"w": [1, 2]}, "the header's entry of tensor w is not an object"),
+    ([1, 2], "the header is not a JSON object")])
+def test_each_header_entry_is_checked(tmp_path, header, message, refuses):
+    """Every field of a safetensors header entry is checked before it is used: one sentence naming
+    the file and the tensor, not a KeyError or a TypeError."""
+    raw_file(tmp_path / "x.safetensors", header, b"\0" * 8)
+    with refuses(ValueError, match=re.escape(str(tmp_path / "x.safetensors")) + ": (the header )?" + message):
+        checkpoint.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_a_header_longer_than_the_format_allows(ckpt, monkeypatch, refuses):
+    monkeypatch.setattr(checkpoint, "MAX_HEADER", 16)
+    with refuses(ValueError, match=r"claims a header of \d+ bytes, more than the 16 the safetensors format allows"):
+        checkpoint.read_header(ckpt / "model.safetensors")
+
+
+@pytest.mark.parametrize("index,message", [
+    ({"metadata": {}}, "has no weight_map; it must map each tensor name to its .safetensors file"),
+    ({"weight_map": {}}, "has a weight_map that lists no tensor"),
+    ({"weight_map": []}, "has a weight_map that lists no tensor"),
+    ({"weight_map": {"a": 1}}, r": each weight_map value must be the name of a .safetensors file in the same folder\."),
+    ({"weight_map": {"a": "../model.safetensors"}}, ": each weight_map value must be the name")])
+def test_the_index_is_checked(ckpt, index, message, refuses):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with refuses(ValueError, match=re.escape(str(ckpt / "model.safetensors.index.json")) + " ?" + message):
         checkpoint.load(ckpt)

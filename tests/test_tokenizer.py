@@ -3,11 +3,12 @@ import json
 import random
 import re
 import unicodedata
-from pathlib import Path
 
 import pytest
 
+import checkpoint
 from checkpoint import bytes_to_unicode, load_tokenizer, write_byte_tokenizer
+from model import Config
 
 
 MULTILINGUAL = [
@@ -253,3 +254,88 @@ def test_chat_follows_the_template(sdar, system, thinking):
     assert ids == sdar.encode(text) and sdar.decode(ids) == text
     tail = [151644, 77091, 198] + ([] if thinking else [151667, 271, 151668, 271])  # <think> \n\n </think> \n\n
     assert ids[-len(tail):] == tail
+
+
+# ----------------------------------------------------------------------------- fields checked
+
+def edit_json(path, edit):
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    edit(obj)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def added(key, value):
+    return lambda d: d["added_tokens_decoder"].update({key: value})
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("vocab.json", lambda d: d.update({"a\u4e00": 300}),
+     "the token 'a\u4e00' is not written in the byte-level alphabet .* of Qwen's vocab.json"),
+    ("vocab.json", lambda d: d.update({"": 300}), "the token '' is not written in the byte-level"),
+    ("vocab.json", lambda d: d.update(ab="300"), r"the token 'ab' has id '300', not an integer from 0 to 4294967295\."),
+    ("vocab.json", lambda d: d.update(ab=-1), r"the token 'ab' has id -1, not an integer"),
+    ("vocab.json", lambda d: d.update(ab=97), r"gives id 97 to both 'a' and 'ab'; each token needs an id of its own\."),
+    ("vocab.json", lambda d: d.pop("a"), r"lacks 1 of the 256 single bytes \(the first is 0x61\); a byte-level"),
+    ("tokenizer_config.json", lambda d: d.update(added_tokens_decoder=["<|im_end|>"]),
+     r"added_tokens_decoder must be an object from ids to tokens\."),
+    ("tokenizer_config.json", added("x", {"content": "<y>"}), "the added_tokens_decoder entry 'x' is not an id"),
+    ("tokenizer_config.json", added("-3", {"content": "<y>"}), "the added_tokens_decoder entry '-3' is not an id"),
+    ("tokenizer_config.json", added("300", "<y>"), "the added_tokens_decoder entry '300' is not an id that maps"),
+    ("tokenizer_config.json", added("300", {"content": 5}), "the added_tokens_decoder entry '300' is not an id"),
+    ("tokenizer_config.json", added("300", {"content": ""}), r"the added token 300 is empty; give it its text\."),
+    ("tokenizer_config.json", added("300", {"content": "<|im_end|>"}),
+     r"lists the added token '<\|im_end\|>' twice, as ids 258 and 300; give it one\."),
+    ("tokenizer_config.json", added("65", {"content": "<y>"}),
+     r"the added token '<y>' has id 65, which vocab.json gives to another token"),
+    ("generation_config.json", lambda d: d.update(eos_token_id="258"),
+     r"eos_token_id must be a token id or a list of them; got '258'\."),
+    ("generation_config.json", lambda d: d.update(eos_token_id=True), "eos_token_id must be a token id .*; got True"),
+    ("generation_config.json", lambda d: d.update(eos_token_id=[258, "256"]), "eos_token_id must be a token id"),
+    ("generation_config.json", lambda d: d.update(eos_token_id=5000),
+     r"eos_token_id 5000 is no token of this tokenizer \(vocab.json and its added tokens\)"),
+    ("generation_config.json", lambda d: d.update(eos_token_id=[258, -1]), "eos_token_id -1 is no token"),
+])
+def test_each_field_read_is_checked_and_named(tmp_path, name, edit, message, refuses):
+    """A field of the wrong type or out of range is one sentence naming its file, not a KeyError, a
+    tiktoken panic, a hang or a tokenizer that never stops."""
+    write_byte_tokenizer(tmp_path)
+    edit_json(tmp_path / name, edit)
+    with refuses(ValueError, match=re.escape(str(tmp_path / name)) + ".*" + message):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("added,message", [
+    ({"<|im_end|>": "258"}, r"the token '<\|im_end\|>' has id '258', not an integer"),
+    ({"<|im_end|>": 258, "<MASK>": 258}, r"gives id 258 to both '<\|im_end\|>' and '<MASK>'"),
+    ({"": 258}, "the added token 258 is empty")])
+def test_added_tokens_json_is_checked_too(tmp_path, added, message, refuses):
+    """The older added_tokens.json, read when tokenizer_config.json has no added_tokens_decoder."""
+    write_byte_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added), encoding="utf-8")
+    with refuses(ValueError, match=re.escape(str(tmp_path / "added_tokens.json")) + ".*" + message):
+        load_tokenizer(tmp_path)
+
+
+def config(**kw):
+    return Config(**{"vocab_size": 260, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "mask_token_id": 259, **kw})
+
+
+def test_a_tokenizer_must_fit_its_config(toy, tmp_path, refuses):
+    """check_tokenizer: every id inside vocab_size, and an SDAR model's mask_token_id the tokenizer's
+    <|MASK|> (a wrong one decodes garbage, a missing one cannot decode); a Qwen3 model needs no mask."""
+    checkpoint.check_tokenizer(config(), toy)
+    checkpoint.check_tokenizer(config(vocab_size=300, model_type="qwen3", mask_token_id=None), toy)
+    cases = [(config(vocab_size=259, mask_token_id=None), r"its tokenizer has ids up to 259 but its config.json's "
+              r"vocab_size is 259; the two come from different models\."),
+             (config(mask_token_id=258), r"its config.json gives mask_token_id 258 but the tokenizer's <\|MASK\|> is "
+              r"id 259; set mask_token_id to 259\."),
+             (config(mask_token_id=None), r"its config.json has no mask_token_id but the tokenizer's <\|MASK\|> is "
+              r"id 259")]
+    for c, message in cases:
+        with refuses(ValueError, match="^" + message):
+            checkpoint.check_tokenizer(c, toy)
+    no_mask = load_tokenizer(write_byte_tokenizer(tmp_path, specials=("<|endoftext|>", "<|im_end|>")))
+    with refuses(ValueError, match=r"says model_type 'sdar' but its tokenizer defines no mask token \(<\|MASK\|>\)"):
+        checkpoint.check_tokenizer(config(vocab_size=300, mask_token_id=None), no_mask)

@@ -75,6 +75,23 @@ def test_score_accepts_exact_sorted_answers_only():
         assert not tt.score(prompt, bad, answer), bad
 
 
+def test_a_prompt_goes_to_its_task_by_its_first_word_and_one_written_otherwise_is_noted():
+    """task_of reads the first word whatever its case and the spaces around it; outside_training is
+    silent on every held-out prompt and tells a prompt written otherwise (case, spaces, digits
+    that are not ASCII) from one of another kind."""
+    held_out = {task: [p for p, _ in tt.examples(30, "heldout", task=task)] for task in tt.TASKS}
+    for task, prompts in held_out.items():
+        assert all(tt.task_of(p) == task and tt.outside_training(p) is None for p in prompts)
+    cases = {"  Walk 3 to 5 in 10 steps within 2-6": ("walk", "written otherwise"),
+             "WALK\t3 to 5 in 10  steps within 2-6 ": ("walk", "written otherwise"),
+             "SORT 31415926": ("sort", "written otherwise"), " sort 31415926\n": ("sort", "written otherwise"),
+             "walk 3 to 5 in 4 steps within 2-6": ("walk", "neither"), "walk": ("walk", "neither"),
+             "walker 3": ("sort", "neither"), "sort 1": ("sort", "neither"), "": ("sort", "neither"),
+             "sort \u0663\u0661\u0664\u0661\u0665\u0669\u0662\u0666": ("sort", "neither")}
+    for prompt, (task, note) in cases.items():
+        assert tt.task_of(prompt) == task and note in tt.outside_training(prompt), prompt
+
+
 def test_walk_examples_are_deterministic_disjoint_valid_and_several_blocks_long():
     assert tt.examples(50, "train", 0, "walk") == tt.examples(50, "train", 0, "walk")
     assert tt.examples(50, "heldout", 2, "walk") == tt.examples(50, "heldout", 2, "walk")
@@ -562,6 +579,13 @@ def test_ctrl_c_keeps_the_finished_models_and_says_so_in_one_line(tmp_path):
     assert tt.complete(out / "tiny-walk-draft") and not tt.complete(out / "tiny-ar")
 
 
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, interrupt_early):
+    """Ctrl-C in the first second, before main() runs: one line, exit status 130, no traceback."""
+    status, err = interrupt_early("train_tiny.py", ["--out", str(tmp_path), "--eval", "0"])
+    assert status == 130 and err == "\ninterrupted\n", err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "0"], "--workers must be an integer from 1 to"),
     (["--workers", "4096"], "--workers must be an integer from 1 to"),
@@ -582,6 +606,14 @@ def test_bad_options_are_one_sentence_and_exit_2_in_process(argv, message, capsy
         tt.parse(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith(f"train_tiny.py: error: {message}")
+
+
+def test_a_usage_error_says_where_to_learn_more(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tt.parse(["--bogus"])
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        "train_tiny.py: error: unrecognized arguments: --bogus (python train_tiny.py --help lists the "
+        "options)\n")
 
 
 def test_bad_options_from_the_command_line(run_scripts):
