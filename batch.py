@@ -1,10 +1,13 @@
 """Batches: several prompts decoded together, a row each. A reader of one prompt can skip this file.
 
-Every decoder keeps one Row per prompt (its place in the batch, the tokens returned so far, what
-its decode did) and its decoding state in tensors with a row each. Rows are ragged: prompts of any
-lengths, blocks finished and stops met at different times. So the KV cache keeps a length per row
-(model.KVCache), one forward packs rows of different widths (mask.pack), and a row whose output is
-final leaves the batch (retire), taking its cache rows with it.
+Every decoder keeps one Row per prompt on the host (its place in the batch, the tokens returned so
+far, what its decode did) and its decoding state in tensors on the device, a row each. Rows are
+ragged: prompts of any lengths, blocks finished and stops met at different times. So the KV cache
+keeps a length per row (model.KVCache), a forward lays out rows of different widths with padding
+that nothing sees, and a row whose output is final stays in the tensors as a dead row (it commits
+nothing) until at least half the rows are dead; then one copy drops them all (compact). A dead row
+costs its share of each forward; dropping each at once would copy every other row's cache for each
+row that finishes.
 """
 import time
 from dataclasses import dataclass, field
@@ -20,14 +23,15 @@ class Stats:
     forwards: int = 0  # target forwards
     steps: int = 0  # target steps committed (the target alone: one per forward)
     draft_forwards: int = 0
-    drafted: int = 0  # tokens the draft proposed
-    accepted: int = 0  # drafted tokens committed as drafted
+    drafted: int = 0  # tokens proposed (lossless: of the proposals the target checked)
+    accepted: int = 0  # of them, committed as proposed
     matched: int = 0  # proposed steps the target committed exactly as proposed
     draft_matched: int = 0  # of them, the draft's
     width: int = 0  # query tokens of the target forwards
     seconds: float = 0.0  # decoding, prefill excluded
     prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0  # of `seconds`, drafting
+    draft_seconds: float = 0.0  # of `seconds`, drafting (host time: on CUDA, its launches)
+    readbacks: int = 0  # host syncs while decoding (the readbacks of the loop)
 
 
 @dataclass
@@ -62,6 +66,16 @@ def trim(tokens, stop_ids, room):
     return tokens[:room], len(tokens) >= room
 
 
+def finishes(tokens, n, returned, max_new_tokens, stops):
+    """(R,) bool, on the device: the rows whose new tokens, tokens (R, W) of which row r's first
+    n[r] are real, hold a stop token (stops (K,)) within max_new_tokens, or reach it, after
+    `returned` (R,) tokens. trim() decides the same on the host."""
+    order = torch.arange(tokens.shape[1], device=tokens.device)
+    within = (order < n[:, None]) & (order < max_new_tokens - returned[:, None])
+    stopped = (torch.isin(tokens, stops) & within).any(-1)
+    return stopped | (returned + n >= max_new_tokens)
+
+
 def clock(device):
     """The time, once the device has finished its queued work (CUDA runs asynchronously)."""
     if device.type == "cuda":
@@ -72,13 +86,17 @@ def clock(device):
 class Batch:
     """A batch's rows and its results. take() adds a row's new tokens (trimmed at a stop token and
     at max_new_tokens, streamed to callback(i, tokens)); a row whose output is final gets its
-    Stats completed and on_row(i, tokens, stats) called; retire() lets the finished rows go."""
+    Stats completed and on_row(i, tokens, stats) called; compact() says when the dead rows go."""
 
     def __init__(self, rows, settings, device, callback=None, on_row=None):
         self.rows = rows
         self.results = [None] * len(rows)
         self.settings, self.device, self.callback, self.on_row = settings, device, callback, on_row
         self.started = clock(device)
+
+    @property
+    def live(self):
+        return [row for row in self.rows if not row.finished]
 
     def begin(self):
         """Decoding starts: the time since the batch was made is its prefill's."""
@@ -96,23 +114,21 @@ class Batch:
             self.callback(row.index, new)
         if row.finished:
             row.stats.tokens = len(row.out)
-            row.stats.seconds = clock(self.device) - self.started
+            row.stats.seconds = time.perf_counter() - self.started
             self.results[row.index] = (row.out, row.stats)
             if self.on_row:
                 self.on_row(row.index, row.out, row.stats)
         return new
 
-    def retire(self, caches=()):
-        """The places of the rows still decoding, or None when none finished; the finished rows
-        leave, and their cache rows with them (one copy of the others')."""
-        going = [r for r, row in enumerate(self.rows) if not row.finished]
-        if len(going) == len(self.rows):
-            return None
-        self.rows = [self.rows[r] for r in going]
-        for cache in caches:
-            if cache is not None:
-                cache.keep_rows(going)
-        return going
+    def compact(self, dead):
+        """When at least half the rows are dead, the live ones, which are all that stay: their
+        index on the device (from `dead` (R,) bool there: no host sync) and on the host; else
+        (None, None)."""
+        places = [r for r, row in enumerate(self.rows) if not row.finished]
+        if len(places) == len(self.rows) or 2 * len(places) > len(self.rows):
+            return None, None
+        self.rows = [self.rows[r] for r in places]
+        return torch.argsort(dead.long(), stable=True)[:len(places)], places
 
     def returned(self, batch):
         """What generate returns: (tokens, Stats), or for a batch a list of each."""

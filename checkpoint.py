@@ -215,7 +215,7 @@ def load(path, device="cpu", dtype=None) -> Transformer:
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return model.eval().fuse()
 
 
 def save(model: Transformer, path):

@@ -1,5 +1,5 @@
-"""Lossless verification: the target's own decoding, whatever was proposed, and the proposers only it
-can use: the target's own chain, and a trie that holds several chains.
+"""Lossless verification: the target's own decoding, whatever was proposed, and the proposers only
+it can use: the target's own chain, and a trie that holds two chains.
 
 A target decodes a block as a chain of states x0 -> x1 -> ...: at each it forwards, picks a token
 at every masked position, and SDAR's rule reveals some. A proposer proposes such a chain. One
@@ -13,251 +13,201 @@ greedy, token for token; sampled, in distribution.
 
 Proposers: the draft (a forward per step, or one per block), and the target itself: its
 distributions at the state its last step was taken from, replayed by SDAR's rule (no forward at
-all). Chains share their prefix of identical states in a trie (one copy per distinct state). After
-a proposed block ends, a clean copy of it and the next block's all-masked state give that block's
-first step in the same forward (lookahead).
+all). Two chains share their prefix of identical states in a trie (one copy per distinct state).
+After a proposed block ends, a clean copy of it and the next block's all-masked state give that
+block's first step in the same forward (lookahead).
 """
-from dataclasses import dataclass
-
 import torch
 
-from sdar import denoise, quota, reveal, schedule
-from simsd import draw, judge
-from verifier import (ACCEPTED, DRAFT, DROPPED, KNOWN, SELF, TARGET, Trace, Verdict,
-                      leading_complete, pack, proposal, readback, tree_shape)
-
-NAMES = {DRAFT: "draft", SELF: "self"}
+from sdar import denoise, draw, quota, reveal
+from simsd import judge
+from verifier import (ACCEPTED, DRAFT, DROPPED, KNOWN, SELF, TARGET, Chain, Tree, Verdict,
+                      chain_nodes, chain_tree, gather_rows, lay_out_tree)
 
 
-@dataclass
-class Tree:
-    """Proposed states as a trie, a node per distinct state, a parent before its children. states
-    (N, B) (the mask id where masked); arrival (N, B): the state the parent's step must reach for
-    the chain to enter the node (the node's own state; for the first state of a later block, the
-    block before it complete, laid out as a clean copy); picks (N, B) and probs (N, B, V) the
-    proposer's draws at the node (drawn False: none, a leaf the target alone decides); host lists:
-    parent (-1: the root), block (0: the current one), done (target steps taken on the block
-    before the state), by (proposer flags); chains: {flag: (its proposals, its node indices)}."""
-    states: torch.Tensor
-    arrival: torch.Tensor
-    picks: torch.Tensor
-    probs: torch.Tensor | None
-    drawn: torch.Tensor
-    parent: list
-    block: list
-    done: list
-    by: list
-    chains: dict
-
-    def shape(self, n_pending, block):
-        return tree_shape(tuple(self.parent), tuple(self.block), n_pending, block,
-                          self.states.device)
-
-
-def chain(proposals, tail, flag, mask_id):
-    """One proposer's chain as a Tree: the state before each step of each proposed block, and
-    with `tail` the all-masked state of the block after the last, which the target decides alone."""
-    B, dev = len(proposals[0].tokens), proposals[0].tokens.device
-    states, arrival, block, done = [], [], [], []
-    for j, p in enumerate(proposals):
-        s = p.states(mask_id)  # (S, B)
-        states.append(s)
-        arrival.append(s if j == 0 else torch.cat([proposals[j - 1].tokens[None], s[1:]]))
-        block += [j] * p.steps
-        done += range(p.done, p.done + p.steps)
-    picks = [p.picks for p in proposals]
-    probs = None if proposals[0].probs is None else [p.probs for p in proposals]
-    n = len(block)
-    if tail:
-        blank = torch.full((1, B), mask_id, device=dev)
-        states.append(blank)
-        arrival.append(proposals[-1].tokens[None])
-        picks.append(torch.zeros_like(blank))
-        if probs is not None:
-            probs.append(torch.zeros_like(probs[0][:1]))
-        block.append(len(proposals))
-        done.append(0)
-    drawn = torch.arange(len(block), device=dev) < n
-    probs = None if probs is None else torch.cat(probs)
-    nodes = len(block)
-    return Tree(torch.cat(states), torch.cat(arrival), torch.cat(picks), probs, drawn,
-                list(range(-1, nodes - 1)), block, done, [flag] * nodes,
-                {flag: (proposals, list(range(nodes)))})
-
-
-def root(blk):
-    """The Tree of the current block's state alone: the target takes its own step from it."""
-    x = blk.tokens[None]
-    return Tree(x, x, torch.zeros_like(x), None, torch.zeros(1, dtype=torch.bool,
-                device=x.device), [-1], [0], [blk.done], [0], {})
-
-
-def grow(chains, n_blocks, blk, mask_id):
-    """The trie of the proposers' chains: they share the current block's state and their prefix
-    of identical states (one host sync to find it), and part after it; each chain ends in the
-    all-masked state of the block after its last (tail), up to n_blocks. A state shared by both
-    keeps the target's own draws."""
-    trees = [chain(proposals, len(proposals) < n_blocks, flag, mask_id)
-             for flag, proposals in chains.items()]
-    if not trees:
-        return root(blk)
-    tree = trees[0]
-    for other in trees[1:]:
-        tree = merge(tree, other)
-    return tree
-
-
-def merge(a, b):
-    """The trie of two chains from one root: b's nodes after their shared prefix hang from it."""
-    m = min(len(a.block), len(b.block))
-    same = (a.states[:m] == b.states[:m]).all(-1) & (a.arrival[:m] == b.arrival[:m]).all(-1)
-    same &= torch.tensor([x == y for x, y in zip(a.block, b.block)], device=same.device)
-    k = int(same.long().cumprod(0).sum())  # at least the root
-    n, extra, flag = len(a.block), len(b.block) - k, b.by[0]  # extra: b's nodes past the prefix
-    probs = None if a.probs is None else torch.cat([a.probs, b.probs[k:]])
-    parent = a.parent + ([k - 1, *range(n, n + extra - 1)] if extra else [])
-    by = [f | flag if i < k else f for i, f in enumerate(a.by)] + b.by[k:]
-    chains = {**a.chains, flag: (b.chains[flag][0], [*range(k), *range(n, n + extra)])}
-    return Tree(torch.cat([a.states, b.states[k:]]), torch.cat([a.arrival, b.arrival[k:]]),
-                torch.cat([a.picks, b.picks[k:]]), probs, torch.cat([a.drawn, b.drawn[k:]]),
-                parent, a.block + b.block[k:], a.done + b.done[k:], by, chains)
-
-
-def self_chains(run, rows):
-    """The target's own chains for the rest of these rows' current blocks: SDAR's rule applied
-    step after step to its distributions at the state each last stepped from (hint), fresh picks
-    at every state when sampling. No forward."""
-    s = run.settings
-    dev = run.generator.device if run.generator is not None else rows[0].block.tokens.device
-    quotas = [schedule(row.block.masks, s.block, s.steps, row.block.done) for row in rows]
-    d = denoise(run.target, torch.stack([row.block.tokens for row in rows]).to(dev),
-                torch.stack([row.block.known for row in rows]).to(dev),
-                [row.block.start for row in rows], quotas, s, generator=run.generator,
-                probs=torch.stack([row.hint for row in rows]).to(dev), drafting="block")
-    return [proposal(row.block.start, row.block.known, row.block.done, d, r,
-                     row.block.tokens.device) for r, row in enumerate(rows)]
+def self_chain(run):
+    """The target's own chain for the rest of every row's block: SDAR's rule applied step after
+    step to its distributions at the state its last step was taken from (hint; rows without one
+    propose nothing), fresh picks at every state when sampling. No forward."""
+    rows, dev = run.rows, run.rows.x.device
+    d = denoise(run.target, rows.x, rows.start, rows.done, run.settings, known=rows.known,
+                generator=run.generator, drafting="block",
+                probs=rows.hint.to(run.generator.device if run.generator else dev))
+    states = d.states.transpose(0, 1)[:, None].to(dev)  # (R, 1, S, B)
+    real = d.masked.transpose(0, 1)[:, None].to(dev).any(-1) & (rows.has_hint & ~rows.dead)[
+        :, None, None]
+    probs = None if d.probs is None else d.probs.transpose(0, 1)[:, None].to(dev)
+    return Chain(d.tokens[:, None].to(dev), d.step[:, None].to(dev), states,
+                 d.picks.transpose(0, 1)[:, None].to(dev), probs, real,
+                 rows.has_hint & ~rows.dead & (rows.reach > 1))
 
 
 class Lossless:
     """The target's own step from every proposed state (the module's docstring)."""
+
+    tails = True  # a chain's last block reached through its all-masked state, undrafted
 
     def __init__(self, s):
         self.s = s
 
     def drafted(self, reach):
         """The last block a forward reaches is reached by its all-masked state: not drafted."""
-        return reach - 1 if reach > 1 else reach
+        return reach - (reach > 1) * 1
 
-    def layout(self, run, chains, reach):
-        return pack([self.part(row, chain, n) for row, chain, n in zip(run.rows, chains, reach)],
-                    self.s.mask_id)
+    def trie(self, run, chains):
+        """The trie (unpacked) of the chains: node 0 the current state, then the target's own
+        chain's states, then the draft's; the draft's states that repeat the target's prefix are
+        left out, and the first after it hangs from the target's."""
+        rows = run.rows
+        if len(chains) == 1:  # one chain: its nodes, each hanging from its predecessor
+            (flag, chain), = chains.items()
+            return chain_tree(chain, flag, rows.done, self.s.mask_id)
+        parts = {flag: chain_nodes(chain, flag, rows.done, self.s.mask_id)
+                 for flag, chain in chains.items()}
+        root = parts[DRAFT if DRAFT in parts else SELF].cut(0, 1)  # the current state
+        if SELF in parts and DRAFT in parts:  # the target's own draws where it has a hint
+            own, hinted = parts[SELF].cut(0, 1), rows.has_hint[:, None]
+            drawn, by = root.column("drawn").clone(), root.by | torch.where(hinted, SELF, 0)
+            root.table = torch.where(hinted[..., None], own.table, root.table)
+            if root.probs is not None:
+                root.probs = torch.where(hinted[..., None, None], own.probs, root.probs)
+            root.column("drawn")[:], root.column("by")[:] = drawn, by
+        root.column("drawn")[:] &= rows.has_hint[:, None] | (DRAFT in parts)
+        root.column("parent")[:], root.column("alive")[:] = 0, 1
+        nodes, offset = [root], 1
+        for flag in (SELF, DRAFT):
+            if flag not in parts:
+                continue
+            part = parts[flag].cut(1)  # without the current state
+            parent = part.parent
+            parent[:] = torch.where(parent > 0, parent - 1 + offset, 0)
+            if flag == DRAFT and SELF in parts:
+                merge(nodes[1], part, offset)
+            nodes.append(part)
+            offset += part.table.shape[1]
+        return Tree.cat(nodes)
 
-    def part(self, row, chains, n_blocks):
-        """[pending | clean copies | one copy per state] (mask.tree)."""
-        tree = grow(chains, n_blocks, row.block, self.s.mask_id)
-        P, B = len(row.pending), self.s.block
-        shape = tree.shape(P, B)
-        ids = torch.cat([row.pending, tree.arrival[shape.cleans].flatten(), tree.states.flatten()])
-        verifying = slice(P + len(shape.cleans) * B, len(ids))
-        return ids, shape.positions + row.block.start, shape.attend, verifying, tree
+    def tree(self, run, chains):
+        return self.trie(run, chains)
+
+    def layout(self, run, chains):
+        """[pending | clean copies | one copy of the block per state] (mask.tree)."""
+        return lay_out_tree(run.trie, run.keys, run.rows)
 
     def accept(self, run, laid, q):
-        return [self.verdict(row, tree, q_row.view(-1, self.s.block, q_row.shape[-1]),
-                             run.generator) for row, tree, q_row in zip(run.rows, laid.parts, q)]
-
-    def verdict(self, row, tree, q, generator):
-        """From every state its target's step: picks at the masked positions (argmax, or rejection
-        sampling against the proposer's picks, a plain draw where it has none) and SDAR's rule on
-        them. The chain enters a state when the target's step from its parent reaches it (its
-        arrival); the deepest state entered, f, and the target's step from it are committed.
-        q (N, B, V): the target at every state."""
-        s, P = self.s, len(row.pending)
+        """From every state the target's step: picks at the masked positions (argmax, or
+        rejection sampling against the proposer's picks, a plain draw where it has none) and
+        SDAR's rule on them. The chain enters a state when the target's step from its parent
+        reaches it (its arrival); the deepest state entered, f, and the target's step from it are
+        committed. q (R, N B, V): the target at every state."""
+        s, tree = self.s, laid.nodes
+        (R, N, B), dev = tree.states.shape, tree.states.device
+        q = q.view(R, N, B, -1)
         if s.sampling.greedy:
-            y = s.sampling.pick(q)
+            y = q.argmax(-1)
         else:  # rejection sampling where a proposer drew, a plain draw where none did
-            y = draw(q, generator)
+            y = draw(q, run.generator)
             if tree.probs is not None:
-                judged, _ = judge(tree.picks, tree.probs, q, s.sampling, generator)
-                y = torch.where(tree.drawn[:, None], judged, y)
-        k = torch.tensor([quota(d, s.block, s.steps) for d in tree.done], device=q.device)
-        revealed = reveal(q, y, tree.states == s.mask_id, k[:, None], s.strategy, s.threshold)
-        after = torch.where(revealed, y, tree.states)  # (N, B): the state after the target's step
-        shape = tree.shape(P, s.block)
-        enters = (after[shape.parent] == tree.arrival).all(-1)
-        enters[0] = True  # the root: the current state
-        reached = ~(shape.ancestors & ~enters).any(-1)  # every state on its path entered
-        f = reached.cumsum(0).argmax()  # the deepest: reached states form one path
-        chains = {flag: torch.stack([torch.cat([p.tokens, p.step]) for p in props])
-                  for flag, (props, _) in tree.chains.items()}
-        seen = readback(f=f, after=after[f], revealed=revealed[f],
-                        cleans=tree.arrival[shape.cleans],
-                        **{str(flag): c for flag, c in chains.items()})
-        path = path_to(tree, seen["f"][0][0])
-        return commits(tree, shape.cleans, path, seen, q[path[-1]], P, s), \
-            trace(tree, shape.cleans, path, seen, s)
+                judged, _ = judge(tree.picks, tree.probs, q, s.sampling, run.generator)
+                y = torch.where(tree.drawn[..., None], judged, y)
+        k = quota(tree.done, B, s.steps)[..., None]
+        revealed = reveal(q, y, tree.states == s.mask_id, k, s.strategy, s.threshold)
+        after = torch.where(revealed, y, tree.states)  # (R, N, B): after the target's step
+        enters = tree.alive & (gather_rows(after, tree.parent) == tree.arrival).all(-1)
+        enters[:, 0] = True  # the current state
+        anc = laid.shape.ancestors  # (R, N, N)
+        reached = ~(anc & ~enters[:, None, :]).any(-1)  # every state on its path entered
+        f = (reached.long() * torch.arange(N, device=dev)).argmax(1)  # the deepest: one path
+        return self.commits(run, laid, q, after, revealed, anc[torch.arange(R, device=dev), f], f)
+
+    def commits(self, run, laid, q, after, revealed, path, f):
+        """The Verdict: the blocks passed on the path to f (their clean copies' keys kept) and
+        the state after the target's step from f."""
+        s, tree, rows = self.s, laid.nodes, run.rows
+        (R, _, B), dev = tree.states.shape, tree.states.device
+        J, at = s.lookahead + 1, torch.arange(R, device=dev)
+        jf, after_f = tree.block[at, f], after[at, f]
+        complete = (after_f != s.mask_id).all(-1)
+        clean = laid.shape.clean & path
+        blocks = torch.arange(1, J + 1, device=dev)  # block j was passed into block j + 1
+        passed = clean[:, None, :] & (tree.block[:, None, :] == blocks[None, :, None])  # (R, J, N)
+        c = passed.long().argmax(2)  # (R, J): the clean node that starts block j + 1
+        j = torch.arange(J, device=dev)
+        passed_j, at_f = (j < jf[:, None])[..., None], (j == jf[:, None])[..., None]
+        tokens = torch.where(passed_j, gather_rows(tree.arrival, c),
+                             torch.where(at_f, after_f[:, None], s.mask_id))  # (R, J, B)
+        n_pending, P = rows.pending.n, rows.pending.tokens.shape[1]
+        e = torch.arange(P + J * B, device=dev)
+        copies = gather_rows(laid.shape.copy, c)[..., None] + torch.arange(B, device=dev)
+        copies = copies.flatten(1)  # (R, J B): the clean copies' tokens in the forward
+        keep = torch.where(e < n_pending[:, None], e,
+                           gather_rows(copies, (e - n_pending[:, None]).clamp(0, J * B - 1)))
+        by_draft = (tree.by & DRAFT) > 0
+        stored = torch.zeros_like(jf) if DRAFT not in run.chains else (
+            run.chains[DRAFT].real.any(-1).sum(1) - 1)  # blocks the draft stored, tentatively
+        kept = ((j < jf[:, None]) & (j < stored[:, None]) & gather_rows(by_draft, c))
+        kept = kept.long().cumprod(1).sum(1)
+        same = tree.drawn[at, f] & (after_f == tree.nxt[at, f]).all(-1)
+        reveals = ((tree.states != tree.nxt) & tree.drawn[..., None]).sum(-1)  # (R, N)
+        steps = path.sum(1)
+        stats = dict(steps=steps, matched=steps - 1 + same,
+                     by_draft=(path[:, 1:] & by_draft[:, 1:]).sum(1) + (same & by_draft[at, f]),
+                     proposed=(reveals * path).sum(1),
+                     accepted=(reveals * path).sum(1) - reveals[at, f] * ~same)
+        trace = {} if not run.tracing else self.trace(run, tree, tokens, path, f,
+                                                      revealed[at, f] & ~same[:, None])
+        return Verdict(tokens, tokens != s.mask_id, torch.where(complete, 0, tree.done[at, f] + 1),
+                       keep,
+                       n_pending + jf * B, after_f, B * complete.long(), kept, q[at, f],
+                       ~complete, stats, trace)
 
 
-def path_to(tree, f):
-    """The nodes from the root to f."""
-    path = [f]
-    while tree.parent[path[0]] >= 0:
-        path.insert(0, tree.parent[path[0]])
-    return path
+    def trace(self, run, tree, tokens, path, f, own):
+        """What --show reads: the chain shown (the draft's if it proposed f, else the target's
+        own), its proposed tokens and step maps, and per position its fate: known before;
+        committed as proposed; committed with the target's own token (own: revealed by the
+        target's step from f where it differed from the proposal); proposed and not committed."""
+        s, rows = self.s, run.rows
+        (R, J, B), dev = tokens.shape, tokens.device
+        at = torch.arange(R, device=dev)
+        shown = {flag: pad_blocks(chain, J) for flag, chain in run.chains.items()}
+        by_draft = (tree.by[at, f] & DRAFT > 0) if DRAFT in shown else torch.zeros_like(f).bool()
+        if len(shown) == 2:
+            proposed, steps = (torch.where(by_draft[:, None, None], shown[DRAFT][i], shown[SELF][i])
+                               for i in (0, 1))
+        else:
+            proposed, steps = next(iter(shown.values()))
+        known = torch.zeros(R, J, B, dtype=torch.bool, device=dev)
+        known[:, 0] = rows.x != s.mask_id
+        committed = (tokens != s.mask_id) & ~known
+        target = torch.zeros_like(known)
+        target[at, tree.block[at, f]] = own
+        fate = torch.where(committed, torch.where(target, TARGET, ACCEPTED),
+                           torch.where((steps > 0) & ~known, DROPPED, KNOWN))
+        taken = (path[:, None, :] & (tree.block[:, None, :] == torch.arange(J, device=dev)[
+            None, :, None])).sum(2)
+        return dict(fate=fate, proposed=proposed, steps=steps, taken=taken,
+                    stored=tree.block[at, f], by=by_draft)
 
 
-def commits(tree, cleans, path, seen, hint, n_pending, s):
-    """The Verdict: the blocks passed on the path (their clean copies' keys kept) and the state
-    after the target's step from its last node."""
-    B, f = s.block, path[-1]
-    jf, after = tree.block[f], seen["after"][0]
-    tokens = [row for n, row in zip(cleans, seen["cleans"]) if n in path] + [after]
-    known = [[True] * B] * jf + [[t != s.mask_id for t in after]]
-    done = [0] * jf + [tree.done[f] + 1]
-    slots = [c for c, n in enumerate(cleans) if n in path]
-    keep = [*range(n_pending), *(n_pending + c * B + i for c in slots for i in range(B))]
-    firsts = [n for n in path[1:] if tree.block[n] > tree.block[tree.parent[n]]]
-    kept = 0  # the draft stored its drafted blocks but the last, tentatively
-    if DRAFT in tree.chains:
-        while kept < min(jf, len(tree.chains[DRAFT][0]) - 1) and tree.by[firsts[kept]] & DRAFT:
-            kept += 1
-    pending = sum(tokens[len(slots):leading_complete(known)], [])
-    return Verdict(tokens, known, done, keep, pending, kept, None if all(known[jf]) else hint)
+def pad_blocks(chain, J):
+    """A chain's tokens and step maps (R, D, B), as J blocks (the rest: nothing proposed)."""
+    R, D, B = chain.tokens.shape
+    extra = torch.zeros(R, J - D, B, dtype=torch.long, device=chain.tokens.device)
+    reached = chain.real.any(-1)[..., None]  # blocks the row reaches
+    return (torch.cat([chain.tokens, extra], 1), torch.cat([chain.step * reached, extra], 1))
 
 
-def trace(tree, cleans, path, seen, s):
-    """The Trace: the fates along a chain through the last node, f (one whose step from f the
-    target took, else the draft's), and the steps matched."""
-    B, f = s.block, path[-1]
-    jf, revealed = tree.block[f], seen["revealed"][0]
-    shown = [(*fates(seen[str(flag)], props, idx.index(f), jf, seen["after"][0], revealed, s),
-              flag) for flag, (props, idx) in tree.chains.items() if f in idx]
-    shown.sort(key=lambda c: (not c[-2], c[-1] != DRAFT))
-    proposed, steps, fate, same, flag = shown[0] if shown else ([], [], [], False, None)
-    rows = max(jf + 1, len(proposed))
-    proposed += [[s.mask_id] * B] * (rows - len(proposed))
-    steps += [[0] * B] * (rows - len(steps))
-    fate += [[KNOWN] * B] * (rows - len(fate))
-    fate[jf] = [TARGET if r and not same else x for r, x in zip(revealed, fate[jf])]
-    taken = [sum(tree.block[n] == j for n in path) for j in range(rows)]
-    by_draft = sum(tree.by[n] & DRAFT > 0 for n in path[1:]) + (same and flag == DRAFT)
-    stored = [c for c, n in enumerate(cleans) if n in path]
-    return Trace(fate, proposed, steps, taken, (len(path) - 1 + same, by_draft), NAMES.get(flag),
-                 stored)
-
-
-def fates(rows, proposals, k, jf, after, revealed, s):
-    """A chain's proposed tokens, step maps and fates (rows of B), and whether the target's step
-    from its node k (the deepest entered, in block jf) is the chain's own step from it. rows:
-    (tokens | step map) per proposed block, as read back."""
-    B, firsts = s.block, [0]
-    for p in proposals:
-        firsts.append(firsts[-1] + p.steps)  # each block's first node in the chain
-    proposed, steps = [row[:B] for row in rows], [row[B:] for row in rows]
-    same = False
-    if jf < len(proposals):  # k is a proposed state, not the chain's tail
-        own = [i for i in range(B) if steps[jf][i] == k - firsts[jf] + 1]
-        same = own == [i for i in range(B) if revealed[i]] and all(
-            proposed[jf][i] == after[i] for i in own)
-    fate = [[KNOWN if t == 0 else ACCEPTED if first + t - 1 < k + same else DROPPED for t in row]
-            for first, row in zip(firsts, steps)]
-    return proposed, steps, fate, same
+def merge(a, b, offset):
+    """The draft's nodes b (after the target's own a, whose first is node 1): those that repeat
+    a's prefix of identical states (the same state, arrival and block, or neither a state) are
+    left out, and a node whose chain predecessor was left out hangs from a's copy of it (offset:
+    b's first node's index). a's shared nodes become the draft's too."""
+    n, B = a.table.shape[1], a.B
+    same = (a.table[..., :2 * B] == b.table[:, :n, :2 * B]).all(-1) & (a.block == b.block[:, :n])
+    equal = torch.where(a.alive, b.alive[:, :n] & same, ~b.alive[:, :n])
+    k = equal.long().cumprod(1).sum(1, keepdim=True)  # (R, 1): the shared prefix, in nodes
+    pred = b.parent - offset  # b's chain predecessor, as a place among b's nodes (< 0: node 0)
+    b.parent[:] = torch.where((pred >= 0) & (pred < k), pred + 1, b.parent)  # a's copy of it
+    b.column("alive")[:] &= torch.arange(b.table.shape[1], device=k.device) >= k
+    a.column("by")[:] |= torch.where(torch.arange(n, device=k.device) < k, DRAFT, 0)

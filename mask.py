@@ -43,7 +43,8 @@ def training(n, block, device=None):
 
 
 def verify(step):
-    """(2B, 2B) SimSD verification mask for [block | B mask tokens], both halves in position order.
+    """(2B, 2B) SimSD verification mask for [block | B mask tokens], both halves in position order
+    (step maps (..., B): masks (..., 2B, 2B)).
 
     The first half holds each known token and each drafted position's reference token (the draft's
     token); the second half one mask token per position, which inherits its position's step.
@@ -55,10 +56,10 @@ def verify(step):
     of step 0: it sees the known tokens only, and every drafted row sees it. The mask tokens at
     known positions are seen by nobody; their rows are unused.
     """
-    ti, tj = step[:, None], step[None, :]  # query step, key step
-    reference_rows = torch.cat([tj <= ti, (tj > ti) & (ti > 0)], dim=1)  # (B, 2B)
-    mask_rows = torch.cat([tj < ti, tj >= ti], dim=1)  # (B, 2B)
-    return torch.cat([reference_rows, mask_rows], dim=0)
+    ti, tj = step[..., :, None], step[..., None, :]  # query step, key step (step may be batched)
+    reference_rows = torch.cat([tj <= ti, (tj > ti) & (ti > 0)], dim=-1)  # (..., B, 2B)
+    mask_rows = torch.cat([tj < ti, tj >= ti], dim=-1)  # (..., B, 2B)
+    return torch.cat([reference_rows, mask_rows], dim=-2)
 
 
 def copies(n, block, device=None):

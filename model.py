@@ -114,6 +114,13 @@ PRESETS = {"sdar-8b": SDAR_8B, "sdar-4b": SDAR_4B, "sdar-1.7b": SDAR_1_7B}
 
 # ----------------------------------------------------------------------------- transformer
 
+def norm(x, eps):
+    """x over its root mean square (last dimension), computed in float32 as the reference does."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], eps=eps)
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -121,44 +128,57 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        y = x.float()  # the variance in float32, as the reference does
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return self.weight * norm(x, self.eps)
 
 
-def rope(pos, head_dim, theta, dtype):
-    """cos, sin for explicit positions (T,) or (B, T); computed in float32, then cast."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
-    freqs = pos.float()[..., None] * inv_freq  # (..., T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout, not interleaved
-    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-    if pos.dim() == 1:
-        return cos[None, None], sin[None, None]  # (1, 1, T, D)
-    return cos[:, None], sin[:, None]  # (B, 1, T, D)
+def rope_table(n, head_dim, theta, dtype, device):
+    """cos, sin (n, head_dim) for positions 0..n-1: computed in float32, then cast; rotate-half
+    layout (the two halves share a frequency), not interleaved; sin's first half negated
+    (apply_rope)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, D/2)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), its halves swapped by a roll
+    (sin's first half holds -sin)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on queries and keys (Qwen3's), its three
+    projections applied as one matrix (`fused`)."""
+
     def __init__(self, c: Config):
         super().__init__()
-        self.head_dim = c.head_dim
+        self.head_dim, self.heads = c.head_dim, (c.num_attention_heads, c.num_key_value_heads)
         self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.packed = None  # fuse()'s
+
+    def fused(self):
+        """The q, k, v projections as one matrix ((H + 2 Hkv) D, E) and the q and k norms' weights
+        per head (H + Hkv, D): made once by fuse() for inference, concatenated at each call when
+        training (so that gradients reach the checkpoint's tensors)."""
+        if self.packed is not None and not self.training:
+            return self.packed
+        H, Hkv = self.heads
+        return (torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                torch.cat([self.q_norm.weight.expand(H, -1), self.k_norm.weight.expand(Hkv, -1)]))
 
     def forward(self, x, cos, sin, mask, cache, layer):
-        B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B,H,T,D)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B,Hkv,T,D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        (B, T, _), (H, Hkv) = x.shape, self.heads
+        qkv, norm_weight = self.fused()
+        qk, v = F.linear(x, qkv).view(B, T, H + 2 * Hkv, self.head_dim).split([H + Hkv, Hkv], 2)
+        qk = apply_rope((norm_weight * norm(qk, self.q_norm.eps)).transpose(1, 2), cos, sin)
+        q, k = qk.split([H, Hkv], 1)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, Hkv, len + T, D): committed slots + the new ones
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -166,14 +186,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU, its gate and up projections applied as one matrix (`fused`)."""
+
     def __init__(self, c: Config):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.packed = None  # fuse()'s
+
+    def fused(self):
+        if self.packed is not None and not self.training:
+            return self.packed
+        return torch.cat([self.gate_proj.weight, self.up_proj.weight])
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.fused()).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -190,97 +219,112 @@ class Layer(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for a batch of rows, each with its own length. Row r's first
-    lens[r] slots are committed; a forward writes its T new tokens of row r at [lens[r],
-    lens[r] + T), and they attend over the row's committed slots and, by the forward's mask, each
-    other. commit(n) keeps n of them (per row, or the same n for every row).
+    """Preallocated keys and values for a batch of rows, each with its own length, kept on the
+    device: lens (R,) counts each row's committed slots. A forward writes row r's T new tokens at
+    slots [lens[r], lens[r] + T); they attend over the row's committed slots and, by the forward's
+    mask, each other; commit(n) keeps n of them, per row. The host never reads lens: it keeps
+    `bound`, at least the longest row (a forward reads slots [0, bound + T) and a validity mask
+    hides each row's rest), which a decode tightens from the readback it makes anyway. So a
+    decode's loop needs no host sync for its cache.
 
-    Per-row offsets, not padding, because rows grow by different amounts at every step (ragged
-    acceptance): a row's slots stay contiguous from 0, and a validity mask (visible) hides the
-    rest. Memory: layers x rows x kv_heads x max_len x head_dim x 2 (keys, values), sized by the
-    longest row's prompt and budget; finished rows leave with keep_rows."""
+    Memory: layers x rows x kv_heads x max_len x head_dim x 2 (keys, values), sized by the longest
+    row's prompt and budget."""
 
     def __init__(self, c: Config, max_len, batch_size, device, dtype):
         shape = (c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len, self.lens, self.written = max_len, [0] * batch_size, 0
+        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len, self.bound, self.written = max_len, 0, 0
+        self.even = True  # every row is known to be `bound` long: plain slices, no validity mask
 
     def start(self, batch_size, T):
         if batch_size != len(self.lens):
             raise ValueError(f"a batch of {batch_size} was given to a KV cache built for "
                              f"{len(self.lens)}; "
                              "make one with model.new_cache(max_len, batch_size).")
-        if max(self.lens) + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {max(self.lens)} committed + {T} new tokens > "
+        if self.bound + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.bound} committed + {T} new tokens > "
                              f"max_len {self.max_len}; make a larger cache with "
                              "model.new_cache(max_len).")
         self.written = T
-        self.slots = None  # the new tokens' slots, (R, T), when rows differ in length
-        if len(set(self.lens)) > 1:
-            lens = torch.tensor(self.lens, device=self.k.device)
-            self.slots = lens[:, None] + torch.arange(T, device=self.k.device)
+        self.slots = self.lens[:, None] + torch.arange(T, device=self.lens.device)  # (R, T)
 
     def visible(self, mask, T):
-        """(R or 1, 1, T, S) bool: what each new token attends to over [0, S), S the longest row's
-        committed slots + T: its row's committed slots and, by mask ((T, T) or (R, T, T); None:
+        """(R or 1, 1, T, bound + T) bool, or None when every token sees everything: what each new
+        token attends to: its row's committed slots and, by mask ((T, T) or (R, T, T); None:
         all), the row's new tokens."""
-        dev, L = self.k.device, max(self.lens)
-        if mask is None and self.slots is None:
-            return None  # every token sees everything
+        if self.even:  # every row: [committed | new]
+            if mask is None:
+                return None
+            seen = torch.cat([mask.new_ones(*mask.shape[:-1], self.bound), mask], -1)
+            return seen[..., None, :, :]
+        R, dev = len(self.lens), self.lens.device
         mask = torch.ones(T, T, dtype=torch.bool, device=dev) if mask is None else mask
-        if self.slots is None:  # every row as long: [committed | new]
-            return torch.cat([mask.new_ones(*mask.shape[:-1], L), mask], dim=-1)[..., None, :, :]
-        col = torch.arange(L + T, device=dev) - torch.tensor(self.lens, device=dev)[:, None]
-        new = mask.expand(len(self.lens), T, T).gather(  # (R, T, S): column c is new token c - len
-            2, col.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))
+        col = torch.arange(self.bound + T, device=dev) - self.lens[:, None]  # (R, S): new token col
+        new = mask.expand(R, T, T).gather(2, col.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))
         return ((col < 0)[:, None, :] | new & (col < T)[:, None, :])[:, None]
 
     def write(self, layer, k, v):
         """Store the new keys and values (R, Hkv, T, D); return each row's keys and values over the
-        longest row's committed slots and the new ones."""
-        end = max(self.lens) + k.shape[2]
-        if self.slots is None:
-            self.k[layer, :, :, self.lens[0]:end] = k
-            self.v[layer, :, :, self.lens[0]:end] = v
+        slots a forward reads, [0, bound + T)."""
+        end = self.bound + k.shape[2]
+        if self.even:
+            self.k[layer, :, :, self.bound:end] = k
+            self.v[layer, :, :, self.bound:end] = v
         else:
             rows = torch.arange(len(self.lens), device=k.device)[:, None]
             self.k[layer][rows, :, self.slots] = k.transpose(1, 2)  # (R, T, Hkv, D) by (row, slot)
             self.v[layer][rows, :, self.slots] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def commit(self, n, keep=None):
-        """Keep n of the last forward's new slots of each row (an int: every row; a list: per row):
-        the first n, or those at offsets keep[r] (n[r] ascending ints; None: the first), moved to
-        the front as if the forward had written only them."""
-        n = [n] * len(self.lens) if isinstance(n, int) else list(n)
-        if not all(0 <= m <= self.written for m in n):
-            raise ValueError(f"cannot commit {max(n)} tokens: the last forward wrote "
-                             f"{self.written}.")
-        for r, offsets in enumerate(keep or ()):
-            if offsets is not None:
-                src = torch.as_tensor(offsets, device=self.k.device) + self.lens[r]
-                for kv in (self.k, self.v):
-                    kv[:, r, :, self.lens[r]:self.lens[r] + n[r]] = kv[:, r, :, src]
-        self.lens = [length + m for length, m in zip(self.lens, n)]
+    def commit(self, n, keep=None, most=None):
+        """Keep n of the last forward's new tokens in each row (an int: every row; a list or a
+        tensor (R,): per row): the first n, or those at offsets keep (R, K) (per row ascending; a
+        row's entries past its n are ignored), moved to the front as if the forward had written
+        only them. most: what the host knows of n's largest (default: all that was written)."""
+        if isinstance(n, int):
+            if not 0 <= n <= self.written:
+                raise ValueError(f"cannot commit {n} tokens: the last forward wrote "
+                                 f"{self.written}.")
+        else:
+            n = torch.as_tensor(n, device=self.lens.device)
+            self.even = False  # the host no longer knows every row's length
+        if keep is not None:
+            keep = torch.as_tensor(keep, device=self.lens.device)
+            rows = torch.arange(len(self.lens), device=keep.device)[:, None]
+            src = self.lens[:, None] + keep  # (R, K)
+            dst = self.lens[:, None] + torch.arange(keep.shape[1], device=keep.device)
+            for kv in (self.k, self.v):
+                kv[:, rows, :, dst] = kv[:, rows, :, src]
+        self.lens = self.lens + n
+        self.bound += n if isinstance(n, int) else self.written if most is None else most
         self.written = 0
 
     def rewind(self, lengths):
-        """Forget the committed slots past lengths (an int: every row; a list: per row):
-        speculation stores drafts tentatively."""
-        lengths = [lengths] * len(self.lens) if isinstance(lengths, int) else list(lengths)
-        if not all(0 <= m <= length for m, length in zip(lengths, self.lens)):
-            raise ValueError(f"cannot rewind to {lengths}: {self.lens} slots are committed.")
-        self.lens, self.written = lengths, 0
+        """Forget the committed slots past lengths (R,) (speculation stores drafts tentatively)."""
+        self.lens = torch.as_tensor(lengths, device=self.lens.device)
+        self.written, self.even = 0, False
+
+    def tighten(self, longest, even=False):
+        """The longest row's length, as the host learned it (a decode's readback); even: every
+        row is that long."""
+        self.bound, self.even = longest, even
 
     def keep_rows(self, rows):
-        """Keep only these rows (finished rows leave the batch): one copy of their slots."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        """Keep only these rows (a list or a tensor of their places): one copy of their slots."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
         self.k, self.v = self.k[:, index], self.v[:, index]
-        self.lens, self.written = [self.lens[r] for r in rows], 0
+        self.lens, self.written = self.lens[index], 0
 
     def reset(self):
-        self.lens, self.written = [0] * len(self.lens), 0
+        self.lens, self.bound, self.written, self.even = self.lens * 0, 0, 0, True
+
+
+def share(packed, *linears):
+    """The linears' weights become views of packed, their rows in order."""
+    for linear, view in zip(linears, packed.split([lin.weight.shape[0] for lin in linears])):
+        linear.weight = nn.Parameter(view)
 
 
 class Transformer(nn.Module):
@@ -299,6 +343,31 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return KVCache(self.config, max_len, batch_size, w.device, w.dtype)
 
+    def fuse(self):
+        """Pack each layer's projections once for inference, after its weights are in place
+        (Attention.fused, MLP.fused): the checkpoint's tensors become views of the packed ones,
+        so memory is not doubled."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.packed = tuple(t.detach() for t in attn.fused())
+            mlp.packed = mlp.fused().detach()
+            share(attn.packed[0], attn.q_proj, attn.k_proj, attn.v_proj)
+            share(mlp.packed, mlp.gate_proj, mlp.up_proj)
+        return self
+
+    def rope(self, pos, dtype):
+        """cos, sin at positions pos ((T,) or (B, T)), as (1 or B, 1, T, head_dim), from a table
+        made once per device and dtype for max_position_embeddings positions."""
+        c = self.config
+        if getattr(self, "table", None) is None or self.table[0].dtype != dtype or \
+                self.table[0].device != pos.device:
+            self.table = rope_table(c.max_position_embeddings, c.head_dim, c.rope_theta, dtype,
+                                    pos.device)
+        cos, sin = (t[pos] for t in self.table)
+        if pos.dim() == 1:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
     def forward(self, idx, pos, mask=None, cache=None):
         """idx (B, T) ids; pos (T,) or (B, T) RoPE positions (may repeat); mask (T, T) or
         (B, T, T) bool, True = may attend, None = all attend; with a cache each row also sees its
@@ -306,7 +375,7 @@ class Transformer(nn.Module):
         at i."""
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
-        cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self.rope(pos, x.dtype)
         if cache is not None:
             cache.start(B, T)
             mask = cache.visible(mask, T)  # (B or 1, 1, T, committed + T)

@@ -8,15 +8,17 @@ rule reveals some: static reveals the step's quota of most confident positions, 
 one above a threshold. A finished block is stored in the KV cache by putting it in front of the
 next block's first forward ("pending" tokens), so a block costs `steps` forwards, not steps + 1.
 """
+import contextlib
+import functools
 import math
 from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import torch
-from torch.profiler import record_function as phase
+from torch.profiler import record_function
 
 import mask as masks
-from batch import Batch, Row, as_batch
+from batch import Batch, Row, as_batch, finishes
 
 # ----------------------------------------------------------------------------- settings
 
@@ -78,8 +80,7 @@ class Sampling:
         top-p (the smallest set of most likely tokens whose mass reaches top_p)."""
         logits = logits.float() / (self.temperature or 1.0)
         if suppress is not None:
-            never = torch.tensor([suppress], device=logits.device)
-            logits = logits.index_fill(-1, never, -math.inf)
+            logits[..., suppress] = -math.inf  # a new tensor: no copy of the caller's is changed
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[..., -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
@@ -92,11 +93,17 @@ class Sampling:
         return logits.softmax(-1)
 
     def pick(self, probs, generator=None):
-        """One token per row of probs (..., V): argmax, or a draw."""
-        if self.greedy:
-            return probs.argmax(-1)
-        draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        return draws.view(probs.shape[:-1])
+        """One token per row of probs (..., V): argmax, or a draw (draw())."""
+        return probs.argmax(-1) if self.greedy else draw(probs, generator)
+
+
+def draw(probs, generator=None):
+    """One draw per row of probs (..., V) by an exponential race: argmax of p / E with E ~ Exp(1),
+    uniforms from the generator's own device. Unlike torch.multinomial it checks nothing on the
+    host, so drawing needs no host sync."""
+    source = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape, generator=generator, device=source).to(probs.device)
+    return (probs / -torch.log1p(-u.clamp(max=1 - 1e-7))).argmax(-1)
 
 
 GREEDY = Sampling()
@@ -211,6 +218,15 @@ class Settings:
         return prompt + self.max_new_tokens + self.block + widest
 
 
+def phase(name):
+    """A label for the profiler around a part of the loop (split.py reads them); nothing at all
+    when no profiler runs."""
+    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else NULL
+
+
+NULL = contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- SDAR's rule
 
 def quota(step, block, steps):
@@ -239,16 +255,23 @@ def reveal(probs, tokens, todo, k, strategy="static", threshold=0.9):
     static reveals the k most confident (ties: the lower position first), dynamic also every one
     above the threshold, and "left" (a draft proposing to an AR target) the k leftmost. todo
     (..., B) marks the masked positions; k, the step's quota, is an int or a (..., 1) tensor.
-    The target alone, the proposers and lossless verification decide with this one function."""
-    conf = probs.gather(-1, tokens[..., None])[..., 0]
-    if strategy == "left":
-        conf = -torch.arange(todo.shape[-1], device=todo.device).float().expand_as(conf)
-    conf = conf.masked_fill(~todo, -math.inf)
-    rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = most confident
+    The target alone, the proposers and lossless verification decide with this one function
+    (and replay, its closed form for many steps on fixed picks)."""
+    conf, rank = confidence(probs, tokens, todo, strategy)
     chosen = rank < k
     if strategy == "dynamic":
         chosen = chosen | (conf > threshold)
     return todo & chosen
+
+
+def confidence(probs, tokens, todo, strategy):
+    """Each masked position's confidence (-inf elsewhere) and its rank among them (0: the most
+    confident; ties: the lower position first)."""
+    conf = probs.gather(-1, tokens[..., None])[..., 0]
+    if strategy == "left":
+        conf = -torch.arange(todo.shape[-1], device=todo.device).float().expand_as(conf)
+    conf = conf.masked_fill(~todo, -math.inf)
+    return conf, conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
 
 
 def step(probs, x, todo, k, rule, generator=None, picks=None):
@@ -278,84 +301,129 @@ def diffusion_mask_id(model):
     return config.mask_token_id
 
 
-def forward_block(model, pending, x, start, cache):
+@dataclass
+class Pending:
+    """Tokens a model has not cached yet, a row each, stored by folding them into its next forward:
+    tokens (R, P), of which row r's first n[r] (whole blocks, just before its block) are real;
+    whole: the host knows that every row's P are (n is P)."""
+    tokens: torch.Tensor
+    n: torch.Tensor
+    whole: bool = False
+
+    @classmethod
+    def none(cls, rows, device):
+        return cls(torch.zeros(rows, 0, dtype=torch.long, device=device),
+                   torch.zeros(rows, dtype=torch.long, device=device), True)
+
+
+@functools.lru_cache(maxsize=64)
+def pending_layout(P, B, device):
+    """[P pending tokens | a block of B]: each token's offset from the block's start, and which
+    tokens each sees when every pending token is real (block-causal: pending is whole blocks)."""
+    order = torch.arange(P + B, device=device) // B
+    return torch.arange(-P, B, device=device), order[:, None] >= order[None, :]
+
+
+def forward_block(model, x, start, pending, cache):
     """Logits (R, B, V) of blocks x (R, B), row r at positions start[r].., in one forward on each
-    row's [pending[r] | x[r]]: a block sees its row's pending tokens (those just before it that
-    the model has not cached, maybe none), its cached slots and itself. Rows of different widths
-    are padded (mask.pack)."""
-    B, dev = x.shape[-1], x.device
-    widths = [len(p) for p in pending]
-    if len(set(widths)) == 1:  # one width: one mask for every row
-        n = widths[0]
-        ids = torch.cat([torch.stack(pending), x], -1)
-        pos = torch.tensor(start, device=dev)[:, None] + torch.arange(-n, B, device=dev)
-        attend = masks.block_causal(n + B, B, start[0] - n, dev)  # pending is whole blocks
-        return model(ids, pos, attend, cache)[:, n:]
-    rows = [(torch.cat([p, row]), torch.arange(s - len(p), s + B, device=dev),
-             masks.block_causal(len(p) + B, B, s - len(p), dev))
-            for p, row, s in zip(pending, x, start)]
-    logits = model(*masks.pack(rows, 0), cache)
-    first = torch.tensor(widths, device=dev)[:, None] + torch.arange(B, device=dev)
-    return logits[torch.arange(len(x), device=dev)[:, None], first]
+    row's [pending | x]: a block sees its row's real pending tokens, its cached slots and itself;
+    pending tokens see each other block-causally; padding (a row's pending slots past its n) sees
+    only itself and nothing sees it. The cache keeps the real pending tokens (commit), so every
+    shape here is known to the host without reading anything back."""
+    B, P = x.shape[1], pending.tokens.shape[1]
+    offsets, attend = pending_layout(P, B, x.device)
+    pos = start[:, None] + offsets  # (R, P + B)
+    if not pending.whole:  # row r's real pending tokens end at its block
+        short = P - pending.n[:, None]  # (R, 1): padding slots
+        pos = pos + short * (offsets < 0)
+        keys = (offsets >= 0) | (offsets + short < 0)  # (R, P + B): real tokens
+        attend = attend & keys[:, None, :] | torch.eye(P + B, dtype=torch.bool, device=x.device)
+    logits = model(torch.cat([pending.tokens, x], 1), pos, attend if P else None, cache)[:, P:]
+    if cache is not None:  # pending is stored; x's keys are scratch
+        cache.commit(P if pending.whole else pending.n, most=P)
+    return logits
 
 
 @dataclass
 class Denoised:
     """Denoised blocks (R rows): tokens (R, B), step (R, B) (0 = known, s = revealed at step s of
-    this call), and per row the forwards it used and the steps it took; for each step s the pick
-    at every position of the state before it, picks (S, R, B), and their distributions, probs
-    (S, R, B, V; None when greedy)."""
+    this call); for each step s the block before it, states (S, R, B), its masked positions,
+    masked (S, R, B), the pick at every position of it, picks (S, R, B), and their distributions,
+    probs (S, R, B, V; None when greedy); the model's forwards."""
     tokens: torch.Tensor
     step: torch.Tensor
-    forwards: list
-    steps: list
+    states: torch.Tensor
+    masked: torch.Tensor
     picks: torch.Tensor
     probs: torch.Tensor | None
+    forwards: int
 
 
-def denoise(model, x, known, start, quotas, rule, *, cache=None, pending=None, generator=None,
+def denoise(model, x, start, done, rule, *, known=None, cache=None, pending=None, generator=None,
             probs=None, drafting="step"):
-    """Fill blocks' unknown positions step after step: the draft proposing, the target replaying
+    """Fill blocks' masked positions step after step: the draft proposing, the target replaying
     its own distributions, a target's decodes for distillation.
 
-    x (R, B): row r's block at positions start[r]..start[r]+B-1; known (R, B) bool says which
-    tokens are known (anywhere in the block); the others are fed as mask tokens and filled.
-    quotas[r]: the reveals of row r's steps (schedule()); a static block takes them all, a dynamic
-    one stops once it is full. The rows step together; a row whose block is full waits.
-    pending[r]: tokens just before row r's block that the model has not cached; the first forward
-    stores them. drafting "step": a forward per step; "block": one forward, and every later step
-    from its distributions, with fresh picks at each state; given probs (R, B, V): no forward.
-    Host syncs: none, except one per step of dynamic decoding (which blocks are full?)."""
-    R, mask_id = len(x), model.config.mask_token_id
-    pending = [x[r, :0] for r in range(R)] if pending is None else list(pending)
-    todo = ~known
-    x = x.masked_fill(todo, mask_id)
-    steps = torch.zeros_like(x)
-    picks, dists, taken, forwards, tokens = [], [], [0] * R, 0, None
-    for s in range(1, max(map(len, quotas)) + 1):
-        going = [s <= len(q) for q in quotas]
-        if rule.strategy == "dynamic" and s > 1:  # a dynamic block may be full before its schedule
-            going = todo.any(-1).tolist()
-        if not any(going):
-            break
-        taken = [t + g for t, g in zip(taken, going)]
-        if probs is None or s > 1 and drafting == "step":
-            logits = forward_block(model, pending, x, start, cache)
-            forwards += 1
-            if cache is not None:  # pending is stored; the blocks' own keys are scratch
-                cache.commit([len(p) for p in pending])
-                pending = [p[:0] for p in pending]
-            probs, tokens = rule.sampling.distribution(logits, suppress=mask_id), None  # (R, B, V)
-        if not rule.sampling.greedy:  # argmax once per forward; draws at every state
-            tokens = None
-        k = torch.tensor([q[s - 1] if s <= len(q) else 0 for q in quotas], device=x.device)
-        x, todo, revealed, tokens = step(probs, x, todo, k[:, None], rule, generator, tokens)
-        steps = torch.where(revealed, s, steps)
+    x (R, B): row r's block at positions start[r].. (the mask id where unknown; known (R, B), when a
+    known token may be the mask id: an AR target's), `done` (R,) steps of SDAR's schedule taken on
+    it. Every row takes rule.steps steps (the most a block needs); a row whose block is full
+    reveals nothing more. pending: what the model has not cached, stored by the first forward.
+    drafting "block": one forward, and every later step from its distributions, with fresh picks
+    at each state (given probs (R, B, V): no forward), and no host sync; "step": a forward per
+    step, until every row's block is full: one host sync a step, which costs less than the
+    forwards it saves (the states after the last step taken repeat it, revealing nothing)."""
+    mask_id = model.config.mask_token_id
+    todo = x == mask_id if known is None else ~known
+    S = rule.steps
+    quotas = quota(done[:, None] + torch.arange(S, device=x.device), x.shape[1], S)  # (R, S)
+    forwards = 0
+    if probs is None:
+        pending = pending or Pending.none(len(x), x.device)
+        logits, forwards = forward_block(model, x, start, pending, cache), 1
+        probs = rule.sampling.distribution(logits, suppress=mask_id)  # (R, B, V)
+    if drafting == "block" and rule.sampling.greedy:  # the same picks at every state
+        return replay(x, todo, probs, quotas, rule, forwards)
+    steps, states, masked, picks, dists = torch.zeros_like(x), [], [], [], []
+    for s in range(rule.steps):
+        if s and drafting == "step":
+            if not todo.any():  # a host sync: it saves the draft's forwards
+                states += [x] * (rule.steps - s)  # the steps not taken: nothing changes
+                masked += [todo] * (rule.steps - s)
+                picks += picks[-1:] * (rule.steps - s)
+                dists += dists[-1:] * (rule.steps - s)
+                break
+            logits, forwards = forward_block(model, x, start, Pending.none(len(x), x.device),
+                                             cache), forwards + 1
+            probs = rule.sampling.distribution(logits, suppress=mask_id)
+        states.append(x)
+        masked.append(todo)
+        x, todo, revealed, tokens = step(probs, x, todo, quotas[:, s:s + 1], rule, generator)
+        steps = torch.where(revealed, s + 1, steps)
         picks.append(tokens)
         dists.append(probs)
-    used = [t if drafting == "step" else min(t, forwards) for t in taken]  # forwards each took
     dists = None if rule.sampling.greedy else torch.stack(dists)
-    return Denoised(x, steps, used, taken, torch.stack(picks), dists)
+    return Denoised(x, steps, torch.stack(states), torch.stack(masked), torch.stack(picks), dists,
+                    forwards)
+
+
+def replay(x, todo, probs, quotas, rule, forwards):
+    """denoise's steps on fixed distributions with greedy picks, in closed form: the picks and
+    their confidences never change, so the steps reveal the masked positions in one order (the
+    most confident first), each step as many as its quota (a dynamic first step also every one
+    above the threshold, and no later one finds any): position i, ranked r among the masked, is
+    revealed by the first step s whose reveals so far exceed r. One sort for every step."""
+    picks = probs.argmax(-1)  # (R, B)
+    conf, rank = confidence(probs, picks, todo, rule.strategy)
+    reveals = quotas.cumsum(1)  # (R, S): revealed after each step
+    if rule.strategy == "dynamic":
+        above = (conf > rule.threshold).sum(-1, keepdim=True)
+        reveals = reveals + (above - quotas[:, :1]).clamp(min=0)
+    S = quotas.shape[1]
+    steps = todo * (1 + (reveals[:, None, :] <= rank[..., None]).sum(-1))  # (R, B)
+    steps = steps * (steps <= S)  # 0: known, or still masked after the S steps
+    earlier = (steps > 0) & (steps < torch.arange(1, S + 1, device=x.device)[:, None, None])
+    return Denoised(torch.where(steps > 0, picks, x), steps, torch.where(earlier, picks, x),
+                    todo & ~earlier, picks.expand(S, -1, -1), None, forwards)  # (S, R, B) each
 
 
 def prefill(model, ids, cache, block):
@@ -369,7 +437,13 @@ def prefill(model, ids, cache, block):
         tokens, pos, _ = masks.pack(pad, 0)  # padding after a row's last block: nothing sees it
         attend = masks.block_causal(max(widths), block, device=dev)
         model(tokens, pos[0] if len(set(widths)) == 1 else pos, attend, cache)
-        cache.commit(widths)
+        cache.commit(widths[0] if len(set(widths)) == 1 else widths)
+        cache.tighten(max(widths), even=len(set(widths)) == 1)
+
+
+def stop_tensor(stop_ids, device):
+    """The stop ids on the device, once per decode (a stop token is looked for there)."""
+    return torch.tensor(sorted(stop_ids) or [-1], device=device)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -386,57 +460,124 @@ def generate(model, prompts, max_new_tokens, *, block=4, steps=None, strategy="s
     output once it is final. cached=False is the no-cache oracle: the same decisions, the whole
     sequence recomputed at every step.
     A batch's rows take one forward per step together, each on its own block and schedule: a row
-    whose block is full starts its next at the next step, and a finished row leaves the batch.
-    Host syncs: one per step where a block fills (its tokens), and one per step when dynamic."""
+    whose block is full starts its next at the next step. Host syncs: one per step where a block
+    may fill (static: the host knows when; dynamic: every step): it reads the full blocks."""
     s = Settings(max_new_tokens, block, steps, strategy, threshold, sampling, stop_ids)
-    s = s.resolve("vanilla")
-    mask_id, dev = diffusion_mask_id(model), device_of(model)
+    s = replace(s.resolve("vanilla"), mask_id=diffusion_mask_id(model))
+    dev = device_of(model)
     batched, prompts = as_batch(prompts, dev)
     stream = callback if batched or callback is None else lambda i, new: callback(new)
     run = Batch([Row(i) for i in range(len(prompts))], s, dev, stream, on_row)
-    aligned = [len(p) - len(p) % block for p in prompts]  # blocks sit at [kB, (k+1)B)
-    cache = None
-    if cached:
-        cache = model.new_cache(s.room(max(aligned), 2 * block), len(prompts))
-        prefill(model, [p[:a] for p, a in zip(prompts, aligned)], cache, block)
+    rows = Blocks(model, prompts, s, cached)
     run.begin()
-    tails = [p[a:] for p, a in zip(prompts, aligned)]
-    x = torch.stack([torch.cat([t, t.new_full((block - len(t),), mask_id)]) for t in tails])
-    todo = torch.stack([torch.arange(block, device=dev) >= len(t) for t in tails])  # (R, B)
-    start, first, taken = aligned, [len(t) for t in tails], [0] * len(prompts)
-    needs = [len(schedule(block - f, block, s.steps)) for f in first]  # steps to fill, static
-    needs_full = len(schedule(block, block, s.steps))
-    pending = [p[:0] if cached else p[:a] for p, a in zip(prompts, aligned)]
-    while run.rows:
+    while run.live:
         with phase("target forward"):
-            logits = forward_block(model, pending, x, start, cache)
-            if cached:  # the pending blocks are stored; the blocks' own keys are scratch
-                cache.commit([len(p) for p in pending])
-                pending = [p[:0] for p in pending]
-            probs = s.sampling.distribution(logits, suppress=mask_id)  # (R, B, V)
+            probs = rows.forward()
         with phase("step"):
-            k = torch.tensor([quota(t, block, s.steps) for t in taken], device=dev)[:, None]
-            x, todo, _, _ = step(probs, x, todo, k, s, generator)
-        taken = [t + 1 for t in taken]
-        full = [t == n for t, n in zip(taken, needs)]
-        if strategy == "dynamic":  # a dynamic block may be full before its schedule
-            full = (~todo.any(-1)).tolist()
-        filled = [r for r, f in enumerate(full) if f]
-        for r, tokens in zip(filled, x[filled].tolist() if filled else []):  # one host sync
-            row = run.rows[r]
-            row.stats.forwards += taken[r]
-            row.stats.steps = row.stats.forwards
-            run.take(row, tokens[first[r]:])
-            pending[r] = x[r].clone() if cached else torch.cat([pending[r], x[r]])
-            start[r], first[r], taken[r], needs[r] = start[r] + block, 0, 0, needs_full
-        if filled:
-            x[filled], todo[filled] = mask_id, True
-        going = run.retire([cache])
-        if going is not None:
-            x, todo = x[going], todo[going]
-            start, first, taken, needs, pending = ([v[r] for r in going]
-                                                   for v in (start, first, taken, needs, pending))
+            filled = rows.step(probs, generator)
+        for row in run.live:
+            row.stats.forwards += 1
+            row.stats.steps += 1
+            row.stats.readbacks += filled is not None
+        for row, (full, tokens) in zip(run.rows, filled or ()):
+            if full and not row.finished:
+                run.take(row, tokens)
+        rows.keep(*run.compact(rows.dead))
     return run.returned(batched)
+
+
+class Blocks:
+    """The rows' blocks in block-diffusion decoding, on the device, a row each: x (R, B) (the mask
+    id where masked), start (R,), first (R,): the block's first new position (past the prompt's
+    tail), taken (R,): its steps, returned (R,): its tokens returned, dead (R,): its output is
+    final; and what the model has not cached (the block filled last; the oracle: everything).
+    The host knows every row's static schedule and its cache's lengths, and reads the rest back
+    only where a block may fill."""
+
+    def __init__(self, model, prompts, s, cached):
+        B, dev = s.block, device_of(model)
+        self.model, self.s, self.cached = model, s, cached
+        aligned = [len(p) - len(p) % B for p in prompts]  # blocks sit at [kB, (k+1)B)
+        tails = [p[a:] for p, a in zip(prompts, aligned)]
+        self.x = torch.stack([torch.cat([t, t.new_full((B - len(t),), s.mask_id)]) for t in tails])
+        self.start = torch.tensor(aligned, device=dev)
+        self.first = torch.tensor([len(t) for t in tails], device=dev)
+        self.taken, self.returned = self.first * 0, self.first * 0
+        self.dead = self.first < 0
+        self.stops = stop_tensor(s.stop_ids, dev)
+        self.needs = [len(schedule(B - len(t), B, s.steps)) for t in tails]  # static: to fill
+        self.host_taken, self.lens = [0] * len(prompts), aligned  # host copies
+        self.cache = model.new_cache(s.room(max(aligned), 2 * B), len(prompts)) if cached else None
+        if cached:
+            prefill(model, [p[:a] for p, a in zip(prompts, aligned)], self.cache, B)
+            self.pending = Pending.none(len(prompts), dev)
+        else:  # the oracle's pending: everything before the block, recomputed at every step
+            width = max(aligned)
+            self.pending = Pending(torch.stack([torch.cat([p[:a], p.new_zeros(width - a)])
+                                                for p, a in zip(prompts, aligned)]), self.start)
+
+    def forward(self):
+        """The rows' distributions (R, B, V) at their blocks, in one forward."""
+        logits = forward_block(self.model, self.x, self.start, self.pending, self.cache)
+        if self.cached:
+            self.pending = Pending.none(len(self.x), self.x.device)
+            self.cache.tighten(max(self.lens), even=len(set(self.lens)) == 1)
+        return self.s.sampling.distribution(logits, suppress=self.s.mask_id)
+
+    def step(self, probs, generator):
+        """One step of every row; then each full block's tokens become pending and a fresh block
+        starts after it. Returns None when no block can be full (static), else per row (whether
+        its block filled, its new tokens), read back in the step's one host sync."""
+        s, B = self.s, self.s.block
+        k = quota(self.taken, B, s.steps)[:, None]
+        self.x, todo, _, _ = step(probs, self.x, self.x == s.mask_id, k, s, generator)
+        self.taken = self.taken + 1
+        self.host_taken = [t + 1 for t in self.host_taken]
+        if s.strategy == "static" and all(t < n for t, n in zip(self.host_taken, self.needs)):
+            return None
+        full = ~todo.any(-1) & ~self.dead  # (R,): a dynamic block may be full before its schedule
+        # the block's new tokens (from `first`, past the prompt's tail) moved to the front
+        new = self.x.gather(1, (torch.arange(B, device=self.x.device) + self.first[:, None]) % B)
+        seen = torch.cat([full[:, None].long(), self.first[:, None], new], 1).tolist()
+        out = [(bool(f), row[:B - first]) for f, first, *row in seen]
+        filled = [f for f, _ in out]
+        self.advance(full, new, filled)
+        self.host_taken = [0 if f else t for f, t in zip(filled, self.host_taken)]
+        self.needs = [len(schedule(B, B, s.steps)) if f else n for f, n in zip(filled, self.needs)]
+        self.lens = [n + B * f if self.cached else n for n, f in zip(self.lens, filled)]
+        return out
+
+    def advance(self, full, new, filled):
+        """Full blocks become pending (the oracle's: appended to it) and their rows may finish;
+        fresh blocks start after them. filled: `full` as read back."""
+        B, n = self.s.block, full.long() * self.s.block
+        count = (B - self.first) * full.long()  # new tokens returned
+        self.dead = self.dead | full & finishes(new, count, self.returned, self.s.max_new_tokens,
+                                                self.stops)
+        self.returned = self.returned + count
+        if self.cached and any(filled):
+            self.pending = Pending(self.x.clone(), n, whole=all(filled))
+        elif not self.cached:  # the oracle recomputes everything: pending grows by the full block
+            tokens = torch.cat([self.pending.tokens, torch.zeros_like(self.x)], 1)
+            at = self.pending.n[:, None] + torch.arange(B, device=self.x.device)  # (R, B)
+            kept = torch.where(full[:, None], self.x, tokens.gather(1, at))
+            self.pending = Pending(tokens.scatter(1, at, kept), self.pending.n + n)
+        self.x = torch.where(full[:, None], self.s.mask_id, self.x)
+        self.start, self.first = self.start + n, torch.where(full, 0, self.first)
+        self.taken = torch.where(full, 0, self.taken)
+
+    def keep(self, index, places):
+        """Only the rows at `index` (on the device; `places` on the host) go on (None: all)."""
+        if index is None:
+            return
+        for name in ("x", "start", "first", "taken", "returned", "dead"):
+            setattr(self, name, getattr(self, name)[index])
+        p = self.pending
+        self.pending = Pending(p.tokens[index], p.n[index], p.whole)
+        self.needs, self.host_taken, self.lens = ([v[r] for r in places] for v in
+                                                  (self.needs, self.host_taken, self.lens))
+        if self.cache is not None:
+            self.cache.keep_rows(index)
 
 
 @torch.inference_mode()
@@ -447,34 +588,41 @@ def generate_ar(model, prompts, max_new_tokens, *, sampling=GREEDY, stop_ids=(),
     row's newest token. The AR shift: the logits at position i predict the token at i + 1.
     cached=False is the oracle, recomputing the whole sequence for every token. Returns as
     generate does; callback sees each new token (a batch: callback(i, [token])), on_row each
-    prompt's final output. Host syncs: one per token."""
+    prompt's final output. Host syncs: one per token (it reads the tokens)."""
     s = Settings(max_new_tokens, block=1, sampling=sampling, stop_ids=stop_ids).resolve("ar")
     dev = device_of(model)
     batched, seqs = as_batch(prompts, dev)
     stream = callback if batched or callback is None else lambda i, new: callback(new)
     run = Batch([Row(i) for i in range(len(seqs))], s, dev, stream, on_row)
-    cache = None
+    width, stops = max(map(len, seqs)) + max_new_tokens, stop_tensor(stop_ids, dev)
+    ids = torch.stack([torch.cat([p, p.new_zeros(width - len(p))]) for p in seqs])  # (R, W)
+    last = torch.tensor([len(p) - 1 for p in seqs], device=dev)  # (R,): each row's newest token
+    returned, dead, cache = last * 0, last < 0, None
     if cached:
         cache = model.new_cache(s.room(max(map(len, seqs)), 1), len(seqs))
         prefill(model, [p[:-1] for p in seqs], cache, 1)
     run.begin()
-    while run.rows:
-        last = torch.tensor([len(seq) - 1 for seq in seqs], device=dev)
+    while run.live:
+        rows = torch.arange(len(last), device=dev)
         if cached:  # each row's newest token, which sees its cached slots
-            logits = model(torch.stack([seq[-1:] for seq in seqs]), last[:, None], None, cache)
-            logits = logits[:, -1]
+            logits = model(ids[rows, last][:, None], last[:, None], None, cache)[:, -1]
             cache.commit(1)
         else:
-            rows = [(seq, torch.arange(len(seq), device=dev),
-                     masks.block_causal(len(seq), 1, device=dev)) for seq in seqs]
-            logits = model(*masks.pack(rows, 0))[torch.arange(len(seqs), device=dev), last]
+            attend = masks.block_causal(width, 1, device=dev)
+            logits = model(ids, torch.arange(width, device=dev), attend)[rows, last]
         tokens = s.sampling.pick(s.sampling.distribution(logits), generator)  # (R,)
+        last = (last + 1).clamp(max=width - 1)
+        ids[rows, last] = tokens
+        dead = dead | finishes(tokens[:, None], (~dead).long(), returned, max_new_tokens, stops)
+        returned = returned + 1
         for row, token in zip(run.rows, tokens.tolist()):  # the step's host sync
-            row.stats.forwards += 1
-            row.stats.steps = row.stats.forwards
-            run.take(row, [token])
-        seqs = [torch.cat([seq, tokens[r:r + 1]]) for r, seq in enumerate(seqs)]
-        going = run.retire([cache])
-        if going is not None:
-            seqs = [seqs[r] for r in going]
+            if not row.finished:
+                row.stats.forwards += 1
+                row.stats.steps, row.stats.readbacks = row.stats.forwards, row.stats.forwards
+                run.take(row, [token])
+        index, _ = run.compact(dead)
+        if index is not None:
+            ids, last, returned, dead = ids[index], last[index], returned[index], dead[index]
+            if cache is not None:
+                cache.keep_rows(index)
     return run.returned(batched)

@@ -26,7 +26,7 @@ import torch
 
 import mask as masks
 from batch import Stats, trim
-from sdar import GREEDY, Settings, denoise, device_of, prefill, schedule
+from sdar import GREEDY, Pending, Settings, denoise, device_of, draw, prefill
 
 
 def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
@@ -36,8 +36,8 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
     q whatever the draft did. eos_min_prob: a stop token the target picks needs this probability,
     else it picks again without stop tokens (which changes the target's output)."""
     chosen = q
-    if stop_ids and eos_min_prob > 0:  # gate the stop tokens the target does not really want
-        stops = torch.tensor(list(stop_ids), device=q.device)
+    if eos_min_prob > 0 and len(stop_ids):  # gate the stop tokens the target does not want
+        stops = torch.as_tensor(stop_ids, device=q.device)  # ids, or their tensor
         weak = q.index_select(-1, stops) < eos_min_prob
         chosen = q.index_copy(-1, stops, q.index_select(-1, stops).masked_fill(weak, 0.0))
         chosen = torch.where(chosen.sum(-1, keepdim=True) > 0, chosen, q)
@@ -53,17 +53,11 @@ def judge(d, p, q, sampling, generator=None, stop_ids=(), eos_min_prob=0.0):
     return torch.where(ok, d, draw(residual, generator)), ok
 
 
-def draw(q, generator=None):
-    """One draw per row of q (..., V), with uniforms from the generator's own device (Gumbel-max)."""
-    source = generator.device if generator is not None else q.device
-    u = torch.rand(q.shape, generator=generator, device=source).to(q.device)
-    return (q.log() - torch.log(-torch.log(u.clamp(min=1e-20)))).argmax(-1)
-
-
 def in_time_order(ok, order):
-    """The rows committed when judged in time order (order: each row's rank): every row up to the
-    earliest rejected rank, all rows of that rank included."""
-    first = torch.where(ok, order.max() + 1, order).min()
+    """The positions committed when judged in time order (ok, order: (..., n), each position's
+    verdict and rank): every position up to the earliest rejected rank, all of that rank."""
+    later = order.max(-1, keepdim=True).values + 1
+    first = torch.where(ok, later, order).min(-1, keepdim=True).values
     return order <= first
 
 
@@ -104,9 +98,10 @@ def generate(target, draft, prompt_ids, max_new_tokens, *, block=4, steps=None, 
     out, stats = [], Stats()
     while True:
         # 1. draft: the rest of the block, continuing SDAR's schedule after `done` steps
-        quotas = schedule(int((~known).sum()), B, s.steps, done)
-        d = denoise(draft, x[None], known[None], [start], [quotas], s, cache=caches[1],
-                    pending=[pending[1]], generator=generator)
+        stored = Pending(pending[1][None], torch.tensor([len(pending[1])], device=dev), whole=True)
+        d = denoise(draft, x[None], torch.tensor([start], device=dev),
+                    torch.tensor([done], device=dev), s, cache=caches[1], pending=stored,
+                    generator=generator)
         step, drafted = d.step[0], d.tokens[0]
         # 2. layout: [pending | the block as drafted | B mask tokens], each copy at the positions
         before = torch.arange(start - len(pending[0]), start, device=dev)
@@ -127,7 +122,7 @@ def generate(target, draft, prompt_ids, max_new_tokens, *, block=4, steps=None, 
         dropped = step[(step > 0) & ~committed]
         done += int(dropped.min()) - 1 if len(dropped) else int(step.max())
         stats.forwards += 1
-        stats.draft_forwards += d.forwards[0]
+        stats.draft_forwards += d.forwards
         if known.all():  # a full block: returned, and stored by both models next time
             new, finished = trim(x.tolist()[len(tail):], s.stop_ids, max_new_tokens - len(out))
             out += new

@@ -1,62 +1,63 @@
-"""Speculative decoding, every mode, for one prompt or a batch: SimSD for an SDAR target (the paper's
-verifications, and lossless verification with any proposer), SpecDiff for an autoregressive one.
-
-One iteration (`speculate`), for every row at once:
-  1. propose - chains of states for the current block and, with lookahead, the blocks after it,
-               each made by SDAR's rule: by the draft (here: a forward per step, or one per block
-               whose confidences the rule is applied to step after step) and, for lossless
-               verification, by the target itself (lossless.py);
-  2. lay out - every proposal laid out for one target forward, by the verifier;
-  3. forward - the target's one forward, for every row;
-  4. accept  - the verifier's verdict from the target's distributions (verifier.py, lossless.py);
-  5. commit  - committed tokens join their blocks, and each cache keeps what was committed.
+"""Speculative decoding, every mode, for one prompt or a batch: SimSD for an SDAR target (the
+paper's verifications, and lossless verification with any proposer), SpecDiff for an autoregressive one.
 simsd.py is the paper's method alone, at batch 1: read it first.
+
+One iteration (`speculate`), for every row at once, in tensors on the device:
+  1. lay out - every row's proposals laid out for one target forward, by the verifier;
+  2. forward - the target's one forward, for every row;
+  3. accept  - the verifier's verdict from the target's distributions (verifier.py, lossless.py);
+  4. commit  - committed tokens join their blocks, and each cache keeps what was committed;
+  5. propose - the next iteration's chains of states for every row's current block and, with
+               lookahead, the blocks after it, each made by SDAR's rule: by the draft (here: a
+               forward per step, or one per block) and, for lossless verification, by the target
+               itself (lossless.py);
+  6. read back what the host needs, in one copy: the tokens each row may return, its stats, and
+               how wide the next forward is (which is why proposing comes before it).
+The host holds only each row's output and stats, and the shapes of the next iteration.
 """
+import time
 from dataclasses import dataclass, replace
 
 import torch
-from torch.profiler import record_function as phase
 
-import batch
-from batch import Batch, as_batch, clock
-from lossless import Lossless, self_chains
-from sdar import (GREEDY, LOOKAHEAD, Settings, denoise, device_of, diffusion_mask_id, mode_of,
-                  prefill, schedule)
-from verifier import DRAFT, SELF, Causal, Paper, leading_complete, proposal
+from batch import Batch, Row, as_batch, finishes
+from lossless import Lossless, self_chain
+from sdar import (GREEDY, LOOKAHEAD, Pending, Settings, denoise, device_of, diffusion_mask_id,
+                  mode_of, phase, prefill, stop_tensor)
+from verifier import DRAFT, SELF, Causal, Chain, Paper, gather_rows, readback
 
 VERIFIERS = {"lossless": Lossless, "self": Lossless, "paper": Paper, "specdiff": Causal}
 
 
 @dataclass
-class Block:
-    """The block being decoded at positions start..: its tokens (the mask id where unknown) and
-    which are known; how many are unknown, the target steps taken on it, the tokens returned."""
-    start: int
-    tokens: torch.Tensor
+class Rows:
+    """Every row's state, on the device (R rows): its current block x (R, B) and which positions
+    are known (R, B) (elsewhere the mask id), start (R,), done (R,): the target steps taken on
+    it, returned (R,): its positions already returned; end (R,): the position after the last token max_new_tokens allows; reach
+    (R,): the blocks one forward reaches (lookahead, within end); out (R,): the tokens returned;
+    pending / draft_pending: what the target / the draft has not cached (an AR target: its newest
+    token); hint (R, B, V), where has_hint: the target's distributions at the state its last step
+    was taken from; dead (R,): the row's output is final."""
+    x: torch.Tensor
     known: torch.Tensor
-    masks: int
-    done: int = 0
-    returned: int = 0
-
-
-@dataclass(kw_only=True)
-class Row(batch.Row):
-    """One prompt's state: end, the position after the last token max_new_tokens allows; its
-    block; pending / draft_pending: the tokens before it that the target / the draft has not
-    cached (completed blocks; an AR target's newest token), fed first to its next forward; hint:
-    the target's distributions at the state its last step was taken from (B, V), which propose
-    the rest of the block."""
-    end: int
-    block: Block
-    pending: torch.Tensor
-    draft_pending: torch.Tensor
-    hint: torch.Tensor | None = None
+    start: torch.Tensor
+    done: torch.Tensor
+    returned: torch.Tensor
+    end: torch.Tensor
+    reach: torch.Tensor
+    out: torch.Tensor
+    pending: Pending
+    draft_pending: Pending
+    hint: torch.Tensor
+    has_hint: torch.Tensor
+    dead: torch.Tensor
 
 
 @dataclass
 class Run:
-    """One decode: the models and their caches (a row per prompt still decoding, in the order of
-    batch.rows), the settings, the verifier, the random state (on the draft's device)."""
+    """One decode: the models and their caches, the settings and the verifier, the rows (on the
+    device, and their Rows record in `batch` on the host), the random state (on the draft's
+    device); the chains proposed for the next forward and what the host knows of its shape."""
     target: torch.nn.Module
     draft: torch.nn.Module | None
     target_cache: object
@@ -64,146 +65,176 @@ class Run:
     settings: Settings
     verifier: object
     batch: Batch
-    generator: torch.Generator | None = None
-    draft_rule: Settings | None = None  # the draft's decoding (SpecDiff sampled: from the left)
-
-    @property
-    def rows(self):
-        return self.batch.rows
+    rows: Rows
+    generator: torch.Generator | None
+    draft_rule: Settings
+    stops: torch.Tensor
+    chains: dict | None = None
+    trie: object = None  # the chains as a tree of states (lossless, exact), for the next forward
+    keys: tuple = ()  # its rows' shapes, as read back (verifier.Tree.keys)
+    blocks: int = 1  # the blocks the draft drafts: an upper bound, as read back
+    marks: torch.Tensor | None = None  # the draft cache's lengths before it stored proposals
+    tracing: bool = False  # compute what --show reads
 
 
 # ----------------------------------------------------------------------------- one iteration
 
-def speculate(run):
-    """One iteration for every row: propose -> lay out -> one target forward -> accept -> commit.
-    Returns, per row, its Verdict, its Trace, its current block's first position and the tokens
-    it made returnable. Each step is a profiler label (split.py reads them)."""
-    s, dev = run.settings, device_of(run.target)
-    t0 = clock(dev)
-    with phase("propose"):  # per row, chains for its current block and the blocks after it
-        reach = [min(s.lookahead, -(-(row.end - row.block.start) // s.block)) for row in run.rows]
-        marks = None if run.draft_cache is None else list(run.draft_cache.lens)
-        chains = propose(run, reach)
-    t1 = clock(dev)
-    with phase("lay out"):  # each row's part of the forward; the rows padded to one width
-        laid = run.verifier.layout(run, chains, reach)
-    with phase("target forward"):  # for every row; its distributions at each row's verifying rows
+def speculate(run, trace=False):
+    """One iteration for every row: lay out -> one target forward -> accept -> commit -> propose
+    the next -> read back. Returns what was read back (with trace, what --show reads too)."""
+    s, chains = run.settings, run.chains
+    with phase("lay out"):  # every row's proposals in one forward; rows padded to one width
+        laid = run.verifier.layout(run, chains)
+    with phase("target forward"):  # its distributions at each row's verifying tokens
         logits = run.target(laid.ids, laid.pos, laid.mask, run.target_cache)
-        verifying = [logits[r, at] for r, at in enumerate(laid.rows)]  # each row's, not the pads
         suppress = s.mask_id if run.target.config.model_type == "sdar" else None  # AR: no mask
-        q = s.sampling.distribution(torch.cat(verifying), suppress)
-    with phase("accept"):  # what each row commits (and beside it, what --show and stats read)
-        verdicts = run.verifier.accept(run, laid, q.split([len(v) for v in verifying]))
+        q = s.sampling.distribution(gather_rows(logits, laid.verifying), suppress)  # (R, M, V)
+    with phase("accept"):  # what each row commits (and beside it, what stats and --show read)
+        verdict = run.verifier.accept(run, laid, q)
     with phase("commit"):
-        starts = [row.block.start for row in run.rows]
-        news = commit(run, [verdict for verdict, _ in verdicts], marks)
-        for row, (_, trace), width in zip(run.rows, verdicts, laid.widths):
-            count(row.stats, trace, width, t1 - t0)
-    return [(*verdict, first, new) for verdict, first, new in zip(verdicts, starts, news)]
+        starts = run.rows.start
+        new, n_new = commit(run, verdict)
+    with phase("propose"):
+        propose(run)
+    seen = read(run, verdict, new, n_new, starts if trace else None)
+    seen["width"] = laid.ids.shape[1]  # this forward's
+    return seen
 
 
-def propose(run, reach):
-    """Per row, {proposer flag: [Proposal per block from the current one]}: the target's own chain
-    (from its distributions at the state its last step was taken from), then the draft's."""
-    chains = [{} for _ in run.rows]
-    hinted = [r for r, row in enumerate(run.rows) if row.hint is not None]
-    if run.settings.proposer != "draft" and hinted:
-        for r, proposal in zip(hinted, self_chains(run, [run.rows[r] for r in hinted])):
-            chains[r][SELF] = [proposal]
-    if run.settings.proposer != "self":
-        drafted = [run.verifier.drafted(n) for n in reach]
-        for r, proposals in enumerate(draft_chains(run, drafted)):
-            chains[r][DRAFT] = proposals
-    return chains
+def propose(run):
+    """Every row's chains for the next forward: the target's own (lossless), then the draft's;
+    and each row's width in that forward, which the host learns with the next readback."""
+    chains, proposer = {}, run.settings.proposer
+    if proposer != "draft":
+        chains[SELF] = self_chain(run)
+    if proposer != "self":
+        chains[DRAFT] = draft_chain(run)
+    run.chains, run.trie = chains, run.verifier.tree(run, chains)
 
 
-def draft_chains(run, drafted):
-    """Per row, its first drafted[r] blocks: the rest of the current block by the target's rule,
-    then whole blocks, each after storing the one before in the draft's cache (tentatively:
-    commit() rewinds what the target does not commit). Every row drafts as far as the furthest
-    (its extra blocks dropped), so that all take part in each draft forward; drafting "step": a
-    forward per step, "block": one per block."""
-    s, ddev, rows = run.settings, device_of(run.draft), run.rows
-    x = torch.stack([row.block.tokens for row in rows]).to(ddev)
-    known = torch.stack([row.block.known for row in rows]).to(ddev)
-    pending = [row.draft_pending.to(ddev) for row in rows]
-    starts = [row.block.start for row in rows]
-    masks_left, done = [row.block.masks for row in rows], [row.block.done for row in rows]
-    out = [[] for _ in rows]
-    for j in range(max(drafted)):
-        quotas = [schedule(m, s.block, s.steps, d) for m, d in zip(masks_left, done)]
+def draft_chain(run):
+    """The draft's chain for every row: the rest of its current block by the target's rule, then
+    whole blocks, each after storing the one before in the draft's cache (tentatively: commit()
+    rewinds what the target does not commit); run.blocks of them, the most any row reaches (a
+    row's blocks past its own reach are not real). drafting "step": a forward per step, "block":
+    one per block."""
+    s, rows, B = run.settings, run.rows, run.settings.block
+    run.marks = run.draft_cache.lens.clone()
+    x, known, start, done = rows.x, rows.known, rows.start, rows.done
+    pending, parts, t0 = rows.draft_pending, [], time.perf_counter()
+    for _ in range(run.blocks):
         with phase("draft"):
-            d = denoise(run.draft, x, known, starts, quotas, run.draft_rule,
+            d = denoise(run.draft, x, start, done, run.draft_rule, known=known,
                         cache=run.draft_cache, pending=pending, generator=run.generator,
                         drafting=s.drafting)
-        for r, row in enumerate(rows):
-            if j < drafted[r]:
-                row.stats.draft_forwards += d.forwards[r]
-                out[r].append(proposal(starts[r], known[r], done[r], d, r,
-                                       row.block.tokens.device))
-        pending, masks_left, done = list(d.tokens), [s.block] * len(rows), [0] * len(rows)
+        parts.append(d)
+        pending = Pending(d.tokens, torch.full_like(start, B), whole=True)
         x, known = torch.full_like(x, s.mask_id), torch.zeros_like(known)
-        starts = [first + s.block for first in starts]
-    return out
+        start, done = start + B, done * 0
+    seconds = time.perf_counter() - t0  # no sync: on CUDA, the host's part
+    for row in run.batch.live:
+        row.stats.draft_forwards += sum(d.forwards for d in parts)
+        row.stats.draft_seconds += seconds
+    drafted = run.verifier.drafted(rows.reach) * ~rows.dead  # (R,): a dead row drafts nothing
+    tokens = torch.stack([d.tokens for d in parts], 1)  # (R, D, B)
+    step = torch.stack([d.step for d in parts], 1)
+    states = torch.stack([d.states.transpose(0, 1) for d in parts], 1)  # (R, D, S, B)
+    picks = torch.stack([d.picks.transpose(0, 1) for d in parts], 1)
+    probs = None if parts[0].probs is None else torch.stack(
+        [d.probs.transpose(0, 1) for d in parts], 1)
+    reached = torch.arange(len(parts), device=x.device) < drafted[:, None]  # (R, D)
+    real = torch.stack([d.masked.transpose(0, 1) for d in parts], 1).any(-1) & reached[..., None]
+    tail = run.verifier.tails & (drafted < rows.reach) & ~rows.dead
+    return Chain(tokens, step, states, picks, probs, real, tail)
 
 
-# ----------------------------------------------------------------------------- 5. commit
+# ----------------------------------------------------------------------------- commit
 
-def commit(run, verdicts, marks):
-    """Each cache keeps, row by row, what was committed of what it stored in this iteration: the
-    target the tokens its verdict keeps (moved to the front when others lie between them), the
-    draft (whose committed lengths were `marks` before) the leading drafted blocks committed
-    exactly as drafted; the other complete blocks become pending. The first incomplete block is
-    the current one (a fresh one after the complete ones when none is). Returns, per row, the
-    tokens now returnable."""
-    B, n_keep, keep, lengths, news = run.settings.block, [], [], [], []
-    for r, (row, v) in enumerate(zip(run.rows, verdicts)):
-        complete = leading_complete(v.known)
-        tokens = torch.tensor(v.tokens, device=row.block.tokens.device)  # (rows, B)
-        n_keep.append(len(v.keep))
-        keep.append(None if v.keep == list(range(len(v.keep))) else v.keep)
-        row.pending = torch.tensor(v.pending, dtype=torch.long, device=tokens.device)
-        if run.draft_cache is not None:
-            lengths.append(marks[r] + len(row.draft_pending) + v.kept * B)
-            row.draft_pending = tokens[v.kept:complete].flatten()
-        news.append(returnable(v.tokens, v.known, row.block.returned))
-        row.block, row.hint = next_block(row.block, v, tokens, complete, run.settings), v.hint
-    run.target_cache.commit(n_keep, keep)
+def commit(run, verdict):
+    """Each cache keeps what was committed of what it stored in this iteration: the target the
+    tokens its verdict keeps (moved to the front when others lie between them), the draft its
+    pending blocks and the leading drafted blocks committed exactly as drafted; the other
+    complete blocks become its pending. The first incomplete block is the current one (a fresh
+    one after the complete ones when none is). A dead row commits nothing. Returns each row's newly
+    returnable tokens (R, W) and how many (R,)."""
+    s, rows, B = run.settings, run.rows, run.settings.block
+    live = ~rows.dead
+    R, J = verdict.tokens.shape[:2]
+    run.target_cache.commit(verdict.n_keep * live, verdict.keep, most=verdict.keep.shape[1])
+    flat = verdict.tokens.flatten(1)  # (R, J B)
+    complete = verdict.known.all(-1).long().cumprod(1).sum(1)
+    known = verdict.known.flatten(1).long()
+    first_unknown = torch.where(known.all(1), J * B, (1 - known).argmax(1))
+    n_new = (first_unknown - rows.returned) * live
+    new = flat.gather(1, (rows.returned[:, None] + torch.arange(J * B, device=flat.device))
+                      .clamp(max=J * B - 1))
     if run.draft_cache is not None:
+        lengths = run.marks + (rows.draft_pending.n + verdict.kept * B) * live
         run.draft_cache.rewind(lengths)
-    return news
+        width = rows.draft_pending.tokens.shape[1]
+        moved = flat.gather(1, (verdict.kept[:, None] * B + torch.arange(width, device=flat.device))
+                            .clamp(max=J * B - 1))
+        n = ((complete - verdict.kept).clamp(min=0) * B) * live
+        rows.draft_pending = Pending(moved, n)
+    fresh = (complete >= J)[:, None]
+    at = complete.clamp(max=J - 1)[:, None]
+    x, block_known = gather_rows(verdict.tokens, at)[:, 0], gather_rows(verdict.known, at)[:, 0]
+    rows.x = torch.where(live[:, None], torch.where(fresh, s.mask_id, x), rows.x)
+    rows.known = torch.where(live[:, None], block_known & ~fresh, rows.known)
+    rows.start = rows.start + complete * B * live
+    rows.done = torch.where(live, verdict.done, rows.done)
+    rows.returned = torch.where(live, (first_unknown - complete * B).clamp(0, B), rows.returned)
+    rows.pending = Pending(verdict.pending, verdict.n_pending * live)
+    rows.hint, rows.has_hint = verdict.hint, verdict.has_hint & live
+    rows.dead = rows.dead | finishes(new, n_new, rows.out, s.max_new_tokens, run.stops)
+    rows.out = rows.out + n_new
+    rows.reach = reach(rows, s)
+    return new, n_new
 
 
-def next_block(block, v, tokens, complete, s):
-    """The block decoding goes on with: the first incomplete row of the verdict, or a fresh block
-    after the complete ones."""
-    start, B = block.start + complete * s.block, s.block
-    if complete == len(v.tokens):
-        fresh = torch.full((B,), s.mask_id, device=tokens.device)
-        return Block(start, fresh, torch.zeros_like(fresh, dtype=torch.bool), B)
-    known = v.known[complete]
-    returned = known.index(False) if False in known else B  # its known prefix was returned
-    return Block(start, tokens[complete], torch.tensor(known, dtype=torch.bool,
-                 device=tokens.device), known.count(False), v.done[complete], returned)
+def reach(rows, s):
+    """(R,): the blocks one forward reaches from each row's current block: lookahead, within the
+    row's end (at least 1)."""
+    return (-(-(rows.end - rows.start) // s.block)).clamp(1, s.lookahead)
 
 
-def returnable(tokens, known, returned):
-    """The known tokens after the first `returned`, up to the first unknown position (rows of B)."""
-    flat = [t if k else None for t, k in zip(sum(tokens, []), sum(known, []))][returned:]
-    return flat[:flat.index(None)] if None in flat else flat
+def read(run, verdict, new, n_new, starts=None):
+    """The iteration's one host sync: each row's new tokens and its stats, the next forward's
+    trees' shapes, the caches' lengths, the rows' reach; and given the blocks' starts, what
+    --show reads."""
+    stats = torch.stack([verdict.stats[name] for name in STATS], 1)  # (R, 5)
+    tensors = dict(new=new, n_new=n_new, target=run.target_cache.lens, reach=run.rows.reach,
+                   stats=stats, **shape_of(run))
+    if run.draft_cache is not None:
+        tensors["draft"] = run.draft_cache.lens
+    if starts is not None:
+        tensors.update({f"trace_{k}": v for k, v in verdict.trace.items()})
+        tensors.update(tokens=verdict.tokens, starts=starts)
+    seen = readback(**tensors)
+    learn(run, seen)
+    return seen
 
 
-def count(stats, trace, width, draft_seconds):
-    """Add one iteration to a row's stats."""
-    stats.forwards += 1
-    stats.steps += sum(trace.taken)
-    stats.width += width
-    stats.draft_seconds += draft_seconds
-    stats.matched += trace.matched[0]
-    stats.draft_matched += trace.matched[1]
-    for fate, steps in zip(trace.fate, trace.steps):
-        stats.drafted += sum(s > 0 for s in steps)
-        stats.accepted += fate.count(1)
+def shape_of(run):
+    """What the host needs to lay out the next forward's trees (their shapes), on the device."""
+    if run.trie is None:
+        return {}
+    return dict(alive=run.trie.alive, parent=run.trie.parent, block=run.trie.block,
+                pending=run.rows.pending.n)
+
+
+def learn(run, seen):
+    """What the host takes from a readback: the next trees' shapes, the caches' lengths, the
+    blocks the draft drafts next (the most any row still reaches)."""
+    if run.trie is not None:
+        run.keys = run.trie.keys(seen["pending"], run.rows.pending.tokens.shape[1],
+                                 run.settings.block, seen)
+    live = [r for r, row in enumerate(run.batch.rows) if not row.finished] or [0]
+    run.blocks = run.verifier.drafted(max(seen["reach"][r] for r in live))
+    for name, cache in (("target", run.target_cache), ("draft", run.draft_cache)):
+        if cache is not None:
+            lengths = seen[name]
+            cache.tighten(max(lengths), even=len(set(lengths)) == 1)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -223,32 +254,51 @@ def widest(s, mode):
 
 def start(target, draft, prompts, s, mode, generator, on_row):
     """The Run after the prefill: the draft and a diffusion target cache each prompt's whole
-    blocks (its tail is its current block's known part); an AR target all but its newest token."""
+    blocks (its tail is its current block's known part); an AR target all but its newest token.
+    Then the first chains are proposed and their width read back."""
     B, ar, dev = s.block, mode == "specdiff", device_of(target)
     aligned = [len(p) - len(p) % B for p in prompts]
-    rows = []
-    for i, (prompt, a) in enumerate(zip(prompts, aligned)):
-        tail = prompt[a:]
-        tokens = torch.cat([tail, tail.new_full((B - len(tail),), s.mask_id)])
-        known = torch.arange(B, device=dev) < len(tail)
-        block = Block(a, tokens, known, B - len(tail), returned=len(tail))
-        pending = prompt[-1:] if ar else prompt[:0]
-        rows.append(Row(i, end=len(prompt) + s.max_new_tokens, block=block, pending=pending,
-                        draft_pending=prompt[:0]))
-    progress = Batch(rows, s, dev, on_row=on_row)
+    batch = Batch([Row(i) for i in range(len(prompts))], s, dev, on_row=on_row)
     room = s.room(max(map(len, prompts)), widest(s, mode))
     target_cache = target.new_cache(room, len(prompts))
     prefill(target, [p[:-1] if ar else p[:a] for p, a in zip(prompts, aligned)], target_cache,
             1 if ar else B)
     draft_cache = None
-    if draft is not None:
-        draft_cache = draft.new_cache(room, len(prompts))
+    if draft is not None:  # the host's bound on its cache may run 3L blocks past its longest
+        # row: its proposals are stored, padding counted, before a readback tells the lengths
+        draft_cache = draft.new_cache(room + 3 * s.lookahead * B, len(prompts))
         prefill(draft, [p[:a].to(device_of(draft)) for p, a in zip(prompts, aligned)],
                 draft_cache, B)
-    progress.begin()
+    batch.begin()
+    rows = first_rows(prompts, aligned, s, ar, target.config.vocab_size)
     draft_rule = replace(s, strategy="left") if ar and not s.sampling.greedy else s
-    return Run(target, draft, target_cache, draft_cache, s, VERIFIERS[mode](s), progress,
-               generator, draft_rule)
+    run = Run(target, draft, target_cache, draft_cache, s, VERIFIERS[mode](s), batch, rows,
+              generator, draft_rule, stop_tensor(s.stop_ids, dev))
+    longest = max(len(p) + s.max_new_tokens - a for p, a in zip(prompts, aligned))
+    run.blocks = run.verifier.drafted(min(s.lookahead, -(-longest // B)))
+    propose(run)
+    learn(run, readback(target=run.target_cache.lens, reach=run.rows.reach, **shape_of(run),
+                        **({} if draft is None else dict(draft=run.draft_cache.lens))))
+    return run
+
+
+def first_rows(prompts, aligned, s, ar, vocab):
+    """The Rows before the first iteration: each prompt's tail is its first block's known part;
+    an AR target's newest token is pending."""
+    B, dev, R = s.block, prompts[0].device, len(prompts)
+    tails = [p[a:] for p, a in zip(prompts, aligned)]
+    x = torch.stack([torch.cat([t, t.new_full((B - len(t),), s.mask_id)]) for t in tails])
+    start = torch.tensor(aligned, device=dev)
+    pending = Pending(torch.stack([p[-1:] for p in prompts]), torch.ones_like(start)) if ar else \
+        Pending(torch.zeros_like(x), start * 0)
+    end = torch.tensor([len(p) + s.max_new_tokens for p in prompts], device=dev)
+    known = torch.arange(B, device=dev) < torch.tensor([len(t) for t in tails], device=dev)[:, None]
+    rows = Rows(x, known, start, start * 0, torch.tensor([len(t) for t in tails], device=dev), end,
+                start * 0, start * 0, pending,
+                Pending(torch.zeros(R, s.lookahead * B, dtype=torch.long, device=dev), start * 0),
+                torch.zeros(R, B, vocab, device=dev), start < 0, start < 0)
+    rows.reach = reach(rows, s)
+    return rows
 
 
 @torch.inference_mode()
@@ -271,31 +321,73 @@ def generate(target, draft, prompts, max_new_tokens, *, block=4, steps=None, str
     starts, committed tokens and fates, the proposed tokens and step map of the chain shown and
     who proposed it (by), the steps taken, the clean copies stored, the row's place and its new
     tokens; on_row(i, tokens, stats) each prompt's output once it is final.
-    The rows of a batch share every forward; each row takes its own steps and blocks, and a row
-    whose output is final leaves the batch. Host syncs per iteration: one per row (its verdict),
-    and those of propose (the shared prefix of two chains, a dynamic draft's steps)."""
+    The rows of a batch share every forward; each row takes its own steps and blocks. Host syncs:
+    one per iteration for all rows (and one before the first)."""
     s = Settings(max_new_tokens, block, steps, strategy, threshold, sampling, stop_ids, verify,
                  accept, lookahead, eos_min_prob, proposer, drafting)
     mode = mode_of(target, "self" if draft is None else draft, verify)
     s = replace(s.resolve(mode), mask_id=diffusion_mask_id(target if draft is None else draft))
     batched, prompts = as_batch(prompts, device_of(target))
     run = start(target, draft, prompts, s, mode, generator, on_row)
-    while run.rows:
-        for row, (verdict, trace, first, new) in zip(list(run.rows), speculate(run)):
-            new = run.batch.take(row, new)
+    run.tracing = on_iteration is not None
+    while run.batch.live:
+        seen = speculate(run, trace=on_iteration is not None)
+        for r, row in enumerate(run.batch.rows):
+            if row.finished:
+                continue
+            count(row.stats, seen, r)
+            new = run.batch.take(row, seen["new"][r][:seen["n_new"][r]])
             if on_iteration:
-                on_iteration(info(verdict, trace, first, row, new, s))
-        run.batch.retire([run.target_cache, run.draft_cache])
+                on_iteration(info(seen, r, row, new, s))
+        index, places = run.batch.compact(run.rows.dead)
+        if index is not None:
+            compact(run, index, places)
     return run.batch.returned(batched)
 
 
-def info(verdict, trace, first, row, new, s):
+# A verdict's stats, and the Stats fields they add to.
+STATS = {"steps": "steps", "matched": "matched", "by_draft": "draft_matched",
+         "proposed": "drafted", "accepted": "accepted"}
+
+
+def count(stats, seen, r):
+    """Add one iteration to a row's stats."""
+    stats.forwards += 1
+    stats.readbacks += 1
+    stats.width += seen["width"]
+    for field, value in zip(STATS.values(), seen["stats"][r]):
+        setattr(stats, field, getattr(stats, field) + value)
+
+
+def compact(run, index, places):
+    """Only the rows at `index` (on the device; `places` on the host) go on: every row tensor and
+    cache is cut."""
+    rows = run.rows
+    for name in ("x", "known", "start", "done", "returned", "end", "reach", "out", "hint",
+                 "has_hint", "dead"):
+        setattr(rows, name, getattr(rows, name)[index])
+    for name in ("pending", "draft_pending"):
+        p = getattr(rows, name)
+        setattr(rows, name, Pending(p.tokens[index], p.n[index], p.whole))
+    for cache in (run.target_cache, run.draft_cache):
+        if cache is not None:
+            cache.keep_rows(index)
+    run.marks = None if run.marks is None else run.marks[index]
+    run.trie = None if run.trie is None else run.trie.rows(index)
+    run.keys = tuple(run.keys[r] for r in places) if run.keys else run.keys
+    run.chains = {flag: Chain(*(None if x is None else x[index] for x in (
+        c.tokens, c.step, c.states, c.picks, c.probs, c.real, c.tail)))
+        for flag, c in run.chains.items()}
+
+
+def info(seen, r, row, new, s):
     """What on_iteration sees of a row's iteration: per block from the current one its first
     position, tokens after the commit, fates, proposed tokens and step map (of the chain shown),
     target steps taken; who proposed the chain shown, the clean copies stored, the row's place
     and its new tokens."""
-    blank = [[s.mask_id] * s.block] * (len(trace.fate) - len(verdict.tokens))
-    return dict(starts=[first + j * s.block for j in range(len(trace.fate))],
-                tokens=verdict.tokens + blank, fate=trace.fate, drafted=trace.proposed,
-                steps=trace.steps, taken=trace.taken, by=trace.by, stored=trace.stored,
-                row=row.index, new=new)
+    fate = seen["trace_fate"][r]
+    return dict(starts=[seen["starts"][r] + j * s.block for j in range(len(fate))],
+                tokens=seen["tokens"][r],
+                fate=fate, drafted=seen["trace_proposed"][r], steps=seen["trace_steps"][r],
+                taken=seen["trace_taken"][r], by="draft" if seen["trace_by"][r] else "self",
+                stored=list(range(seen["trace_stored"][r])), row=row.index, new=new)

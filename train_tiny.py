@@ -290,7 +290,7 @@ def trajectories(rows, n, device="cpu"):
 # both tasks (greedy; the most confident position per step, and every other above the threshold).
 DISTILL = dict(block=4, strategy="dynamic", threshold=0.9)
 RULE = sdar.Settings(MAX_NEW_TOKENS, DISTILL["block"], strategy=DISTILL["strategy"],
-                     threshold=DISTILL["threshold"])
+                     threshold=DISTILL["threshold"]).resolve("vanilla")
 DISTILL_PROMPTS = 4096  # the most distinct training prompts a target decodes for its draft
 UNSURE = 0.5  # a trajectory label's weight on the target's pick where the target did not reveal it
 
@@ -304,21 +304,19 @@ def decode_batch(target, ids, stop_ids):
     aligned = T - T % B
     cache = target.new_cache(RULE.room(T, 2 * B), batch_size=N)  # a pending block and one
     sdar.prefill(target, ids[:, :aligned], cache, B)
-    tail, pending, stops = ids[:, aligned:], ids[:, :0], torch.tensor(stop_ids)
+    tail, stops = ids[:, aligned:], torch.tensor(stop_ids)
+    pending = sdar.Pending.none(N, ids.device)
     done, out = torch.zeros(N, dtype=torch.bool), []
     for start in range(aligned, T + MAX_NEW_TOKENS, B):
         n_known = tail.shape[1]
         x = torch.cat([tail, tail.new_full((N, B - n_known), target.config.mask_token_id)], 1)
-        known = (torch.arange(B) < n_known).expand(N, B)
-        quotas = [sdar.schedule(B - n_known, B, B)] * N
-        d = sdar.denoise(target, x, known, [start] * N, quotas, RULE, cache=cache,
-                         pending=list(pending))
-        unused = d.tokens[None].expand(B - len(d.picks), N, B)  # steps the block did not take
-        out.append((d.tokens, d.step, torch.cat([d.picks, unused]).transpose(0, 1)))
+        d = sdar.denoise(target, x, torch.full((N,), start), torch.zeros(N, dtype=torch.long),
+                         RULE, cache=cache, pending=pending)
+        out.append((d.tokens, d.step, d.picks.transpose(0, 1)))  # picks past a block's steps: unused
         done |= torch.isin(d.tokens[:, n_known:], stops).any(1)
         if done.all():
             break
-        tail, pending = tail[:, :0], d.tokens
+        tail, pending = tail[:, :0], sdar.Pending(d.tokens, torch.full((N,), B), whole=True)
     tokens, step, picks = (torch.cat(parts, -1) for parts in zip(*out))
     return tokens[:, T % B:], step[:, T % B:], picks[:, :, T % B:]  # the prompt's tail cut off
 

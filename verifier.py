@@ -1,95 +1,176 @@
 """What the target checks in its one forward: the verifications, each with the same two calls.
 
-  layout(run, chains, reach) -> Laid: one target forward's ids, positions and attention for every
-                                row, and which of its rows verify;
-  accept(run, laid, q)       -> [(Verdict, Trace)]: from the target's distributions at those rows,
-                                what each row's caches commit, and beside it what --show and the
-                                stats read.
-The verifications: Paper (the paper's acceptance, on exact copies or its own layout), Causal
-(SpecDiff: an autoregressive target, in position order) here, and Lossless (the target's own step
-from every proposed state) in lossless.py. chains: per row, {proposer flag: [Proposal per block]}.
+  layout(run, chains) -> Laid: one target forward's ids, positions and attention for every row, and
+                         which of its tokens verify;
+  accept(run, laid, q) -> Verdict: from the target's distributions at those tokens, what each row
+                         commits, and beside it what the stats and --show read.
+Paper (the paper's acceptance, on exact copies or its own layout) and Causal (SpecDiff: an
+autoregressive target, in position order) are here; Lossless (the target's own step from every
+proposed state) is in lossless.py. Every row is verified at once, in tensors (R rows); nothing here
+reads a value back to the host (speculative.py reads each iteration's verdict once).
+
+A proposer's Chain holds, per row, the blocks it proposed and the state before each of its steps. A
+chain (or a trie of two, lossless.py) is laid out as a Tree of states, one copy of the block per
+state, packed: each row holds its own states, then padding that nothing sees.
 """
 import functools
 from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import mask as masks
 from simsd import in_time_order, judge
 
-DRAFT, SELF = 1, 2  # proposer flags: who proposed a chain
-# A position's fate in an iteration, as --show and the stats read it.
+DRAFT, SELF = 1, 2  # who proposed a state (a state both proposed: both flags)
+# A position's fate in an iteration, as --show reads it.
 KNOWN, ACCEPTED, TARGET, DROPPED = 0, 1, 2, 3  # known before (or never proposed); committed as
 # proposed; committed with the target's own token; proposed and not committed
 
-# What one row's caches commit. tokens, known: the blocks from the current one, rows of B, after
-# the commit (the mask id where unknown); done: target steps taken on each; keep: the offsets,
-# after the row's first new token, of the forward's tokens the target's cache keeps; pending:
-# the tokens (ids) the target has not cached, fed first next time; kept: the leading drafted
-# blocks the draft's cache keeps; hint: the target's distributions at the state its last step was
-# taken from, when that block goes on (the target's own proposals start there), else None.
-Verdict = namedtuple("Verdict", "tokens known done keep pending kept hint")
-# What --show and the stats read of one row's iteration: per block each position's fate, the
-# proposed tokens and step map of the chain shown and who proposed it ("draft" or "self"), the
-# target steps taken on each block; matched: (proposed steps committed as proposed, of them the
-# draft's); stored: the clean copies whose keys the target kept.
-Trace = namedtuple("Trace", "fate proposed steps taken matched by stored")
-# One target forward for every row: ids, positions and attention, packed (mask.pack); per row,
-# the width of its part, the indices of its part that verify, and what accept needs of it.
-Laid = namedtuple("Laid", "ids pos mask widths rows parts")
+# One target forward for every row: ids, positions (R, T), attention (R, T, T); verifying (R, M):
+# the tokens whose distributions accept reads; a tree's layout: its nodes (the tree's states in
+# their packed places, as a Tree) and its Shape (tree_shapes'); the offsets of the clean copies of
+# blocks 0.. (R, C) (the paper's).
+Laid = namedtuple("Laid", "ids pos mask verifying nodes shape clean")
 
 
 @dataclass
-class Proposal:
-    """A block as a proposer decoded it: known (B,) before, the proposed tokens (B,), the step map
-    (B,) (0 = known), the target steps taken on the block before (`done`), and at the state before
-    each of its steps the pick at every position (S, B) and its distribution (S, B, V; None when
-    greedy). All on the target's device."""
-    start: int
+class Verdict:
+    """What each row commits (R rows, on the device). tokens (R, J, B): the blocks from the current
+    one after the commit, and which of their positions are known (R, J, B) (elsewhere the mask
+    id); done (R,): target steps taken on the first
+    incomplete one; keep (R, K), n_keep (R,): the offsets in the forward of the tokens the target's
+    cache keeps, and how many; pending (R, P), n_pending (R,): what the target has not cached yet,
+    fed first next time; kept (R,): the leading drafted blocks the draft's cache keeps; hint
+    (R, B, V), where has_hint (R,): the target's distributions at the state its last step was taken
+    from, when that block goes on. stats {name: (R,)}: steps (target steps taken), matched (of them,
+    proposed steps taken as proposed), by_draft (of those, the draft's), proposed and accepted
+    (tokens of the checked proposals, and of them those committed as proposed). trace: what --show
+    reads (speculative.trace)."""
+    tokens: torch.Tensor
     known: torch.Tensor
+    done: torch.Tensor
+    keep: torch.Tensor
+    n_keep: torch.Tensor
+    pending: torch.Tensor
+    n_pending: torch.Tensor
+    kept: torch.Tensor
+    hint: torch.Tensor
+    has_hint: torch.Tensor
+    stats: dict
+    trace: dict
+
+
+@dataclass
+class Chain:
+    """A proposer's chain for every row (R rows, D blocks, S steps a block): tokens (R, D, B), each
+    block as proposed; step (R, D, B), the step that revealed each position (0: known before);
+    states (R, D, S, B), the block before each step; picks (R, D, S, B) and probs (R, D, S, B, V;
+    None when greedy): the proposer's pick at every position of each state and its distribution;
+    real (R, D, S): the proposer took that step (its state had a masked position) on a block the
+    row reaches; tail (R,): the row also reaches the block after the last, through its all-masked
+    state, which no proposer proposed (lossless: the target decides it alone)."""
     tokens: torch.Tensor
     step: torch.Tensor
-    done: int
+    states: torch.Tensor
     picks: torch.Tensor
     probs: torch.Tensor | None
-
-    @property
-    def steps(self):  # S: the proposer's steps on this block
-        return len(self.picks)
-
-    def states(self, mask_id):
-        """(S, B): the block before each step: the positions revealed at it or later masked."""
-        masked = self.step >= torch.arange(1, self.steps + 1, device=self.step.device)[:, None]
-        return torch.where(masked, mask_id, self.tokens)
-
-    def at_own_step(self, x):
-        """x (S, B, ...) -> (B, ...): each proposed position's row at the step that revealed it."""
-        cols = torch.arange(len(self.step), device=x.device)
-        return x[(self.step - 1).clamp(min=0), cols]
+    real: torch.Tensor
+    tail: torch.Tensor
 
 
-def proposal(start, known, done, d, r, device):
-    """Row r of a Denoised batch (sdar.denoise) as a Proposal on `device` (its own steps only),
-    for the block at `start` whose known (B,) positions it kept and on which `done` target steps
-    were taken."""
-    S = d.steps[r]
-    probs = None if d.probs is None else d.probs[:S, r].to(device)
-    return Proposal(start, known.to(device), d.tokens[r].to(device), d.step[r].to(device), done,
-                    d.picks[:S, r].to(device), probs)
+# ----------------------------------------------------------------------------- trees
+
+class Tree:
+    """States as a tree per row (R rows, N nodes; node 0 is the current state; a parent comes before
+    its children), kept as one table of longs (R, N, 4B + 6), a line per node, whose fields are
+    views: states (R, N, B) (the mask id where masked); arrival (R, N, B): the state its parent's
+    step must reach for the chain to enter it (its own; for a later block's first state, the
+    block before it complete, laid out as a clean copy); picks (R, N, B): the proposer's draws
+    there, where drawn (R, N) (their distributions: probs (R, N, B, V), apart; None when greedy);
+    nxt (R, N, B): the state the proposer's own step from it reaches; done: the target steps
+    taken on its block before the state; by: who proposed it; block: its block (0: the current
+    one); parent (node 0: itself); alive: a state, not padding (all (R, N)). One table, so that a
+    few operations build, cut and gather a tree."""
+    COLUMNS = ("drawn", "done", "by", "block", "parent", "alive")  # after the four of B
+
+    def __init__(self, table, probs, block):
+        self.table, self.probs, self.B = table, probs, block
+
+    @classmethod
+    def of(cls, states, arrival, picks, nxt, probs, **columns):
+        """A Tree from its fields ((R, N, B) each, and COLUMNS (R, N))."""
+        extra = torch.stack([columns[name].long() for name in cls.COLUMNS], -1)
+        return cls(torch.cat([states, arrival, picks, nxt, extra], -1), probs, states.shape[-1])
+
+    def part(self, i):
+        return self.table[..., i * self.B:(i + 1) * self.B]
+
+    def column(self, name):
+        return self.table[..., 4 * self.B + self.COLUMNS.index(name)]
+
+    states = property(lambda self: self.part(0))
+    arrival = property(lambda self: self.part(1))
+    picks = property(lambda self: self.part(2))
+    nxt = property(lambda self: self.part(3))
+    drawn = property(lambda self: self.column("drawn").bool())
+    done = property(lambda self: self.column("done"))
+    by = property(lambda self: self.column("by"))
+    block = property(lambda self: self.column("block"))
+    parent = property(lambda self: self.column("parent"))
+    alive = property(lambda self: self.column("alive").bool())
+
+    def cut(self, start, end=None):
+        """Nodes start..end of every row, as a Tree of their own (a copy)."""
+        probs = None if self.probs is None else self.probs[:, start:end]
+        return Tree(self.table[:, start:end].clone(), probs, self.B)
+
+    def rows(self, index):
+        """The rows at index, as a Tree."""
+        return Tree(self.table[index], None if self.probs is None else self.probs[index], self.B)
+
+    @staticmethod
+    def cat(trees):
+        """The trees' nodes one after another."""
+        probs = [t.probs for t in trees]
+        probs = None if probs[0] is None else torch.cat(probs, 1)
+        return Tree(torch.cat([t.table for t in trees], 1), probs, trees[0].B)
+
+    def nodes(self, index):
+        """The nodes (R, K) of each row, as a Tree."""
+        probs = None if self.probs is None else gather_rows(self.probs, index)
+        return Tree(gather_rows(self.table, index), probs, self.B)
+
+    def keys(self, n_pending, P, block, seen):
+        """Each row's shape as the host read it back (seen: its alive, parent and block lists):
+        the key of its layout (tree_shape): its alive slots, their parents among them (-1: the
+        root) and blocks, with its pending tokens, P, its slots and the block length."""
+        out = []
+        for alive, parent, blocks, n in zip(seen["alive"], seen["parent"], seen["block"],
+                                            n_pending):
+            slots = [i for i, a in enumerate(alive) if a]
+            place = {slot: n for n, slot in enumerate(slots)}
+            out.append((tuple(slots), tuple(place[parent[i]] if i else -1 for i in slots),
+                        tuple(blocks[i] for i in slots), n, P, len(alive), block))
+        return tuple(out)
 
 
-Shape = namedtuple("Shape", "ancestors cleans attend positions parent")
+Shape = namedtuple("Shape", "slots parent block clean ancestors source positions attend state "
+                   "copy width")
 
 
 @functools.lru_cache(maxsize=4096)
-def tree_shape(parent, blocks, n_pending, block, device):
-    """The layout of a tree of proposed states, one copy of the block per state, from its shape
-    alone (a decode meets a few dozen shapes; each is built once): ancestors (N, N) bool (node n
-    is node m or descends from it); cleans, the nodes that start a later block than their
-    parent's, each laid out after a clean copy of the block before it; the attention mask of
-    [pending | clean copies | one copy per state] (mask.tree); the positions, relative to the
-    current block's start; each node's parent (the root: itself)."""
+def tree_shape(slots, parent, blocks, n_pending, P, n_slots, B, device):
+    """One row's layout of a tree of states from its shape alone, built once per shape (a decode
+    meets a few dozen): [pending | clean copies | one copy of the block per state] (mask.tree).
+    slots: the tree's states (their places among the trie's slots); parent: each's parent among
+    them (-1: the root); blocks: each's block; n_pending: its pending tokens (of P). Returns per
+    node its slot, parent (the root: itself), block, whether it starts a later block than its
+    parent's (clean), ancestors (N, N) (node n is m or descends from it); per token its source
+    (an index into [pending (P) | per slot its state and arrival, B each]) and position
+    (from the block's start); the attention; per node its state's first token and its clean
+    copy's (-1: none); the width."""
     rows = []
     for n, p in enumerate(parent):
         row = list(rows[p]) if p >= 0 else [False] * len(parent)
@@ -97,32 +178,118 @@ def tree_shape(parent, blocks, n_pending, block, device):
         rows.append(row)
     ancestors = torch.tensor(rows, device=device)
     cleans = [n for n, p in enumerate(parent) if p >= 0 and blocks[n] > blocks[p]]
-    whole = torch.ones(block, block, dtype=torch.bool, device=device)  # a copy sees itself whole
-    attend = masks.tree([whole] * len(parent), n_pending, block, ancestors, cleans)
-    first = block * torch.tensor(blocks, device=device)  # each state's first position
-    offsets = torch.arange(block, device=device)
-    positions = torch.cat([torch.arange(-n_pending, 0, device=device),
-                           ((first[cleans] - block)[:, None] + offsets).flatten(),
-                           (first[:, None] + offsets).flatten()])
-    parents = torch.tensor([max(p, 0) for p in parent], device=device)
-    return Shape(ancestors, cleans, attend, positions, parents)
+    whole = torch.ones(B, B, dtype=torch.bool, device=device)  # a copy sees itself whole
+    attend = masks.tree([whole] * len(parent), n_pending, B, ancestors, cleans)
+    C, offsets = len(cleans), range(B)
+    source = [*range(n_pending)]  # a slot's state and arrival lie side by side, 2B a slot
+    source += [P + (2 * slots[n] + 1) * B + i for n in cleans for i in offsets]  # arrivals
+    source += [P + 2 * slot * B + i for slot in slots for i in offsets]
+    positions = [*range(-n_pending, 0)] + [(blocks[n] - 1) * B + i for n in cleans for i in offsets]
+    positions += [block * B + i for block in blocks for i in offsets]
+    copy = [n_pending + cleans.index(n) * B if n in cleans else -1 for n in range(len(slots))]
+    as_tensor = functools.partial(torch.tensor, device=device)
+    return Shape(as_tensor(slots), as_tensor([max(p, 0) for p in parent]), as_tensor(blocks),
+                 as_tensor([n in cleans for n in range(len(slots))]), ancestors,
+                 as_tensor(source), as_tensor(positions), attend,
+                 as_tensor([n_pending + (C + n) * B for n in range(len(slots))]), as_tensor(copy),
+                 len(source))
 
 
-def pack(parts, pad_id):
-    """Rows' parts [(ids, positions, mask, verifying rows, what accept needs)] as one Laid."""
-    ids, pos, attend = masks.pack([part[:3] for part in parts], pad_id)
-    return Laid(ids, pos, attend, [len(part[0]) for part in parts], [part[3] for part in parts],
-                [part[4] for part in parts])
+@functools.lru_cache(maxsize=1024)
+def tree_shapes(keys, device):
+    """The rows' shapes (tree_shape of each key), padded to the widest row (T tokens, N nodes)
+    and stacked, and which nodes are a row's (R, N): padding tokens see only themselves and
+    nothing sees them; padding nodes are their own parents."""
+    shapes = [tree_shape(*key, device) for key in keys]
+    T, N = max(s.width for s in shapes), max(len(s.slots) for s in shapes)
+    out = []
+    for s in shapes:
+        t, n = s.width, len(s.slots)
+        attend = torch.eye(T, dtype=torch.bool, device=device)
+        attend[:t, :t] = s.attend
+        ancestors = torch.eye(N, dtype=torch.bool, device=device)
+        ancestors[:n, :n] = s.ancestors
+        pad = torch.arange(n, N, device=device)
+        out.append((F.pad(s.slots, (0, N - n)), torch.cat([s.parent, pad]),
+                    F.pad(s.block, (0, N - n)), F.pad(s.clean, (0, N - n)), ancestors,
+                    F.pad(s.source, (0, T - t)), F.pad(s.positions, (0, T - t)), attend,
+                    F.pad(s.state, (0, N - n)), F.pad(s.copy, (0, N - n), value=-1)))
+    alive = torch.stack([torch.arange(N, device=device) < len(s.slots) for s in shapes])
+    return Shape(*(torch.stack(x) for x in zip(*out)), T), alive
+
+
+def lay_out_tree(trie, keys, rows):
+    """One forward over every row's tree of states (a trie of slots, and the keys of the rows'
+    shapes, as the host read them): a Laid, its ids gathered from the rows' pending tokens, their
+    slots' states and arrivals, its positions from their blocks' starts, and its nodes packed."""
+    shape, alive = tree_shapes(keys, rows.x.device)
+    source = torch.cat([rows.pending.tokens, trie.table[..., :2 * trie.B].flatten(1)], 1)
+    ids, pos = source.gather(1, shape.source), shape.positions + rows.start[:, None]
+    B, T = trie.B, shape.source.shape[1]
+    verifying = (shape.state[..., None] + torch.arange(B, device=ids.device)).flatten(1)
+    nodes = trie.nodes(shape.slots)
+    nodes.column("parent")[:], nodes.column("alive")[:] = shape.parent, alive
+    return Laid(ids, pos, shape.attend, verifying.clamp(max=T - 1), nodes, shape, None)
+
+
+def place_of(laid, slots):
+    """(R, K): the packed places of the nodes that hold these slots (R, K) of the trie."""
+    hold = (laid.shape.slots[:, :, None] == slots[:, None, :]) & laid.nodes.alive[..., None]
+    return hold.long().argmax(1)
+
+
+def chain_nodes(chain, flag, done, mask_id):
+    """A chain's states as tree nodes, in chain order: per block its S states, then the tail (the
+    first is the current state, node 0 of every tree), each node's parent its chain predecessor
+    (the last real node before it; -1: none). A row's tail is the block after its last real one."""
+    R, D, S, B = chain.states.shape
+    dev = chain.states.device
+    blocks = chain.real.any(-1).sum(1)  # (R,): the blocks the row reaches
+    block = torch.cat([torch.arange(D, device=dev).repeat_interleave(S)[None].expand(R, -1),
+                       blocks[:, None]], 1)  # (R, D S + 1)
+    step = torch.cat([torch.arange(S, device=dev).repeat(D), blocks.new_zeros(1)])
+    arrival = chain.states.clone()
+    arrival[:, 1:, 0] = chain.tokens[:, :-1]  # a later block's first state: after the one before
+    last_block = gather_rows(chain.tokens, (blocks - 1).clamp(min=0)[:, None])  # (R, 1, B)
+    nxt = torch.cat([chain.states[:, :, 1:], chain.tokens[:, :, None]], 2)  # the proposer's steps
+    blank = torch.full((R, 1, B), mask_id, device=dev)
+    body = torch.cat([chain.states, arrival, chain.picks, nxt], -1).flatten(1, 2)  # (R, D S, 4B)
+    tail = torch.cat([blank, last_block, blank * 0, blank], -1)  # (R, 1, 4B)
+    real = torch.cat([chain.real.flatten(1), chain.tail[:, None]], 1)  # (R, D S + 1)
+    index = torch.arange(real.shape[1], device=dev)
+    last = torch.where(real, index, -1).cummax(1).values  # the last real node up to each
+    parent = torch.cat([last.new_full((R, 1), -1), last[:, :-1]], 1)
+    columns = torch.stack([real & (index < D * S), step + torch.where(block == 0, done[:, None], 0),
+                           torch.full_like(block, flag), block, parent, real], -1).long()
+    probs = None if chain.probs is None else torch.cat(
+        [chain.probs.flatten(1, 2), torch.zeros_like(chain.probs[:, 0, :1])], 1)
+    return Tree(torch.cat([torch.cat([body, tail], 1), columns], -1), probs, B)
+
+
+def chain_tree(chain, flag, done, mask_id):
+    """The Tree (unpacked) of one chain: its nodes, each hanging from its chain predecessor."""
+    tree = chain_nodes(chain, flag, done, mask_id)
+    tree.column("parent").clamp_(min=0)
+    tree.column("alive")[:, 0] = 1  # the current state
+    return tree
+
+
+def gather_rows(x, index):
+    """x (R, T, ...) at index (R, M): (R, M, ...)."""
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(
+        *index.shape, *x.shape[2:]))
 
 
 def readback(**tensors):
-    """Tensors as lists (rows of their last dimension), in one copy to the host: a host sync."""
+    """Tensors as lists (nested as their shapes), in one copy to the host: the loop's one host
+    sync."""
     flat = torch.cat([t.reshape(-1).long() for t in tensors.values()]).tolist()
     out, i = {}, 0
     for name, t in tensors.items():
         values, i = flat[i:i + t.numel()], i + t.numel()
-        width = t.shape[-1] if t.dim() > 1 else len(values)
-        out[name] = [values[r:r + width] for r in range(0, len(values), width or 1)]
+        for size in reversed(t.shape[1:]):
+            values = [values[j:j + size] for j in range(0, len(values), size)]
+        out[name] = values
     return out
 
 
@@ -130,75 +297,124 @@ def readback(**tensors):
 
 class Paper:
     """The paper's acceptance of a draft's chain of L blocks (lookahead): each drafted token judged
-    (argmax, or rejection sampling) against the target at the row that verifies it, in time
-    order: draft steps (accept="step"), or the paper's positions ("position"). Every row up to the
-    first rejected rank is committed, a rejected one with the target's token. Block j is
-    verified as if the blocks before it were stored as drafted (their clean copies), and entered
-    only when they were committed whole. The layout: "exact", one copy of the block per draft
-    state (mask.copies: exactly the target denoising along the draft's order), or "simsd", the
-    paper's [block | B mask tokens] (mask.verify)."""
+    (argmax, or rejection sampling) against the target at the token that verifies it, in time
+    order: draft steps (accept="step"), or the paper's positions ("position"). Every token up to the
+    first rejected rank is committed, a rejected one with the target's token. Block j is verified
+    as if the blocks before it were stored as drafted (their clean copies), and entered only when
+    they were committed whole. The layout: "exact", one copy of the block per draft state
+    (mask.copies: exactly the target denoising along the draft's order), or "simsd", the paper's
+    [block | B mask tokens] (mask.verify)."""
+
+    tails = False
 
     def __init__(self, s):
         self.s = s
 
     def drafted(self, reach):
-        return reach  # the draft drafts every block one forward reaches
+        return reach  # the draft drafts every block a forward reaches
 
-    def layout(self, run, chains, reach):
-        return pack([self.part(row, chain[DRAFT]) for row, chain in zip(run.rows, chains)],
-                    self.s.mask_id)
+    def tree(self, run, chains):
+        """exact: the draft's chain as a tree of states (the host reads its shape back)."""
+        if self.s.verify == "exact":
+            return chain_tree(chains[DRAFT], DRAFT, run.rows.done, self.s.mask_id)
+        return None
 
-    def part(self, row, proposals):
-        B, P, dev = self.s.block, len(row.pending), row.pending.device
-        start, L = row.block.start, len(proposals)
-        before = torch.arange(start - P, start, device=dev)
-        tokens = torch.stack([p.tokens for p in proposals])  # (L, B)
-        if self.s.verify == "exact":  # one copy per state: a chain, laid out by its shape
-            blocks = tuple(j for j, p in enumerate(proposals) for _ in range(p.steps))
-            shape = tree_shape(tuple(range(-1, len(blocks) - 1)), blocks, P, B, dev)
-            states = torch.cat([p.states(self.s.mask_id) for p in proposals])
-            ids = torch.cat([row.pending, tokens[:-1].flatten(), states.flatten()])
-            verifying = torch.arange(P + (L - 1) * B, len(ids), device=dev)
-            return ids, shape.positions + start, shape.attend, verifying, proposals
-        offsets = torch.arange(B, device=dev)
-        pos = start + B * torch.arange(L, device=dev)[:, None] + offsets  # (L, B)
-        parts = torch.stack([tokens, torch.full_like(tokens, self.s.mask_id)], 1)  # (L, 2, B)
-        ids = torch.cat([row.pending, tokens[:-1].flatten(), parts.flatten()])
-        pos = torch.cat([before, pos[:-1].flatten(), pos.repeat_interleave(2, 0).flatten()])
-        attend = masks.tree([masks.verify(p.step) for p in proposals], P, B,
-                            torch.ones(L, L, dtype=torch.bool, device=dev).tril(), range(1, L))
-        mask_rows = torch.arange(L, device=dev)[:, None] * 2 * B + B + offsets  # (L, B)
-        return ids, pos, attend, (P + (L - 1) * B + mask_rows).flatten(), proposals
+    def layout(self, run, chains):
+        chain, s = chains[DRAFT], self.s
+        if s.verify == "exact":  # one copy per draft state
+            laid = lay_out_tree(run.trie, run.keys, run.rows)
+            S, D = chain.states.shape[2], chain.tokens.shape[1]
+            starts = torch.arange(1, D, device=laid.ids.device) * S  # later blocks' first states
+            clean = laid.shape.copy.gather(1, place_of(laid, starts.expand(len(laid.ids), -1)))
+            return laid._replace(clean=clean)
+        return simsd_layout(chain, run.rows, s)
 
     def accept(self, run, laid, q):
-        return [self.verdict(row, proposals, q_row, run.generator)
-                for row, proposals, q_row in zip(run.rows, laid.parts, q)]
+        """q (R, M, V): the target's distributions at the verifying tokens."""
+        chain, s = run.chains[DRAFT], self.s
+        (R, D, B), V = chain.tokens.shape, q.shape[-1]
+        S, dev = chain.states.shape[2], q.device
+        t, d = chain.step, chain.tokens  # (R, D, B)
+        drafted = (t > 0) & chain.real.any(-1)[..., None]  # on the blocks the row reaches
+        own = (torch.arange(D, device=dev)[:, None] * S + t - 1).clamp(min=0).flatten(1)  # (R, DB)
+        rows, position = torch.arange(R, device=dev)[:, None], torch.arange(B, device=dev).repeat(D)
+        if s.verify == "exact":  # one copy per state: each position's at the state before its step
+            q = q.view(R, -1, B, V)[rows, place_of(laid, own), position]
+        p = None if s.sampling.greedy else chain.probs.flatten(1, 2)[rows, own, position]
+        p = None if p is None else p.view(R, D, B, V)
+        y, ok = judge(d, p, q.view(R, D, B, V), s.sampling, run.generator,
+                      run.stops if s.stop_ids else (), s.eos_min_prob)
+        rank = torch.arange(D, device=dev)[:, None]
+        order = rank * (B + 1) + t if s.accept == "step" else (rank * B + position.view(D, B))
+        order = order.expand(R, D, B).flatten(1)
+        taken = in_time_order(ok.flatten(1) | ~drafted.flatten(1), order)  # (R, D B)
+        committed = drafted & taken.view(R, D, B)
+        out = drafted_fates(chain, run.rows, *(torch.cat([x, torch.zeros_like(x[:, :1])], 1)
+                                               for x in (committed, y, ok)), s)
+        n_pending = run.rows.pending.n
+        e = torch.arange(run.rows.pending.tokens.shape[1] + (D - 1) * B, device=dev)
+        clean = laid.clean.repeat_interleave(B, 1) + torch.arange(B, device=dev).repeat(D - 1)
+        clean = torch.cat([clean, clean.new_zeros(R, 1)], 1)  # never empty (L = 1: unused)
+        keep = torch.where(e < n_pending[:, None], e,
+                           gather_rows(clean, (e - n_pending[:, None]).clamp(0, (D - 1) * B)))
+        complete = out["known"].all(-1).long().cumprod(1).sum(1)
+        pending = out["tokens"].gather(1, out["kept"][:, None, None].expand(R, 1, B))[:, 0]
+        return verdict_of(out, keep, n_pending + out["kept"] * B, pending,
+                          B * (complete > out["kept"]), run.rows, s)
 
-    def verdict(self, row, proposals, q, generator):
-        s, B, L = self.s, self.s.block, len(proposals)
-        q = q.view(-1, B, q.shape[-1])
-        d = torch.stack([p.tokens for p in proposals])  # (L, B)
-        t = torch.stack([p.step for p in proposals])
-        if s.verify == "exact":  # q holds one copy per state: each position's own step's
-            firsts = [sum(p.steps for p in proposals[:j]) for j in range(L)]
-            q = torch.stack([p.at_own_step(q[f:f + p.steps]) for p, f in zip(proposals, firsts)])
-        p = None if s.sampling.greedy else torch.stack([p.at_own_step(p.probs) for p in proposals])
-        y, ok = judge(d, p, q, s.sampling, generator, s.stop_ids, s.eos_min_prob)
-        rank = torch.arange(L, device=d.device)[:, None]
-        order = rank * (B + 1) + t if s.accept == "step" else rank * B + torch.arange(B,
-                                                                                     device=d.device)
-        committed = (t > 0) & in_time_order(ok | (t == 0), order)
-        return drafted_verdict(proposals, committed, y, ok, row, s)
+
+def simsd_layout(chain, rows, s):
+    """The paper's layout of every row's D drafted blocks: [pending | clean copies of blocks
+    0..D-2, as drafted | per block j: its B tokens as drafted, then B mask tokens], the tokens of
+    block j at positions start + jB.. (mask.verify for each block's 2B; a block's part and clean
+    copy see the clean copies before it and the pending tokens)."""
+    (R, D, B), dev = chain.tokens.shape, chain.tokens.device
+    P = rows.pending.tokens.shape[1]
+    parts = torch.stack([chain.tokens, torch.full_like(chain.tokens, s.mask_id)], 2)  # (R, D, 2, B)
+    ids = torch.cat([rows.pending.tokens, chain.tokens[:, :-1].flatten(1), parts.flatten(1)], 1)
+    offsets = torch.arange(B, device=dev)
+    block_pos = rows.start[:, None, None] + B * torch.arange(D, device=dev)[:, None] + offsets
+    pending_pos = rows.start[:, None] - rows.pending.n[:, None] + torch.arange(P, device=dev)
+    pos = torch.cat([pending_pos, block_pos[:, :-1].flatten(1),
+                     block_pos.repeat_interleave(2, 1).flatten(1)], 1)
+    inner = masks.tree([torch.ones(2 * B, 2 * B, dtype=torch.bool, device=dev)] * D, 0, B,
+                       torch.ones(D, D, dtype=torch.bool, device=dev).tril(), range(1, D))
+    C = (D - 1) * B  # the parts' own masks: each block's mask.verify
+    inner = inner.expand(R, -1, -1).clone()
+    inner[:, C:, C:] = block_diag_batched(masks.verify(chain.step))  # (R, D 2B, D 2B)
+    real = torch.arange(P, device=dev) < rows.pending.n[:, None]  # (R, P)
+    T = P + inner.shape[1]
+    attend = torch.zeros(R, T, T, dtype=torch.bool, device=dev)
+    attend[:, :P, :P] = masks.block_causal(P, B, device=dev) & real[:, None, :]
+    attend[:, P:, :P] = real[:, None, :]
+    attend[:, P:, P:] = inner
+    attend |= torch.eye(T, dtype=torch.bool, device=dev)
+    mask_rows = P + C + (torch.arange(D, device=dev)[:, None] * 2 * B + B + offsets).flatten()
+    clean = P + B * torch.arange(D - 1, device=dev)
+    return Laid(ids, pos, attend, mask_rows.expand(R, -1), None, None, clean.expand(R, -1))
+
+
+def block_diag_batched(parts):
+    """(R, D, n, n) -> (R, D n, D n): each row's D parts on the diagonal."""
+    R, D, n, _ = parts.shape
+    out = torch.zeros(R, D * n, D * n, dtype=parts.dtype, device=parts.device)
+    for j in range(D):
+        out[:, j * n:(j + 1) * n, j * n:(j + 1) * n] = parts[:, j]
+    return out
 
 
 # ----------------------------------------------------------------------------- SpecDiff
 
 class Causal:
     """SpecDiff: an autoregressive target verifies [its pending token | every drafted token, in
-    position order] causally (logits at i predict i + 1), judging each drafted token by the
-    logits before it (argmax, or rejection sampling). Rows up to the first rejection are
-    committed, that one with the target's token, or the token after the last drafted one (a
-    bonus) when none is rejected. Its cache keeps every committed token but the newest."""
+    position order] causally (the logits at i predict i + 1), judging each drafted token by the
+    logits before it (argmax, or rejection sampling). Tokens up to the first rejection are
+    committed, that one with the target's token; when none is rejected, the token after the last
+    drafted one (a bonus). Its cache keeps every committed token but the newest, which is pending.
+    The current block's known tokens are a prefix (commits are prefixes): they sit in the layout as
+    padding, so that every row has the same width."""
+
+    tails = False
 
     def __init__(self, s):
         self.s = s
@@ -206,99 +422,103 @@ class Causal:
     def drafted(self, reach):
         return reach
 
-    def layout(self, run, chains, reach):
-        return pack([self.part(row, chain[DRAFT]) for row, chain in zip(run.rows, chains)],
-                    self.s.mask_id)
+    def tree(self, run, chains):
+        return None
 
-    def part(self, row, proposals):
-        """The current block's known tokens are a prefix (commits are prefixes)."""
-        B, n_masks = self.s.block, row.block.masks
-        drafted = torch.cat([p.tokens for p in proposals])[B - n_masks:]
-        first = proposals[0].start + B - n_masks
-        pos = torch.arange(first - len(row.pending), first + len(drafted), device=drafted.device)
-        attend = masks.block_causal(len(pos), 1, device=drafted.device)
-        verifying = torch.arange(len(row.pending) - 1, len(pos), device=drafted.device)
-        return torch.cat([row.pending, drafted]), pos, attend, verifying, proposals
+    def layout(self, run, chains):
+        chain, rows = chains[DRAFT], run.rows
+        (_, D, B), dev = chain.tokens.shape, chain.tokens.device
+        slot = torch.arange(D * B, device=dev)
+        known = rows.known.sum(-1)[:, None]  # (R, 1): the known prefix
+        ids = torch.cat([rows.pending.tokens, chain.tokens.flatten(1)], 1)
+        pos = torch.cat([rows.start[:, None] + known - 1, rows.start[:, None] + slot], 1)
+        real = torch.cat([torch.ones_like(known, dtype=torch.bool), slot >= known], 1)  # (R, T)
+        T = 1 + D * B
+        attend = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & real[:, None, :]
+        attend |= torch.eye(T, dtype=torch.bool, device=dev)
+        before = torch.where(slot <= known, 0, slot)  # the token before slot a: a - 1, or pending
+        verifying = torch.cat([before, torch.full_like(known, D * B)], 1)
+        return Laid(ids, pos, attend, verifying, None, None, None)
 
     def accept(self, run, laid, q):
-        return [self.verdict(row, proposals, q_row, run.generator)
-                for row, proposals, q_row in zip(run.rows, laid.parts, q)]
-
-    def verdict(self, row, proposals, q, generator):
-        """q (M + 1, V): the target's next-token distributions before each drafted token and
+        """q (R, DB + 1, V): the target's next-token distributions before each drafted slot, and
         after the last."""
-        s, B, L = self.s, self.s.block, len(proposals)
-        skip = B - row.block.masks  # the current block's known prefix
-        d = torch.cat([p.tokens for p in proposals])[skip:]
+        chain, rows, s = run.chains[DRAFT], run.rows, self.s
+        (R, D, B), dev = chain.tokens.shape, chain.tokens.device
+        S = chain.states.shape[2]
+        slot = torch.arange(D * B, device=dev)
+        skip = slot < rows.known.sum(-1)[:, None]  # the known prefix: not judged
+        drafted = ~skip & chain.real.any(-1).repeat_interleave(B, 1)  # blocks the row reaches
+        d = chain.tokens.flatten(1)
         p = None
         if not s.sampling.greedy:
-            p = torch.cat([prop.at_own_step(prop.probs) for prop in proposals])[skip:]
-            p = torch.cat([p, torch.zeros_like(p[:1])])
-        rows = torch.arange(len(d) + 1, device=d.device)
-        y, ok = judge(torch.cat([d, d[:1]]), p, q, s.sampling, generator)  # + the bonus row
-        ok = ok & (rows < len(d))  # the bonus row drafts nothing: never accepted
-        committed = in_time_order(ok, rows)
+            own = (slot // B * S + chain.step.flatten(1) - 1).clamp(min=0)  # (R, D B)
+            p = chain.probs.flatten(1, 2)[torch.arange(R, device=dev)[:, None], own, slot % B]
+        judged, ok = judge(d, p, q[:, :-1], s.sampling, run.generator)
+        y = s.sampling.pick(q, run.generator)  # (R, D B + 1): the target's own, where nothing
+        none = torch.zeros_like(skip[:, :1])   # was drafted, and the bonus after the last
+        drafted = torch.cat([drafted, none], 1)
+        y = torch.where(drafted, torch.cat([judged, judged[:, :1]], 1), y)
+        ok = torch.cat([ok, none], 1) & drafted
+        skip = torch.cat([skip, none], 1)
+        committed = in_time_order(ok | skip, torch.arange(D * B + 1, device=dev)) & ~skip
 
-        def grid(x):  # rows from block 1's first drafted position -> (L + 1, B)
-            before = torch.zeros(skip, dtype=x.dtype, device=x.device)
-            after = torch.zeros(B - 1, dtype=x.dtype, device=x.device)
-            return torch.cat([before, x, after]).view(L + 1, B)
+        def grid(x):  # (R, D B + 1) -> (R, D + 1, B): the bonus at the next block's first place
+            return torch.cat([x, torch.zeros_like(x[:, :B - 1])], 1).view(R, D + 1, B)
+        out = drafted_fates(chain, rows, grid(committed), grid(y), grid(ok), s)
+        accepted = (out["fate"] == ACCEPTED).sum((1, 2))
+        n_keep = 1 + accepted  # the pending token and the accepted ones
+        first = (~skip[:, :-1]).long().argmax(1)  # the first drafted slot
+        keep = torch.cat([torch.zeros_like(first)[:, None], 1 + first[:, None] + slot], 1)
+        newest = first + accepted  # the committed token after the accepted ones: pending next
+        flat = out["tokens"].flatten(1)
+        pending = flat.gather(1, newest[:, None])
+        return verdict_of(out, keep, n_keep, pending, torch.ones_like(first), rows, s)
 
-        return drafted_verdict(proposals, grid(committed), grid(y), grid(ok), row, s, causal=True)
 
+# ----------------------------------------------------------------------------- both
 
-def drafted_verdict(proposals, committed, tokens, as_drafted, row, s, causal=False):
-    """The (Verdict, Trace) of the paper's and the causal acceptance: positions committed (L or
-    L + 1 rows of B) take `tokens`; as_drafted marks those committed as drafted. A missing last
-    row is the fresh block after the proposals. One readback."""
-    L, B, n_pending = len(proposals), s.block, len(row.pending)
+def drafted_fates(chain, rows, committed, tokens, as_drafted, s):
+    """What the paper's and the causal acceptance committed of a draft's chain: committed (R, J, B)
+    (J = D, or D + 1 for a row after the proposals) take `tokens`; as_drafted marks those
+    committed as drafted. Returns the blocks after the commit, their fates, the target steps each
+    block took, the leading blocks committed whole as drafted (kept), and the steps matched."""
+    (R, D, B), J = chain.tokens.shape, committed.shape[1]
 
-    def rows(xs, fill):  # (L, B) -> (L + 1, B)
-        extra = torch.full((L + 1 - len(xs), B), fill, dtype=xs.dtype, device=xs.device)
-        return torch.cat([xs, extra])
-
-    known = rows(torch.stack([p.known for p in proposals]), False)
-    drafted = rows(torch.stack([p.step > 0 for p in proposals]), False)
-    before = rows(torch.stack([torch.where(p.known, p.tokens, s.mask_id) for p in proposals]),
-                  s.mask_id)
-    committed, tokens, as_drafted = rows(committed, False), rows(tokens, 0), rows(as_drafted, False)
+    def rows_of(x, fill):  # (R, D, B) -> (R, J, B)
+        return torch.cat([x, torch.full((R, J - D, B), fill, dtype=x.dtype, device=x.device)], 1)
+    reached = chain.real.any(-1)[..., None]  # (R, D, 1): blocks the row reaches
+    step = rows_of(chain.step * reached, 0)
+    later = torch.zeros_like(chain.tokens[:, 1:], dtype=torch.bool)
+    known = rows_of(torch.cat([rows.known[:, None], later], 1), False)
+    drafted = step > 0
+    before = torch.where(known, rows_of(chain.tokens, s.mask_id), s.mask_id)
     fate = torch.where(committed, torch.where(as_drafted, ACCEPTED, TARGET),
                        torch.where(drafted, DROPPED, KNOWN))
-    seen = readback(tokens=torch.where(committed, tokens, before), known=known | committed,
-                    fate=fate, proposed=rows(torch.stack([p.tokens for p in proposals]), 0),
-                    steps=rows(torch.stack([p.step for p in proposals]), 0))
-    taken = [steps_taken(f, t) for f, t in zip(seen["fate"], seen["steps"])]
-    kept = 0  # the leading drafted blocks committed whole, as drafted (the last is never stored)
-    while kept < L - 1 and all(f in (KNOWN, ACCEPTED) for f in seen["fate"][kept]):
-        kept += 1
-    matched = sum(all(f == ACCEPTED for f, t in zip(fate, steps) if t == step)
-                  for fate, steps in zip(seen["fate"], seen["steps"]) for step in set(steps) - {0})
-    done = [p.done + n for p, n in zip(proposals, taken)] + [0]
-    tokens, known = seen["tokens"], seen["known"]
-    complete = leading_complete(known)
-    if causal:  # every committed token but the newest, which is pending
-        accepted = sum(f.count(ACCEPTED) for f in seen["fate"])
-        keep = list(range(n_pending + accepted))
-        newest = B - row.block.masks + accepted  # its place from the current block's first
-        pending = sum(tokens, [])[newest:newest + 1]
-    else:  # the pending blocks and the clean copies of the blocks committed as drafted
-        keep = [*range(n_pending), *(n_pending + c * B + i for c in range(kept) for i in range(B))]
-        pending = sum(tokens[kept:complete], [])
-    verdict = Verdict(tokens, known, done, keep, pending, kept, None)
-    return verdict, Trace(seen["fate"], seen["proposed"], seen["steps"], taken,
-                          (matched, matched), "draft", list(range(kept)))
+    dropped = torch.where(fate == DROPPED, step, s.steps + 1).min(-1).values  # (R, J)
+    taken = torch.where(dropped <= s.steps, dropped - 1, step.max(-1).values)  # whole steps
+    whole = ((fate == KNOWN) | (fate == ACCEPTED)).all(-1) & (torch.arange(J, device=step.device)
+                                                             < reached.sum((1, 2))[:, None] - 1)
+    kept = whole.long().cumprod(1).sum(1)  # the last drafted block is never stored
+    stepped = (drafted[..., None] & (step[..., None] == torch.arange(1, s.steps + 1,
+                                                                     device=step.device)))
+    matched = (stepped.any(2) & ~(stepped & (fate != ACCEPTED)[..., None]).any(2)).sum((1, 2))
+    after = torch.where(committed, tokens, before)
+    return dict(tokens=after, fate=fate, step=step, taken=taken, kept=kept, matched=matched,
+                proposed=rows_of(chain.tokens, 0), known=known | committed,
+                dropped_any=drafted.sum((1, 2)))
 
 
-def leading_complete(known):
-    """How many of the leading blocks (rows of B) are complete."""
-    complete = 0
-    while complete < len(known) and all(known[complete]):
-        complete += 1
-    return complete
-
-
-def steps_taken(fate, steps):
-    """The target steps a block took in this iteration: every draft step whose positions were all
-    committed."""
-    dropped = [t for f, t in zip(fate, steps) if f == DROPPED]
-    return min(dropped) - 1 if dropped else max(steps, default=0)
+def verdict_of(out, keep, n_keep, pending, n_pending, rows, s):
+    """The Verdict of the paper's and the causal acceptance, from drafted_fates' `out`."""
+    R, J, B = out["tokens"].shape
+    complete = (out["known"].all(-1)).long().cumprod(1).sum(1)  # leading complete blocks
+    first = complete.clamp(max=J - 1)
+    done = out["taken"].gather(1, first[:, None])[:, 0] + torch.where(first == 0, rows.done, 0)
+    stats = dict(steps=out["taken"].sum(1), matched=out["matched"], by_draft=out["matched"],
+                 proposed=out["dropped_any"], accepted=(out["fate"] == ACCEPTED).sum((1, 2)))
+    trace = dict(fate=out["fate"], proposed=out["proposed"], steps=out["step"],
+                 taken=out["taken"], stored=out["kept"], by=torch.ones_like(out["kept"]).bool())
+    no_hint = torch.zeros(R, B, 1, device=done.device)  # a hint is lossless verification's
+    return Verdict(out["tokens"], out["known"], done, keep, n_keep, pending, n_pending,
+                   out["kept"], no_hint, done < 0, stats, trace)

@@ -10,7 +10,6 @@ import torch
 
 import bench
 import checkpoint
-import model
 from batch import Stats
 
 

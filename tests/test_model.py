@@ -111,7 +111,7 @@ def test_scratch_tokens_are_invisible():
         after = m(idx[:, 8:], torch.arange(8, 12), ones, cache)
         clean = m(idx, torch.arange(12), block_mask(range(12), 4))[:, 8:]
     torch.testing.assert_close(after, clean, rtol=1e-5, atol=1e-5)
-    assert cache.lens == [8]
+    assert cache.lens.tolist() == [8]
 
 
 def test_cache_errors(refuses):
@@ -128,7 +128,7 @@ def test_cache_errors(refuses):
         with refuses(ValueError, match="batch of 2"):
             m(torch.zeros(2, 1, dtype=torch.long), torch.arange(1), None, cache)
     cache.reset()
-    assert cache.lens == [0]
+    assert cache.lens.tolist() == [0]
 
 
 def test_rows_of_different_lengths_equal_each_row_alone():
@@ -150,7 +150,7 @@ def test_rows_of_different_lengths_equal_each_row_alone():
           torch.tensor([[4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]]),
           block_mask(range(4), block), cache)
         cache.commit([0, 4, 0])
-        assert cache.lens == lens
+        assert cache.lens.tolist() == lens
         new = torch.stack([s[n:n + 4] for s, n in zip(seqs, lens)])
         pos = torch.stack([torch.arange(n, n + 4) for n in lens])
         attend = torch.stack([torch.ones(4, 4, dtype=torch.bool), block_mask(range(4), 2),
@@ -161,10 +161,10 @@ def test_rows_of_different_lengths_equal_each_row_alone():
             full[n:, n:] = attend[r]
             want = m(s[None, :n + 4], torch.arange(n + 4), full)[0, n:]
             torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-5)
-        cache.commit([4, 2, 0], [None, [2, 3], None])  # row 1 keeps new tokens 2 and 3 only
-        assert cache.lens == [8, 14, 8]
+        cache.commit([4, 2, 0], [[0, 1, 2, 3], [2, 3, 0, 0], [0, 0, 0, 0]])  # row 1: 2 and 3
+        assert cache.lens.tolist() == [8, 14, 8]
         cache.keep_rows([1, 2])
-        assert cache.lens == [14, 8]
+        assert cache.lens.tolist() == [14, 8]
         nxt = torch.stack([seqs[1][16:18], seqs[2][8:10]])
         got = m(nxt, torch.tensor([[16, 17], [8, 9]]), torch.ones(2, 2, dtype=torch.bool), cache)
         # row 1 alone: tokens 12, 13 were computed, and 14, 15 saw them, but only 14, 15 were kept
@@ -185,11 +185,12 @@ def test_visible_matches_a_loop():
     row r's new token i sees its committed slots (< lens[r]) and new token j where the mask says."""
     m, T = tiny(), 3
     cache = m.new_cache(16, 3)
-    cache.lens = [2, 5, 0]
+    cache.rewind(torch.tensor([2, 5, 0]))
+    cache.tighten(5)
     cache.start(3, T)
     mask = torch.rand(3, T, T) < 0.5
     got = cache.visible(mask, T)[:, 0].tolist()
-    for r, n in enumerate(cache.lens):
+    for r, n in enumerate(cache.lens.tolist()):
         for i in range(T):
             want = [c < n or (n <= c < n + T and bool(mask[r, i, c - n])) for c in range(5 + T)]
             assert got[r][i] == want
@@ -212,8 +213,9 @@ def test_rope_matches_direct_rotation_with_repeats_and_shifts():
     """Repeated and shifted positions rotate exactly as the rotary formula says."""
     x = torch.randn(6, 16)
     for pos in ([0, 1, 2, 3, 4, 5], [5, 6, 6, 7, 7, 5], [1000, 1001, 1001, 1002, 1003, 1003]):
-        cos, sin = model.rope(torch.tensor(pos), 16, 1e4, torch.float32)
-        got = model.apply_rope(x, cos[0, 0], sin[0, 0])
+        cos, sin = (t[torch.tensor(pos)] for t in model.rope_table(1004, 16, 1e4, torch.float32,
+                                                                     "cpu"))
+        got = model.apply_rope(x, cos, sin)
         torch.testing.assert_close(got, rotate_by_hand(x, pos, 1e4), rtol=1e-4, atol=1e-4)
 
 

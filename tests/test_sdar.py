@@ -4,6 +4,7 @@ import collections
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,9 +94,17 @@ def test_dynamic_reveals_above_the_threshold_not_at_it():
 
 
 def one(d):
-    """Row 0 of a Denoised batch of one block: tokens (B,), step (B,), forwards, picks (S, B)."""
-    return sdar.Denoised(d.tokens[0], d.step[0], d.forwards[0], d.steps[0], d.picks[:, 0],
-                         None if d.probs is None else d.probs[:, 0])
+    """Row 0 of a Denoised batch of one block: tokens (B,), step (B,), picks (S, B), forwards."""
+    return sdar.Denoised(d.tokens[0], d.step[0], d.states[:, 0], d.masked[:, 0], d.picks[:, 0],
+                         None if d.probs is None else d.probs[:, 0], d.forwards)
+
+
+def denoise_one(m, x, known, start, steps, rule=None, **kw):
+    """sdar.denoise of one block x (B,), its known positions, at `start`, `steps` per block."""
+    rule = rule or sdar.Settings()
+    rule = replace(rule, block=len(x), steps=steps)
+    return one(sdar.denoise(m, torch.where(known, x, MASK)[None], torch.tensor([start]),
+                            torch.tensor([0]), rule, **kw))
 
 
 def test_step_map_follows_the_schedule(random_model, prompt):
@@ -107,14 +116,15 @@ def test_step_map_follows_the_schedule(random_model, prompt):
         x = torch.where(known, torch.tensor(prompt(4, pattern)), MASK)
         quotas = sdar.schedule(int((~known).sum()), 4, steps)
         with torch.no_grad():
-            out = one(sdar.denoise(m, x[None], known[None], [0], [quotas], sdar.Settings()))
+            out = denoise_one(m, x, known, 0, steps)
         assert (out.tokens != MASK).all() and out.step[known].eq(0).all()
         assert torch.equal(out.tokens[known], x[known])
         left, reveals = int((~known).sum()), []
         for k in quotas:
             reveals.append(min(k, left))
             left -= reveals[-1]
-        assert [int((out.step == s).sum()) for s in range(1, out.forwards + 1)] == reveals
+        assert [int((out.step == s).sum()) for s in range(1, steps + 1)] == reveals + [0] * (
+            steps - len(reveals))  # the steps past a full block reveal nothing
 
 
 def test_static_reveals_the_most_confident(random_model):
@@ -122,7 +132,7 @@ def test_static_reveals_the_most_confident(random_model):
     m = random_model(3)
     x, known = torch.full((4,), MASK), torch.zeros(4, dtype=torch.bool)
     with torch.no_grad():
-        out = one(sdar.denoise(m, x[None], known[None], [0], [[1, 1, 1, 1]], sdar.Settings()))
+        out = denoise_one(m, x, known, 0, 4)
         probs = m(x[None], torch.arange(4), torch.ones(4, 4, dtype=torch.bool))[0]
         probs = probs.index_fill(-1, torch.tensor([MASK]), -math.inf).softmax(-1)
     first = out.step.tolist().index(1)
@@ -138,13 +148,13 @@ def test_a_batch_of_blocks_denoises_as_each_alone(random_model, prompt):
     with torch.no_grad():
         cache = m.new_cache(16, batch_size=3)
         sdar.prefill(m, prefix, cache, 4)
-        rule = sdar.Settings(strategy="dynamic", threshold=0.5)
-        batched = sdar.denoise(m, x, known, [8] * 3, [[1, 1, 1, 1]] * 3, rule, cache=cache)
+        rule = sdar.Settings(strategy="dynamic", threshold=0.5, steps=4)
+        batched = sdar.denoise(m, x, torch.full((3,), 8), torch.zeros(3, dtype=torch.long), rule,
+                               known=known, cache=cache)
         for row in range(3):
             alone_cache = m.new_cache(16)
             sdar.prefill(m, prefix[row], alone_cache, 4)
-            alone = one(sdar.denoise(m, x[row][None], known[row][None], [8], [[1, 1, 1, 1]], rule,
-                                     cache=alone_cache))
+            alone = denoise_one(m, x[row], known[row], 8, 4, rule, cache=alone_cache)
             assert torch.equal(batched.tokens[row], alone.tokens) and torch.equal(batched.step[row], alone.step)
 
 
@@ -219,16 +229,15 @@ def test_one_forward_chain_is_the_rule_applied_to_one_forwards_logits(strategy, 
     the threshold)."""
     m = random_model(5)
     checked = beyond = 0
-    for P, known_at, steps in itertools.product((4, 6), ((), (2,), (0, 3)), (4, 2)):
+    for P, known_at, steps in itertools.product((4, 8), ((), (2,), (0, 3)), (4, 2)):  # aligned
         ids = prompt(P + 4, P)
         x = torch.tensor(ids[P:])
         known = torch.tensor([i in known_at for i in range(4)])
         quotas = sdar.schedule(4 - len(known_at), 4, steps)
         cache = m.new_cache(64)
         sdar.prefill(m, torch.tensor(ids[:P]), cache, 4)
-        got = one(sdar.denoise(m, x[None], known[None], [P], [quotas],
-                               sdar.Settings(strategy=strategy, threshold=0.3), cache=cache,
-                               drafting="block"))
+        got = denoise_one(m, x, known, P, steps, sdar.Settings(strategy=strategy, threshold=0.3),
+                          cache=cache, drafting="block")
         state = [t if i in known_at else MASK for i, t in enumerate(ids[P:])]
         seq = torch.tensor(ids[:P] + state)
         with torch.no_grad():
@@ -251,6 +260,36 @@ def test_one_forward_chain_is_the_rule_applied_to_one_forwards_logits(strategy, 
         assert got.picks.tolist() == [pick] * len(got.picks)
         checked += len(got.picks)
     assert checked >= 12 and (beyond > 0) == (strategy == "dynamic")
+
+
+@pytest.mark.parametrize("strategy", ["static", "dynamic", "left"])
+def test_replay_is_the_rule_applied_step_after_step(strategy):
+    """replay (every step of a block on fixed distributions and greedy picks, from one sort)
+    equals sdar.step applied once per step: rows with known positions, steps already taken,
+    confidences that tie (coarse probabilities) and that cross the threshold."""
+    g = torch.Generator().manual_seed(0)
+    rule = sdar.Settings(strategy=strategy, threshold=0.5)
+    checked = 0
+    for B, S in ((4, 4), (4, 2), (8, 3), (6, 6)):
+        rule = replace(rule, steps=S)
+        R = 64
+        probs = torch.randint(1, 4, (R, B, 5), generator=g).float()  # ties in confidence
+        probs[:R // 2, :, 0] += 12 * torch.rand(R // 2, B, generator=g)  # some above 0.5
+        probs = probs / probs.sum(-1, keepdim=True)
+        todo = torch.rand(R, B, generator=g) < 0.75
+        done = torch.randint(0, S, (R,), generator=g) * (todo.sum(-1) < B)
+        x = torch.where(todo, 9, torch.randint(0, 5, (R, B), generator=g))
+        quotas = sdar.quota(done[:, None] + torch.arange(S), B, S)
+        got = sdar.replay(x, todo, probs, quotas, rule, 0)
+        want_x, want_todo, want_step = x, todo, torch.zeros_like(x)
+        for s in range(S):
+            assert torch.equal(got.states[s], want_x) and torch.equal(got.masked[s], want_todo)
+            want_x, want_todo, revealed, _ = sdar.step(probs, want_x, want_todo, quotas[:, s:s + 1],
+                                                       rule)
+            want_step = torch.where(revealed, s + 1, want_step)
+        assert torch.equal(got.tokens, want_x) and torch.equal(got.step, want_step)
+        checked += int(revealed.any())
+    assert checked
 
 
 def test_missing_mask_id_is_an_error(random_model):

@@ -6,6 +6,7 @@ import itertools
 import math
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -410,73 +411,85 @@ CACHE_MODES = {"lossless, draft": dict(proposer="draft", drafting="step"),
 
 
 @pytest.mark.parametrize("mode", CACHE_MODES)
-def test_caches_equal_the_oracle_after_every_iteration(mode, made_caches, pairs, ar_target, prompt):
-    """After every iteration, each cache holds exactly what a fresh prefill of the committed tokens
-    computes: whole blocks for the draft and a diffusion target, every token but the newest for an
-    AR target; also after later proposed blocks were rolled back, after blocks accepted whole were
-    kept from the verifying forward's clean copies (moved into place when another lay before
-    them), and at block 1, where a bonus fills the next block."""
-    rolled_back = stored = moved = 0
+def test_caches_equal_the_oracle_after_every_iteration(mode, monkeypatch, pairs, ar_target, prompt):
+    """After every iteration's commit, each cache holds exactly what a fresh prefill of the
+    committed tokens computes: whole blocks for the draft and a diffusion target, every token but
+    the newest for an AR target; also after later proposed blocks were rolled back, after blocks
+    accepted whole were kept from the verifying forward's clean copies (moved into place: in the
+    layout other copies lie before them), and at block 1, where a bonus fills the next block."""
+    rolled_back = stored = checked = 0
+    real = speculative.commit
+
+    def commit(run, verdict):
+        nonlocal checked
+        new, n_new = real(run, verdict)
+        row, block = run.batch.rows[0], run.settings.block
+        committed = prompt_ids + row.out + new[0, :int(n_new[0])].tolist()
+        if run.draft_cache is not None:
+            length = int(run.draft_cache.lens[0])
+            assert length % block == 0 and length <= len(committed)
+            assert_cache_is_the_oracle(run.draft, run.draft_cache, committed, block)
+        if mode == "ar":
+            assert int(run.target_cache.lens[0]) == len(committed) - 1
+            assert_cache_is_the_oracle(run.target, run.target_cache, committed, 1)
+        else:
+            assert_cache_is_the_oracle(run.target, run.target_cache, committed, block)
+        checked += 1
+        return new, n_new
+    monkeypatch.setattr(speculative, "commit", commit)
+
+    def count(info):
+        nonlocal rolled_back, stored
+        rolled_back += sum(3 in row for row in info["fate"][1:])  # a later block dropped
+        stored += len(info["stored"]) > 0
     for block, lookahead, P in ((1, 2, 3), (2, 3, 5), (4, 2, 6), (4, 3, 7), (2, 3, 4), (4, 3, 8)):
         target, draft = pairs[P % 2]  # the noisy copy proposes long chains, the other rarely
         target = ar_target(0) if mode == "ar" else target
         draft = None if mode == "lossless, self" else draft
-        made_caches.clear()
-        committed = prompt(P, P)
-
-        def check(info):
-            nonlocal rolled_back, stored, moved
-            committed.extend(info["new"])
-            rolled_back += sum(3 in row for row in info["fate"][1:])  # a later block dropped
-            stored += len(info["stored"]) > 0
-            moved += info["stored"] != list(range(len(info["stored"])))
-            if len(committed) == P + 6 * block:
-                return  # the last iteration: its tokens past max_new_tokens are not returned
-            tcache = made_caches[0][1]
-            if draft is not None:
-                dcache = made_caches[1][1]
-                assert dcache.lens[0] % block == 0 and dcache.lens[0] <= len(committed)
-                assert_cache_is_the_oracle(draft, dcache, committed, block)
-            if mode == "ar":
-                assert tcache.lens[0] == len(committed) - 1
-                assert_cache_is_the_oracle(target, tcache, committed, 1)
-            else:
-                assert_cache_is_the_oracle(target, tcache, committed, block)
+        prompt_ids = prompt(P, P)
         if mode == "lossless, self" and lookahead > 2:
             continue
-        speculative.generate(target, draft, prompt(P, P), 6 * block, block=block,
-                             lookahead=lookahead, on_iteration=check, **CACHE_MODES[mode])
+        speculative.generate(target, draft, prompt_ids, 6 * block, block=block,
+                             lookahead=lookahead, on_iteration=count, **CACHE_MODES[mode])
+    assert checked > 10
     assert rolled_back > 0 or draft is None
-    assert stored > 0 or mode == "ar"
-    assert moved > 0 or mode != "lossless, hybrid"
+    assert stored > 0 or mode == "ar"  # every stored clean copy was moved into place
 
 
 # ----------------------------------------------------------------------------- the layouts
 
 def verified(target, draft, prompt_ids, lookahead, verify, proposer="draft", block=4):
     """The proposals for lookahead blocks after prompt_ids as the verifier lays them out (a
-    hybrid's target chain from its own distributions at the first state, computed apart), as a
-    tree of states (the paper's: its draft's chain), and the target's logits at the rows that
-    verify them, from one forward on the verifier's layout."""
+    hybrid's target chain from its own distributions at the first state, computed apart): the
+    tree of states laid out (its alive nodes: states, parents, blocks, arrivals, as lists), the
+    target's logits at the tokens that verify them, from one forward on the verifier's layout,
+    and the chains."""
     s = sdar.Settings(32, block, verify=verify, lookahead=lookahead, proposer=proposer,
                       drafting="step")
     mode = sdar.mode_of(target, draft, verify)
     s = replace(s.resolve(mode), mask_id=target.config.mask_token_id)
     run_ = speculative.start(target, draft, [torch.tensor(prompt_ids)], s, mode, None, None)
-    row = run_.rows[0]
-    if proposer == "hybrid":
+    if proposer == "hybrid":  # propose again, from the target's own distributions
         aligned = len(prompt_ids) - len(prompt_ids) % block
-        seq = torch.tensor(prompt_ids[:aligned] + row.block.tokens.tolist())
+        seq = torch.tensor(prompt_ids[:aligned] + run_.rows.x[0].tolist())
         logits = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), block))[0]
-        row.hint = sdar.GREEDY.distribution(logits[-block:], suppress=s.mask_id)
-    chains = speculative.propose(run_, [lookahead])
-    laid = run_.verifier.layout(run_, chains, [lookahead])
+        run_.rows.hint = sdar.GREEDY.distribution(logits[-block:], suppress=s.mask_id)[None]
+        run_.rows.has_hint = torch.ones(1, dtype=torch.bool)
+        run_.draft_cache.rewind(run_.marks)
+        speculative.propose(run_)
+    if run_.trie is not None:  # the host learns the trees' shapes, as after a readback
+        seen = verifier.readback(**speculative.shape_of(run_))
+        run_.keys = run_.trie.keys(seen["pending"], run_.rows.pending.tokens.shape[1], block, seen)
+    laid = run_.verifier.layout(run_, run_.chains)
     with torch.no_grad():
-        logits = target(laid.ids, laid.pos, laid.mask, run_.target_cache)[0, laid.rows[0]]
-    tree = laid.parts[0]
-    if mode == "paper":  # its draft's chain, as a tree
-        tree = lossless.chain(tree, False, verifier.DRAFT, s.mask_id)
-    return tree, logits
+        logits = target(laid.ids, laid.pos, laid.mask, run_.target_cache)[0, laid.verifying[0]]
+    tree = laid.nodes
+    if tree is None:  # the paper's own layout: no tree of states
+        return None, logits, run_.chains
+    n = int(tree.alive[0].sum())
+    nodes = SimpleNamespace(states=tree.states[0, :n].tolist(), parent=tree.parent[0, :n].tolist(),
+                            block=tree.block[0, :n].tolist(), arrival=tree.arrival[0, :n].tolist())
+    return nodes, logits, run_.chains
 
 
 @torch.no_grad()
@@ -491,18 +504,18 @@ def test_every_proposed_state_equals_a_separate_forward(verify, proposer, pairs,
     mask_id, branched = target.config.mask_token_id, 0
     for P in (5, 8):
         prompt_ids = prompt(P, P)
-        tree, logits = verified(target, draft, prompt_ids, 3, verify, proposer)
-        for n, state in enumerate(tree.states.tolist()):
+        tree, logits, _ = verified(target, draft, prompt_ids, 3, verify, proposer)
+        for n, state in enumerate(tree.states):
             before, m = [], n
-            while tree.parent[m] >= 0:  # the clean copies of the path's blocks
+            while m != 0:  # the clean copies of the path's blocks
                 if tree.block[m] > tree.block[tree.parent[m]]:
-                    before = tree.arrival[m].tolist() + before
+                    before = tree.arrival[m] + before
                 m = tree.parent[m]
             seq = torch.tensor(prompt_ids[:P - P % 4] + before + state)
             want = target(seq[None], torch.arange(len(seq)), masks.block_causal(len(seq), 4))[0]
             torch.testing.assert_close(logits[4 * n:4 * n + 4], want[-4:], rtol=1e-4, atol=1e-4)
-        assert mask_id in tree.states[-1].tolist()
-        branched += len(set(tree.parent)) < len(tree.parent)
+        assert mask_id in tree.states[-1]
+        branched += len(set(tree.parent[1:])) < len(tree.parent[1:])
     assert branched == (proposer == "hybrid") * 2  # the two chains part: a trie, not a chain
 
 
@@ -516,14 +529,15 @@ def test_simsd_equals_exact_in_one_layer_and_differs_deeper(random_model, prompt
         target = random_model(7, layers)
         worst = 0.0
         for P in (5, 6):
-            tree, simsd = verified(target, draft, prompt(P, P), 3, "simsd")
-            _, exact = verified(target, draft, prompt(P, P), 3, "exact")
-            offset = 0
-            for j, p in enumerate(tree.chains[verifier.DRAFT][0]):
-                for i in (p.step > 0).nonzero().flatten().tolist():
-                    a, b = simsd[4 * j + i], exact[(offset + p.step[i] - 1) * 4 + i]
-                    worst = max(worst, (a - b).abs().max().item())
-                offset += p.steps
+            _, simsd, chains = verified(target, draft, prompt(P, P), 3, "simsd")
+            _, exact, _ = verified(target, draft, prompt(P, P), 3, "exact")
+            chain, offset = chains[verifier.DRAFT], 0
+            for j, steps in enumerate(chain.step[0].tolist()):
+                for i, t in enumerate(steps):
+                    if t > 0:
+                        a, b = simsd[4 * j + i], exact[(offset + t - 1) * 4 + i]
+                        worst = max(worst, (a - b).abs().max().item())
+                offset += int(chain.real[0, j].sum())
         report(f"simsd vs exact layout logits, {layers} layer(s): max |diff| = {worst:.3g}")
         assert worst < 1e-4 if layers == 1 else worst > 1e-3
 
@@ -554,17 +568,21 @@ def test_the_trie_shares_the_chains_prefix_only():
     (the same block, revealed in two orders, then the next block's all-masked state after it)
     share their first state only: the trie holds 3 + 2 states, the second chain's hanging from
     the root. Counting every equal state instead of the shared prefix would merge the third."""
-    mask_id, blank = 9, torch.full((2,), 9)
-    known = torch.zeros(2, dtype=torch.bool)
+    M = 9
 
-    def proposal(step):
-        return verifier.Proposal(0, known, torch.tensor([1, 2]), torch.tensor(step), 0,
-                                 torch.zeros(2, 2, dtype=torch.long), None)
-    block = speculative.Block(0, blank, known, 2)
-    tree = lossless.grow({verifier.SELF: [proposal([1, 2])], verifier.DRAFT: [proposal([2, 1])]},
-                         2, block, mask_id)
-    assert tree.states.tolist() == [[9, 9], [1, 9], [9, 9], [9, 2], [9, 9]]
-    assert tree.parent == [-1, 0, 1, 0, 3] and tree.block == [0, 0, 1, 0, 1]
+    def chain(step, second):
+        states = torch.tensor([[[[M, M], second]]])  # (R, D, S, B): the state before each step
+        return verifier.Chain(torch.tensor([[[1, 2]]]), torch.tensor([[step]]), states,
+                              torch.zeros(1, 1, 2, 2, dtype=torch.long), None,
+                              torch.ones(1, 1, 2, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+    rows = SimpleNamespace(done=torch.zeros(1, dtype=torch.long), has_hint=torch.ones(1, dtype=torch.bool))
+    chains = {verifier.SELF: chain([1, 2], [1, M]), verifier.DRAFT: chain([2, 1], [M, 2])}
+    trie = lossless.Lossless(sdar.Settings(mask_id=M)).trie(SimpleNamespace(rows=rows), chains)
+    alive = trie.alive[0]
+    assert trie.states[0][alive].tolist() == [[M, M], [1, M], [M, M], [M, 2], [M, M]]
+    places = alive.long().cumsum(0) - 1  # the parents among the alive nodes
+    assert places[trie.parent[0][alive]].tolist() == [0, 0, 1, 0, 3]
+    assert trie.block[0][alive].tolist() == [0, 0, 1, 0, 1]
 
 
 
@@ -637,7 +655,7 @@ def test_exact_greedy_commits_the_targets_argmax_along_the_drafts_order(strategy
 
 def brute_judge(d, p, q, greedy, u, g, stop_ids, eos_min_prob):
     """judge() read literally, one row at a time, on the same uniforms: u (r,) judge the rows, g (r, V)
-    are the Gumbel uniforms of the replacement draws."""
+    are the uniforms of the replacement draws (an exponential race)."""
     tokens, ok = [], []
     for i in range(len(d)):
         qi, pi = q[i], p[i]
@@ -649,9 +667,8 @@ def brute_judge(d, p, q, greedy, u, g, stop_ids, eos_min_prob):
         residual = residual if sum(residual) > 0 else gated
         if greedy:
             new = residual.index(max(residual))
-        else:
-            keys = [math.log(w) - math.log(-math.log(max(x, 1e-20))) if w > 0 else -math.inf
-                    for w, x in zip(residual, g[i])]
+        else:  # an exponential race: the largest weight over its Exp(1) draw
+            keys = [w / -math.log1p(-min(x, 1 - 1e-7)) for w, x in zip(residual, g[i])]
             new = keys.index(max(keys))
         tokens.append(d[i] if ok[-1] else new)
     return tokens, ok
@@ -802,19 +819,21 @@ def test_batched_caches_equal_the_oracle_row_by_row(mode, monkeypatch, varied_pa
     draft = None if mode == "lossless, self" else draft
     prompts, real, checked = [prompt(P, P) for P in (3, 5, 6, 8, 9)], speculative.commit, []
 
-    def commit(run, verdicts, marks):
-        news = real(run, verdicts, marks)
+    def commit(run, verdict):
+        new, n_new = real(run, verdict)
         block = run.settings.block
-        for r, (row, new) in enumerate(zip(run.rows, news)):
-            committed = prompts[row.index] + row.out + new
+        for r, row in enumerate(run.batch.rows):
+            if row.finished:  # a dead row, until the batch drops it: it commits nothing
+                continue
+            committed = prompts[row.index] + row.out + new[r, :int(n_new[r])].tolist()
             if draft is not None:
                 assert_cache_is_the_oracle(draft, run.draft_cache, committed, block, r)
             if mode == "ar":
-                assert run.target_cache.lens[r] == len(committed) - 1
+                assert int(run.target_cache.lens[r]) == len(committed) - 1
             assert_cache_is_the_oracle(target, run.target_cache, committed,
                                        1 if mode == "ar" else block, r)
             checked.append(row.index)
-        return news
+        return new, n_new
     monkeypatch.setattr(speculative, "commit", commit)
     outs, _ = speculative.generate(target, draft, prompts, 17, block=4, lookahead=2,
                                    stop_ids=(53,), **CACHE_MODES[mode])
