@@ -348,7 +348,8 @@ def clean(value):
 
 BATCH_COLUMNS = {"method": ("method", "s"), "draft": ("draft", "s"), "L": ("lookahead", "d"),
                  "batch": ("batch", "d"), "tok/s": ("tok_s", ".1f"), "speedup": ("speedup", ".2f"),
-                 "x batch 1": ("over_batch_1", ".2f"), "= batch 1": ("equal_batch_1", ".0%")}
+                 "x batch 1": ("over_batch_1", ".2f"), "= batch 1": ("equal_batch_1", ".0%"),
+                 "readbacks / forward": ("readbacks", ".2f")}
 
 
 def report(conditions, rows, batched=(), results=None):
@@ -565,9 +566,9 @@ def measure_batches(tasks, rows, sizes, new_tokens, repeats):
     """Each row's decode of all its task's prompts in batches of each size (latency protocol):
     per pass, tokens over the summed decode time of the batches (a batch's: its last row's);
     speedup against the target alone (ar for ar and specdiff) at the same size, per pass then
-    the median; times its own batch-1 throughput; and the share of prompts whose output equals
-    the batch-1 output."""
-    tok_s, outputs, out = {}, {}, []
+    the median; times its own batch-1 throughput; the share of prompts whose output equals the
+    batch-1 output; and a row's host readbacks per target forward (one iteration)."""
+    tok_s, outputs, reads, out = {}, {}, {}, []
     for row in rows:
         task = tasks[row.task]
         chats = [task.tok.chat(text) for text, _ in task.prompts]
@@ -575,13 +576,15 @@ def measure_batches(tasks, rows, sizes, new_tokens, repeats):
             tok_s[row, size] = []
             for _ in range(repeats):
                 tokens = seconds = 0
-                outputs[row, size] = []
+                outputs[row, size], reads[row, size] = [], [0, 0]
                 for first in range(0, len(chats), size):
                     outs, stats = decode_once(row, task, chats[first:first + size], new_tokens, (),
                                               first)
                     outputs[row, size] += outs
                     tokens += sum(s.tokens for s in stats)
                     seconds += max(s.seconds for s in stats)
+                    reads[row, size][0] += sum(s.readbacks for s in stats)
+                    reads[row, size][1] += sum(s.forwards for s in stats)
                 tok_s[row, size].append(ratio(tokens, seconds))
         print(f"{row.task}: batches of {name(row._asdict())} done", file=sys.stderr, flush=True)
     for row in rows:
@@ -592,7 +595,8 @@ def measure_batches(tasks, rows, sizes, new_tokens, repeats):
             out.append({**row._asdict(), "batch": size, "tok_s": median(tok_s[row, size]),
                         "speedup": median(paired), "over_batch_1": ratio(
                             median(tok_s[row, size]), median(tok_s[row, sizes[0]])),
-                        "equal_batch_1": ratio(same, len(outputs[row, size]))})
+                        "equal_batch_1": ratio(same, len(outputs[row, size])),
+                        "readbacks": ratio(*reads[row, size])})
     return out
 
 

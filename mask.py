@@ -11,7 +11,6 @@ Layouts, for a block of B positions:
   a stored block [pending | the tokens after it]                             with_pending
   exact verify   one copy of the block per proposed state, each blind to the others   copies
   one forward    [pending | clean copies of proposed blocks | one part per state]     tree
-  a batch        rows of different widths in one forward, padded                      pack
 A step map `step` is a LongTensor (B,): 0 for a known position, s >= 1 for a position the draft
 revealed at its step s. Ties are allowed (a step may reveal several positions).
 Run `python mask.py` to see the layouts drawn.
@@ -106,25 +105,6 @@ def tree(parts, n_pending, block, ancestors, cleans):
     out[C:, :C] = sees[part_of].repeat_interleave(block, 1)
     out[C:, C:] = torch.block_diag(*parts)
     return with_pending(n_pending, out, block)
-
-
-def pack(rows, pad_id):
-    """One forward over rows of different widths (a batch): rows [(ids (n,), positions (n,), mask
-    (n, n) or None = all attend)] -> ids (R, T), positions (R, T), mask (R, T, T). Each row's tokens
-    come first, then pad tokens (pad_id at position 0) that see only themselves (an attention row
-    must see something) and that no token sees."""
-    if len(rows) == 1:  # a batch of one: nothing to pad
-        ids, pos, mask = rows[0]
-        return ids[None], pos[None], None if mask is None else mask[None]
-    width, dev = max(len(ids) for ids, _, _ in rows), rows[0][0].device
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=dev)
-    pos = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
-    out = torch.eye(width, dtype=torch.bool, device=dev).repeat(len(rows), 1, 1)
-    for r, (row_ids, row_pos, mask) in enumerate(rows):
-        n = len(row_ids)
-        ids[r, :n], pos[r, :n] = row_ids, row_pos
-        out[r, :n, :n] = True if mask is None else mask
-    return ids, pos, out
 
 
 def render(mask, labels):

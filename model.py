@@ -181,8 +181,9 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, Hkv, len + T, D): committed slots + the new ones
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        q = q.reshape(B, Hkv, H // Hkv * T, self.head_dim)  # a kv head's queries folded in a row
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: folded(...)
+        return self.o_proj(y.view(B, H, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -258,7 +259,7 @@ class KVCache:
             if mask is None:
                 return None
             seen = torch.cat([mask.new_ones(*mask.shape[:-1], self.bound), mask], -1)
-            return seen[..., None, :, :]
+            return seen.view(-1, 1, T, self.bound + T)
         R, dev = len(self.lens), self.lens.device
         mask = torch.ones(T, T, dtype=torch.bool, device=dev) if mask is None else mask
         col = torch.arange(self.bound + T, device=dev) - self.lens[:, None]  # (R, S): new token col
@@ -321,6 +322,17 @@ class KVCache:
         self.lens, self.bound, self.written, self.even = self.lens * 0, 0, 0, True
 
 
+def folded(mask, groups):
+    """The attention mask (b, 1, T, S) for queries folded by kv head: a kv head's `groups` query
+    heads side by side, (b, 1, groups T, S), the same mask each. Folded, grouped-query attention
+    is plain attention (no kv head repeated), which fused kernels take with any mask; None (all
+    attend) stays None, and so lets the flash kernel run."""
+    if mask is None or groups == 1:
+        return mask
+    b, _, T, S = mask.shape
+    return mask[:, :, None].expand(b, 1, groups, T, S).reshape(b, 1, groups * T, S)
+
+
 def share(packed, *linears):
     """The linears' weights become views of packed, their rows in order."""
     for linear, view in zip(linears, packed.split([lin.weight.shape[0] for lin in linears])):
@@ -368,22 +380,31 @@ class Transformer(nn.Module):
             return cos[None, None], sin[None, None]
         return cos[:, None], sin[:, None]
 
-    def forward(self, idx, pos, mask=None, cache=None):
+    def forward(self, idx, pos, mask=None, cache=None, at=None):
         """idx (B, T) ids; pos (T,) or (B, T) RoPE positions (may repeat); mask (T, T) or
         (B, T, T) bool, True = may attend, None = all attend; with a cache each row also sees its
         committed slots. Returns logits (B, T, vocab), no shift: the logits at i predict the token
-        at i."""
+        at i; given at (B, M), only those positions' (B, M, vocab): the head runs only there."""
+        h = self.hidden(idx, pos, mask, cache)
+        if at is not None:
+            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(h)
+
+    def hidden(self, idx, pos, mask=None, cache=None):
+        """The final hidden states (B, T, hidden_size), normed (what the head reads): forward's
+        arguments, and no logits (a prefill reads none)."""
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
         if cache is not None:
             cache.start(B, T)
             mask = cache.visible(mask, T)  # (B or 1, 1, T, committed + T)
-        elif mask is not None and mask.dim() == 3:
-            mask = mask[:, None]  # (B, 1, T, T): one mask for every head
+        elif mask is not None:
+            mask = mask.view(-1, 1, T, T)  # (B or 1, 1, T, T): one mask for every head
+        mask = folded(mask, self.config.num_attention_heads // self.config.num_key_value_heads)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
 
 def read_json(path):

@@ -15,6 +15,7 @@ from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
 import mask as masks
@@ -349,7 +350,7 @@ class Denoised:
     """Denoised blocks (R rows): tokens (R, B), step (R, B) (0 = known, s = revealed at step s of
     this call); for each step s the block before it, states (S, R, B), its masked positions,
     masked (S, R, B), the pick at every position of it, picks (S, R, B), and their distributions,
-    probs (S, R, B, V; None when greedy); the model's forwards."""
+    probs (S, R, B, V; None when greedy); the model's forwards, and the host syncs it made."""
     tokens: torch.Tensor
     step: torch.Tensor
     states: torch.Tensor
@@ -357,6 +358,7 @@ class Denoised:
     picks: torch.Tensor
     probs: torch.Tensor | None
     forwards: int
+    reads: int = 0
 
 
 def denoise(model, x, start, done, rule, *, known=None, cache=None, pending=None, generator=None,
@@ -383,14 +385,15 @@ def denoise(model, x, start, done, rule, *, known=None, cache=None, pending=None
         probs = rule.sampling.distribution(logits, suppress=mask_id)  # (R, B, V)
     if drafting == "block" and rule.sampling.greedy:  # the same picks at every state
         return replay(x, todo, probs, quotas, rule, forwards)
-    steps, states, masked, picks, dists = torch.zeros_like(x), [], [], [], []
-    for s in range(rule.steps):
+    steps, states, masked, picks, dists, reads = torch.zeros_like(x), [], [], [], [], 0
+    for s in range(S):
         if s and drafting == "step":
+            reads += 1
             if not todo.any():  # a host sync: it saves the draft's forwards
-                states += [x] * (rule.steps - s)  # the steps not taken: nothing changes
-                masked += [todo] * (rule.steps - s)
-                picks += picks[-1:] * (rule.steps - s)
-                dists += dists[-1:] * (rule.steps - s)
+                states += [x] * (S - s)  # the steps not taken: nothing changes
+                masked += [todo] * (S - s)
+                picks += picks[-1:] * (S - s)
+                dists += dists[-1:] * (S - s)
                 break
             logits, forwards = forward_block(model, x, start, Pending.none(len(x), x.device),
                                              cache), forwards + 1
@@ -403,7 +406,7 @@ def denoise(model, x, start, done, rule, *, known=None, cache=None, pending=None
         dists.append(probs)
     dists = None if rule.sampling.greedy else torch.stack(dists)
     return Denoised(x, steps, torch.stack(states), torch.stack(masked), torch.stack(picks), dists,
-                    forwards)
+                    forwards, reads)
 
 
 def replay(x, todo, probs, quotas, rule, forwards):
@@ -426,19 +429,28 @@ def replay(x, todo, probs, quotas, rule, forwards):
                     todo & ~earlier, picks.expand(S, -1, -1), None, forwards)  # (S, R, B) each
 
 
-def prefill(model, ids, cache, block):
-    """Commit ids at positions 0.. to the cache in one block-causal forward (block 1: causal): ids
-    (..., T), or a list of each row's ids (of any lengths, whole blocks each)."""
+PREFILL_TOKENS = 8192  # a prefill forward's tokens over every row: it bounds attention's memory
+
+
+def prefill(model, ids, cache, block, chunk=PREFILL_TOKENS):
+    """Commit ids at positions 0.. to the cache, block-causally (block 1: causal): ids (..., T),
+    or a list of each row's ids (of any lengths, whole blocks each). In forwards of whole blocks,
+    at most `chunk` tokens over all rows each, so that attention's memory stays bounded whatever
+    the prompts' length; no logits (nothing reads them). A row's padding after its last block is
+    never committed, and no real token sees it."""
     rows = ids if isinstance(ids, list) else [ids] if ids.dim() == 1 else list(ids)
     widths = [len(r) for r in rows]
-    if max(widths):
-        dev = rows[0].device
-        pad = [(r, torch.arange(len(r), device=dev), None) for r in rows]
-        tokens, pos, _ = masks.pack(pad, 0)  # padding after a row's last block: nothing sees it
-        attend = masks.block_causal(max(widths), block, device=dev)
-        model(tokens, pos[0] if len(set(widths)) == 1 else pos, attend, cache)
-        cache.commit(widths[0] if len(set(widths)) == 1 else widths)
-        cache.tighten(max(widths), even=len(set(widths)) == 1)
+    width, dev = max(widths), rows[0].device
+    tokens = torch.stack([F.pad(r, (0, width - len(r))) for r in rows])  # (R, width)
+    step = max(1, chunk // len(rows) // block) * block
+    for a in range(0, width, step):
+        b = min(a + step, width)
+        model.hidden(tokens[:, a:b], torch.arange(a, b, device=dev),
+                     masks.block_causal(b - a, block, device=dev), cache)
+        new = [min(max(w - a, 0), b - a) for w in widths]  # each row's real tokens in the chunk
+        cache.commit(new[0] if len(set(new)) == 1 else new)
+        done = [min(w, b) for w in widths]
+        cache.tighten(max(done), even=len(set(done)) == 1)
 
 
 def stop_tensor(stop_ids, device):

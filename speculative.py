@@ -86,9 +86,9 @@ def speculate(run, trace=False):
     with phase("lay out"):  # every row's proposals in one forward; rows padded to one width
         laid = run.verifier.layout(run, chains)
     with phase("target forward"):  # its distributions at each row's verifying tokens
-        logits = run.target(laid.ids, laid.pos, laid.mask, run.target_cache)
+        logits = run.target(laid.ids, laid.pos, laid.mask, run.target_cache, at=laid.verifying)
         suppress = s.mask_id if run.target.config.model_type == "sdar" else None  # AR: no mask
-        q = s.sampling.distribution(gather_rows(logits, laid.verifying), suppress)  # (R, M, V)
+        q = s.sampling.distribution(logits, suppress)  # (R, M, V)
     with phase("accept"):  # what each row commits (and beside it, what stats and --show read)
         verdict = run.verifier.accept(run, laid, q)
     with phase("commit"):
@@ -134,6 +134,7 @@ def draft_chain(run):
     seconds = time.perf_counter() - t0  # no sync: on CUDA, the host's part
     for row in run.batch.live:
         row.stats.draft_forwards += sum(d.forwards for d in parts)
+        row.stats.readbacks += sum(d.reads for d in parts)
         row.stats.draft_seconds += seconds
     drafted = run.verifier.drafted(rows.reach) * ~rows.dead  # (R,): a dead row drafts nothing
     tokens = torch.stack([d.tokens for d in parts], 1)  # (R, D, B)

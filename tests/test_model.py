@@ -14,7 +14,8 @@ from model import Config, Transformer
 
 def tiny(tie=False, seed=0, **kw):
     torch.manual_seed(seed)
-    c = Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+    kw = {"num_hidden_layers": 3, **kw}
+    c = Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, rope_theta=1e4, tie_word_embeddings=tie, **kw)
     m = Transformer(c).eval()
     with torch.no_grad():  # norms away from 1 so that a missing norm would show
@@ -569,3 +570,77 @@ def test_the_index_is_checked(ckpt, index, message, refuses):
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     with refuses(ValueError, match=re.escape(str(ckpt / "model.safetensors.index.json")) + " ?" + message):
         checkpoint.load(ckpt)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_folded_attention_is_grouped_query_attention(rows):
+    """Queries folded by kv head, with the mask folded alike (model.folded), give grouped-query
+    attention exactly: per row masks and one shared mask, some rows seeing everything."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, S, D = 3, 8, 2, 5, 9, 4
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    mask = torch.rand(rows, 1, T, S, generator=g) < 0.5
+    mask[..., -1] = True  # every query sees something
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv * T, D), k, v,
+                                         attn_mask=model.folded(mask, H // Hkv))
+    torch.testing.assert_close(got.view(B, H, T, D), want, rtol=0, atol=1e-6)
+    assert model.folded(None, 4) is None  # full attention: no mask at all
+
+
+VIEWS = {"view", "_unsafe_view", "t", "unsqueeze", "select", "slice", "transpose", "split",
+         "split_with_sizes", "expand", "detach", "alias", "permute", "as_strided", "squeeze"}
+
+
+def kernels_per_layer(fuse, training=False):
+    """The aten operations that compute (views left out) in one layer of a decode-time forward (a
+    block of 4 after 40 cached tokens): counted by a dispatch mode, two layers minus one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in VIEWS
+            return func(*args, **(kwargs or {}))
+    counts = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        m = tiny(num_hidden_layers=layers)
+        m = m.fuse() if fuse else m
+        m.train(training)
+        cache = m.new_cache(64)
+        with torch.no_grad():
+            m(torch.randint(0, 50, (1, 40)), torch.arange(40), None, cache)
+            cache.commit(40)
+            counter = Count()
+            counter.n = 0
+            with counter:
+                m(torch.randint(0, 50, (1, 4)), torch.arange(40, 44), None, cache)
+        counts.append(counter.n)
+    return counts[1] - counts[0]
+
+
+def test_a_layer_launches_few_kernels():
+    """Packed projections (q/k/v as one matrix, gate/up as one), one norm call for queries and
+    keys, RoPE from a table: 35 computing operations a layer (48 before the packing), and the
+    unpacked training path, which concatenates the weights at each call, more."""
+    packed = kernels_per_layer(fuse=True)
+    assert packed <= 35
+    assert kernels_per_layer(fuse=False, training=True) > packed
+
+
+def test_packing_changes_nothing_but_the_layout(micro_checkpoint, tmp_path):
+    """fuse() packs the projections for inference: the same logits as the checkpoint's separate
+    tensors, whose weights become views of the packed ones (no second copy), and a checkpoint
+    loads packed."""
+    m = tiny()
+    idx, pos = torch.randint(0, 97, (2, 9)), torch.arange(9)
+    with torch.no_grad():
+        want = m(idx, pos)
+        got = m.fuse()(idx, pos)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    attn = m.model.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == \
+        attn.packed[0].untyped_storage().data_ptr()
+    loaded = checkpoint.load(micro_checkpoint(tmp_path / "m"))
+    assert all(layer.self_attn.packed is not None and layer.mlp.packed is not None
+               for layer in loaded.model.layers)

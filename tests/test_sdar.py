@@ -427,3 +427,28 @@ def test_every_row_of_an_ar_batch_is_its_decode_alone(cached, random_model, prom
     outs, stats = sdar.generate_ar(m, prompts, 9, stop_ids=(stop,), **kw)
     assert outs == alone and len(set(map(len, alone))) > 1
     assert [s.forwards for s in stats] == [min(len(o) + 1, 9) for o in alone]
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_a_chunked_prefill_equals_the_whole_one(block, random_model, prompt):
+    """Prompts of different lengths prefilled in chunks of a few tokens (several forwards, rows
+    running out at different chunks) leave each row's cache as one whole forward does: the same
+    lengths, and keys and values equal over every committed slot."""
+    m = random_model(0, 2)
+    lengths = [8, 20, 4, 12]
+    rows = [torch.tensor(prompt(n, n)) for n in lengths]
+    caches = {}
+    for chunk in (10_000, 8 * block // 4 or 2, 3 * block):
+        cache = m.new_cache(32, len(rows))
+        with torch.no_grad():
+            sdar.prefill(m, rows, cache, block, chunk=chunk)
+        caches[chunk] = cache
+    whole = caches.pop(10_000)
+    assert whole.lens.tolist() == lengths and whole.bound == max(lengths)
+    for cache in caches.values():
+        assert cache.lens.tolist() == lengths and cache.bound == max(lengths)
+        for r, n in enumerate(lengths):
+            torch.testing.assert_close(cache.k[:, r, :, :n], whole.k[:, r, :, :n], rtol=1e-5,
+                                       atol=1e-5)
+            torch.testing.assert_close(cache.v[:, r, :, :n], whole.v[:, r, :, :n], rtol=1e-5,
+                                       atol=1e-5)
