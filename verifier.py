@@ -377,10 +377,8 @@ def simsd_layout(chain, rows, s):
     pending_pos = rows.start[:, None] - rows.pending.n[:, None] + torch.arange(P, device=dev)
     pos = torch.cat([pending_pos, block_pos[:, :-1].flatten(1),
                      block_pos.repeat_interleave(2, 1).flatten(1)], 1)
-    inner = masks.tree([torch.ones(2 * B, 2 * B, dtype=torch.bool, device=dev)] * D, 0, B,
-                       torch.ones(D, D, dtype=torch.bool, device=dev).tril(), range(1, D))
     C = (D - 1) * B  # the parts' own masks: each block's mask.verify
-    inner = inner.expand(R, -1, -1).clone()
+    inner = simsd_mask(D, B, dev).expand(R, -1, -1).clone()
     inner[:, C:, C:] = block_diag_batched(masks.verify(chain.step))  # (R, D 2B, D 2B)
     real = torch.arange(P, device=dev) < rows.pending.n[:, None]  # (R, P)
     T = P + inner.shape[1]
@@ -392,6 +390,15 @@ def simsd_layout(chain, rows, s):
     mask_rows = P + C + (torch.arange(D, device=dev)[:, None] * 2 * B + B + offsets).flatten()
     clean = P + B * torch.arange(D - 1, device=dev)
     return Laid(ids, pos, attend, mask_rows.expand(R, -1), None, None, clean.expand(R, -1))
+
+
+@functools.lru_cache(maxsize=64)
+def simsd_mask(D, B, device):
+    """The paper's layout of D blocks, [clean copies of blocks 0..D-2 | per block its 2B], each
+    part seeing itself whole (the caller puts in each part's own mask)."""
+    whole = torch.ones(2 * B, 2 * B, dtype=torch.bool, device=device)
+    chain = torch.ones(D, D, dtype=torch.bool, device=device).tril()
+    return masks.tree([whole] * D, 0, B, chain, range(1, D))
 
 
 def block_diag_batched(parts):
