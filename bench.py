@@ -380,12 +380,14 @@ def report(conditions, rows, batched=(), results=None):
 
 # ----------------------------------------------------------------------------- tasks and rows
 
-def load(path, device, dtype, loaded):
-    """(model, tokenizer) of a folder, each loaded once; a sentence, not a traceback."""
+def load(path, device, dtype, loaded, compile=False):
+    """(model, tokenizer) of a folder, each loaded once (compiled: sdar.compiled); a sentence,
+    not a traceback."""
     key = Path(path).resolve()
     if key not in loaded:
         try:
-            loaded[key] = (checkpoint.load(path, device, dtype), checkpoint.load_tokenizer(path))
+            m = checkpoint.load(path, device, dtype)
+            loaded[key] = (sdar.compiled(m) if compile else m, checkpoint.load_tokenizer(path))
         except (OSError, ValueError) as e:
             fail(f"cannot load the checkpoint {path}: {e}")
     return loaded[key]
@@ -393,7 +395,7 @@ def load(path, device, dtype, loaded):
 
 def build_task(prompts, score, sampled, targets, drafts, where):
     """A Task from folders: targets {"target" and/or "ar": path}, drafts {name: path}, every draft
-    checked against every target. where: (device, dtype, {} of what is loaded)."""
+    checked against every target. where: (device, dtype, {} of what is loaded, compile)."""
     loaded = {path: load(path, *where) for path in [*targets.values(), *drafts.values()]}
     for target in targets.values():
         for draft in drafts.values():
@@ -527,7 +529,7 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
 
 
 def table_main(args, device, dtype):
-    toys, where = args.model is None, (device, dtype, {})
+    toys, where = args.model is None, (device, dtype, {}, args.compile)
     tasks = toy_tasks(args, where) if toys else checkpoint_tasks(args, where)
     source = (" (train_tiny held-out; sort by exact match, walk by validity; sampled rows on walk)"
               if toys else f" ({args.prompts}, answer contained in the output)")
@@ -642,6 +644,9 @@ def parse_args(argv=None, prog="bench.py", about="Decoding methods side by side:
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, "
         "else float32")
+    add("--compile", action="store_true", help="compile the models (torch.compile, static "
+        "shapes; CUDA graphs on cuda): opt-in, eager is the reference; the first forwards of each "
+        "shape compile (tens of seconds on a CPU)")
     add("--threads", type=int, help=f"CPU threads, 1 to {os.cpu_count()} (default: 1 for the toys "
         "on a CPU: their micro models are as fast on one thread, and far faster under load)")
     return p.parse_args(argv)

@@ -131,6 +131,9 @@ def parse_args(argv=None):
     add("--draft-device", choices=["cpu", "cuda"], help="device of the draft (default: --device)")
     add("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, else float32")
     add("--seed", type=int, default=0, help="seed of sampling (default 0)")
+    add("--compile", action="store_true", help="compile the models with torch.compile (static "
+        "shapes; CUDA graphs on cuda): opt-in, eager is the reference; each new shape compiles "
+        "first (tens of seconds on a CPU)")
     add("--threads", type=int, help="CPU threads (default: 1 for models under 100M parameters, "
         "which are dispatch-bound, where one thread is as fast on a quiet machine and far faster "
         "on a busy one; else torch's default)")
@@ -237,12 +240,14 @@ def read_checkpoint(path, flag_name):
     return Checkpoint(config, tok, path, flag_name)
 
 
-def load_weights(ckpt, device, dtype):
-    """The model of a checked checkpoint, on its device; a sentence instead of a traceback."""
+def load_weights(ckpt, device, dtype, compile=False):
+    """The model of a checked checkpoint, on its device (compiled: sdar.compiled); a sentence
+    instead of a traceback."""
     try:
-        return checkpoint.load(ckpt.path, device, dtype)
+        m = checkpoint.load(ckpt.path, device, dtype)
     except (OSError, ValueError) as e:
         fail(f"{ckpt.flag} {ckpt.path} cannot be loaded: {e}")
+    return sdar.compiled(m) if compile else m
 
 
 def jobs(args):
@@ -370,8 +375,9 @@ def main(argv=None):
     check_lengths(args, plans)
     note_untrained(args)
     for p in plans:
-        target = load_weights(p.target, devices[0], dtype_of(args, devices[0]))
-        draft = p.draft and load_weights(p.draft, devices[1], dtype_of(args, devices[1]))
+        target = load_weights(p.target, devices[0], dtype_of(args, devices[0]), args.compile)
+        draft = p.draft and load_weights(p.draft, devices[1], dtype_of(args, devices[1]),
+                                         args.compile)
         params = sum(x.numel() for m in (target, draft) if m is not None for x in m.parameters())
         small = params < 100e6 and "cuda" not in devices
         torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))

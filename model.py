@@ -238,6 +238,7 @@ class KVCache:
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len, self.bound, self.written = max_len, 0, 0
         self.even = True  # every row is known to be `bound` long: plain slices, no validity mask
+        self.whole = False  # read every preallocated slot (static shapes for a compiled forward)
 
     def start(self, batch_size, T):
         if batch_size != len(self.lens):
@@ -251,26 +252,30 @@ class KVCache:
         self.written = T
         self.slots = self.lens[:, None] + torch.arange(T, device=self.lens.device)  # (R, T)
 
+    def span(self, T):
+        """The slots a forward of T new tokens reads: [0, bound + T), or every one (whole)."""
+        return self.max_len if self.whole else self.bound + T
+
     def visible(self, mask, T):
-        """(R or 1, 1, T, bound + T) bool, or None when every token sees everything: what each new
+        """(R or 1, 1, T, span) bool, or None when every token sees everything: what each new
         token attends to: its row's committed slots and, by mask ((T, T) or (R, T, T); None:
         all), the row's new tokens."""
-        if self.even:  # every row: [committed | new]
+        if self.even and not self.whole:  # every row: [committed | new]
             if mask is None:
                 return None
             seen = torch.cat([mask.new_ones(*mask.shape[:-1], self.bound), mask], -1)
             return seen.view(-1, 1, T, self.bound + T)
         R, dev = len(self.lens), self.lens.device
         mask = torch.ones(T, T, dtype=torch.bool, device=dev) if mask is None else mask
-        col = torch.arange(self.bound + T, device=dev) - self.lens[:, None]  # (R, S): new token col
+        col = torch.arange(self.span(T), device=dev) - self.lens[:, None]  # (R, S): new token col
         new = mask.expand(R, T, T).gather(2, col.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))
         return ((col < 0)[:, None, :] | new & (col < T)[:, None, :])[:, None]
 
     def write(self, layer, k, v):
         """Store the new keys and values (R, Hkv, T, D); return each row's keys and values over the
-        slots a forward reads, [0, bound + T)."""
-        end = self.bound + k.shape[2]
-        if self.even:
+        slots a forward reads (span)."""
+        end = self.span(k.shape[2])
+        if self.even and not self.whole:
             self.k[layer, :, :, self.bound:end] = k
             self.v[layer, :, :, self.bound:end] = v
         else:
@@ -333,6 +338,26 @@ def folded(mask, groups):
     return mask[:, :, None].expand(b, 1, groups, T, S).reshape(b, 1, groups * T, S)
 
 
+def bucket(T):
+    """The query width a compiled forward pads T new tokens to: a power of two up to 1024, then
+    a multiple of 1024 (a few graphs for every width a decode meets)."""
+    return 1 << (T - 1).bit_length() if T <= 1024 else -(-T // 1024) * 1024
+
+
+def padded(idx, pos, mask, width):
+    """A forward's inputs padded to `width` tokens: padding (id 0 at position 0) after the real
+    tokens, seeing only itself and seen by none (it is never committed)."""
+    B, T = idx.shape
+    if width == T:
+        return idx, pos, mask
+    idx = F.pad(idx, (0, width - T))
+    pos = F.pad(pos, (0, width - T))
+    real = torch.ones(T, T, dtype=torch.bool, device=idx.device) if mask is None else mask
+    out = torch.eye(width, dtype=torch.bool, device=idx.device).repeat(*real.shape[:-2], 1, 1)
+    out[..., :T, :T] = real
+    return idx, pos, out
+
+
 def share(packed, *linears):
     """The linears' weights become views of packed, their rows in order."""
     for linear, view in zip(linears, packed.split([lin.weight.shape[0] for lin in linears])):
@@ -353,7 +378,11 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len, batch_size=1):
         w = self.model.embed_tokens.weight
-        return KVCache(self.config, max_len, batch_size, w.device, w.dtype)
+        cache = KVCache(self.config, max_len, batch_size, w.device, w.dtype)
+        cache.whole = self.static  # compiled: one key length for every forward
+        return cache
+
+    static = False  # compiled (sdar.compiled): query widths in buckets, caches read whole
 
     def fuse(self):
         """Pack each layer's projections once for inference, after its weights are in place
@@ -393,15 +422,23 @@ class Transformer(nn.Module):
     def hidden(self, idx, pos, mask=None, cache=None):
         """The final hidden states (B, T, hidden_size), normed (what the head reads): forward's
         arguments, and no logits (a prefill reads none)."""
-        B, T = idx.shape
+        T = idx.shape[1]
+        if self.static:  # compiled: a few query widths, so a few graphs (within the cache)
+            room = T if cache is None else cache.max_len - cache.bound
+            idx, pos, mask = padded(idx, pos, mask, max(T, min(bucket(T), room)))
+        B, width = idx.shape
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
         if cache is not None:
-            cache.start(B, T)
-            mask = cache.visible(mask, T)  # (B or 1, 1, T, committed + T)
+            cache.start(B, width)
+            mask = cache.visible(mask, width)  # (B or 1, 1, width, cache.span(width))
         elif mask is not None:
-            mask = mask.view(-1, 1, T, T)  # (B or 1, 1, T, T): one mask for every head
+            mask = mask.view(-1, 1, width, width)  # (B or 1, 1, T, T): one mask for every head
         mask = folded(mask, self.config.num_attention_heads // self.config.num_key_value_heads)
+        return self.body(x, cos, sin, mask, cache)[:, :T]
+
+    def body(self, x, cos, sin, mask, cache):
+        """Every layer, then the final norm: what sdar.compiled compiles."""
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         return self.model.norm(x)

@@ -292,6 +292,18 @@ def device_of(model):
     return model.model.embed_tokens.weight.device
 
 
+def compiled(model):
+    """The model compiled for decoding by torch.compile: opt-in (eager is the default and the
+    reference). Its layers are compiled for static shapes: query widths padded to a few buckets
+    (model.bucket) and every KV cache it makes read whole over its preallocated length with a
+    validity mask, so a decode meets a few graphs; CUDA graphs on CUDA."""
+    model.static = True
+    torch._dynamo.config.recompile_limit = 256  # a graph per width, mask kind and batch size
+    mode = "reduce-overhead" if device_of(model).type == "cuda" else None
+    model.body = torch.compile(model.body, dynamic=False, mode=mode)
+    return model
+
+
 def diffusion_mask_id(model):
     """The mask token id of a model that can decode diffusion-style, or a ValueError."""
     config = model.config

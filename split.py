@@ -53,8 +53,9 @@ def main(argv=None):
     args, device, dtype = bench.setup(argv, prog="split.py", about="Where each method's decode "
                                       "time goes, per target forward, by the loop's labels.")
     args.methods = args.methods or METHODS
-    tasks = bench.toy_tasks(args, (device, dtype, {})) if args.model is None else \
-        bench.checkpoint_tasks(args, (device, dtype, {}))
+    where = (device, dtype, {}, args.compile)
+    tasks = bench.toy_tasks(args, where) if args.model is None else \
+        bench.checkpoint_tasks(args, where)
     new, cells = args.new_tokens or 32, []
     for task_name, task in tasks.items():
         rows = [r for r in bench.plan(task_name, task, args)

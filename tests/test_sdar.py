@@ -452,3 +452,19 @@ def test_a_chunked_prefill_equals_the_whole_one(block, random_model, prompt):
                                        atol=1e-5)
             torch.testing.assert_close(cache.v[:, r, :, :n], whole.v[:, r, :, :n], rtol=1e-5,
                                        atol=1e-5)
+
+
+def test_the_compiled_path_returns_the_eager_tokens(random_model, prompt):
+    """sdar.compiled (torch.compile, static shapes: widths in buckets, caches read whole)
+    returns exactly the eager tokens, float32, for the target alone and lossless speculation
+    with a draft (both compiled): one small shape family, compiled once here."""
+    import speculative
+    target, draft = random_model(0, 1), random_model(1, 1)
+    ids = prompt(9, 3)
+    want = [sdar.generate(target, ids, 12, strategy="dynamic")[0],
+            speculative.generate(target, draft, ids, 12, strategy="dynamic", lookahead=2)[0]]
+    sdar.compiled(target), sdar.compiled(draft)
+    got = [sdar.generate(target, ids, 12, strategy="dynamic")[0],
+           speculative.generate(target, draft, ids, 12, strategy="dynamic", lookahead=2)[0]]
+    assert got == want
+    assert target.new_cache(8).whole and target.static  # it ran the static shapes
