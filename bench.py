@@ -42,11 +42,13 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import torch
 
 import checkpoint
+import head
 import sdar
 import speculative
 import train_tiny
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
+HEAD_GB = 0.021  # a head's at SDAR-8B's width and vocabulary (width 64: 10.5M parameters, bf16)
 SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
 DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
@@ -58,8 +60,8 @@ LOOKAHEADS = (1, 2, 3)  # the speculative rows' by default: 1, the default (2) a
 # itself: target-alone, lossless), simsd (an SDAR target with a draft) or specdiff (an AR target
 # with a draft); reproduces: the row a lossless one equals when greedy; proposer and drafting: a
 # lossless row's (speculative.generate's).
-Method = namedtuple("Method", "kind strategy threshold verify accept reproduces proposer drafting",
-                    defaults=("static", 0.9, None, None, None, None, None))
+Method = namedtuple("Method", "kind strategy threshold verify accept reproduces proposer drafting "
+                    "draft", defaults=("static", 0.9, None, None, None, None, None, None))
 DYN = ("dynamic", 0.9)
 # lossless rows: (name, proposer, drafting), each static and at dynamic 0.9
 LOSSLESS = [("simsd-lossless", "draft", "step"), ("simsd-lossless-block", "draft", "block"),
@@ -82,11 +84,17 @@ METHODS = {
     "simsd-exact": Method("simsd", verify="exact", accept="step"),
     "specdiff": Method("specdiff", reproduces="ar"),
     "specdiff-step": Method("specdiff", reproduces="ar", drafting="step"),
+    **{f"simsd-head{part}{dyn}": Method("simsd", *rule, "lossless", None, reproduces,
+                                        proposer, draft="head")
+       for part, proposer in (("", "draft"), ("-hybrid", "hybrid"))
+       for dyn, rule, reproduces in (("", ("static", 0.9), "target"),
+                                     ("-dyn0.9", DYN, "target-dyn0.9"))},
 }
 DEFAULT_METHODS = ("target", "target-dyn0.9", "target-dyn0.7", "target-self", "target-self-dyn0.9",
                    "draft", "ar", "simsd-lossless", "simsd-lossless-dyn0.9", "simsd-lossless-block",
                    "simsd-lossless-block-dyn0.9", "simsd-hybrid-block", "simsd-hybrid-block-dyn0.9",
-                   "simsd", "specdiff")
+                   "simsd", "specdiff", "simsd-head", "simsd-head-dyn0.9", "simsd-head-hybrid",
+                   "simsd-head-hybrid-dyn0.9")
 ALONE = ("target", "target-dyn0.9", "target-dyn0.7")
 # A line of the table. draft None: no draft; lookahead None: not speculative; block None: AR.
 Row = namedtuple("Row", "task method draft lookahead block temperature")
@@ -108,11 +116,12 @@ def ratio(a, b):
     return value if value is not None and math.isfinite(value) else None
 
 
-def projected_cost(target_forwards, draft_forwards, tokens):
+def projected_cost(target_forwards, draft_forwards, tokens, draft_gb=DRAFT_GB):
     """Weight GB read per token, the time per token at batch 1 on a GPU where a forward costs its
-    weight bytes over memory bandwidth: (target forwards x TARGET_GB + draft forwards x DRAFT_GB)
-    / tokens. A projection of forward counts to SDAR-8B and SDAR-1.7B, not a measurement."""
-    return ratio(target_forwards * TARGET_GB + draft_forwards * DRAFT_GB, tokens)
+    weight bytes over memory bandwidth: (target forwards x TARGET_GB + draft forwards x draft_gb
+    (DRAFT_GB, a head's passes HEAD_GB)) / tokens. A projection of forward counts to SDAR-8B and
+    SDAR-1.7B, not a measurement."""
+    return ratio(target_forwards * TARGET_GB + draft_forwards * draft_gb, tokens)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -215,7 +224,8 @@ def table_row(row, records):
     return {**row._asdict(), **n,
             "tok_s": median([median(tok_s(one)) for one in rec["passes"]]),
             "speedup": median(speedups), "speedup_passes": speedups, "spread": spread(speedups),
-            "cost": projected_cost(*forwards, n["tokens"]),
+            "cost": projected_cost(*forwards, n["tokens"],
+                                   HEAD_GB if row.draft == "head" else DRAFT_GB),
             "tokens_per_target_forward": ratio(n["tokens"], forwards[0]),
             "steps_matched": ratio(n["matched"], n["steps"]) if speculating else None,
             "acceptance": ratio(n["accepted"], n["drafted"]) if speculating else None,
@@ -279,14 +289,17 @@ def comparisons(group):
         near = [r for r in group if r["accuracy"] is not None and r["accuracy"] >= floor]
         best_alone = fastest([r for r in near if r["method"] in ALONE])
         lossless = [r for r in near if METHODS[r["method"]].verify == "lossless"]
-        drafted = [r for r in lossless if r["draft"] is not None]
+        proposed = [r for r in lossless if r["draft"] is not None]
+        drafted = [r for r in proposed if r["draft"] != "head"]
+        heads = [r for r in proposed if r["draft"] == "head"]
         selves = [r for r in lossless if METHODS[r["method"]].kind == "self"]
         paper = [r for r in group if METHODS[r["method"]].verify in ("simsd", "exact")]
         paper_near = [r for r in paper if r in near]
-        # does speculation beat the target's best alone; does a draft pay over the target
-        # proposing for itself; does the target proposing for itself beat its best alone
-        pairs = [(drafted, [best_alone]), (drafted, selves), (selves, [best_alone]),
-                 (paper_near, [best_alone])]
+        # does speculation beat the target's best alone; does a draft, or a head, pay over the
+        # target proposing for itself; does a head beat the draft; does the target proposing
+        # for itself beat its best alone
+        pairs = [(proposed, [best_alone]), (drafted, selves), (heads, selves), (heads, drafted),
+                 (selves, [best_alone]), (paper_near, [best_alone])]
         lines += [versus(fastest(rows), fastest(bases)) for rows, bases in pairs if rows and bases]
         if paper and not paper_near:
             top = fastest(paper)
@@ -444,6 +457,8 @@ def toy_tasks(args, where):
         targets = {"target": folders["target"], "ar": folders["ar"]}
         sampled = task != "sort"  # a sorted list has one right answer: greedy only
         tasks[task] = build_task(chosen, train_tiny.score, sampled, targets, drafts, where)
+        tasks[task].drafts["head"] = head.load(folders["head"], tasks[task].target, where[0])
+        tasks[task].folders["head draft"] = folders["head"]
     return tasks
 
 
@@ -476,10 +491,12 @@ def drafts_of(method, task, args):
     as in the paper, LOSSLESS_DRAFT for the lossless ones; every draft otherwise."""
     if method.kind in ("target", "ar", "self"):
         return [None]
+    if method.draft:  # a head: its task's, where it has one
+        return [method.draft] if method.draft in task.drafts else []
     default = {"simsd": PAPER_DRAFT, "exact": PAPER_DRAFT, "lossless": LOSSLESS_DRAFT}
     if default.get(method.verify) in task.drafts and not args.drafts:
         return [default[method.verify]]
-    return list(task.drafts)
+    return [d for d in task.drafts if d != "head"]
 
 
 def plan(task_name, task, args):

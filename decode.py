@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import head
+import model
 import sdar
 import speculative
 import train_tiny
@@ -89,7 +91,8 @@ def parse_args(argv=None):
         "the toy targets")
     add("--draft", help="SDAR draft folder: decode speculatively (default with the toys: the toy "
         f"{train_tiny.DEFAULT_DRAFT} draft); or 'self': the target proposes for itself from its "
-        "own last logits, losslessly, with no draft model")
+        "own last logits, losslessly, with no draft model; or a head folder (head.py; 'head': "
+        "the toys' own), which reads the target's hidden states")
     add("--proposer", choices=["draft", "hybrid"], help="with a draft folder and --verify lossless: "
         "who proposes: the draft, or the draft and the target itself (hybrid); default "
         f"{sdar.PROPOSER['static']} with --strategy static, {sdar.PROPOSER['dynamic']} with dynamic")
@@ -160,8 +163,9 @@ def check_flags(args):
             fail(f"{FLAGS.name(name)} is empty")
     if args.vanilla and args.draft:
         fail("--vanilla decodes without a draft; drop --draft or --vanilla")
-    if args.draft and args.draft != "self" and not args.model:
-        fail("--draft needs --model; the toy models bring their own drafts (or --draft self)")
+    if args.draft and args.draft not in ("self", "head") and not args.model:
+        fail("--draft needs --model; the toy models bring their own drafts (or --draft self, "
+             "--draft head)")
     if args.model is None and (args.system is not None or args.no_think):
         which = "--system" if args.system is not None else "--no-think"
         fail(f"{which} does not apply to the toy models, which were trained without system "
@@ -271,6 +275,8 @@ def toy_draft(args, folders):
     """The draft a toy task decodes with: none (--vanilla), the target itself, or the default."""
     if args.vanilla:
         return None
+    if args.draft == "head":
+        return folders["head"]
     return "self" if args.draft == "self" else folders[train_tiny.DEFAULT_DRAFT]
 
 
@@ -304,13 +310,20 @@ def read_pair(args, target_dir, draft_dir):
     if draft_dir == "self" and ar:
         fail(f"--model {target_dir} is autoregressive and cannot propose for itself here; give "
              "an SDAR --draft folder")
-    draft = None if draft_dir in (None, "self") else read_checkpoint(draft_dir, "--draft")
-    if draft is not None:
-        try:
-            checkpoint.check_pair(target, draft, tok, draft.tok)
-        except ValueError as e:
-            fail(f"--draft {draft_dir} with --model {target_dir}: {e}")
-    mode = sdar.mode_of(target, draft or draft_dir, args.verify)
+    if draft_dir not in (None, "self") and head.is_head(draft_dir):  # it loads beside the target
+        draft = Checkpoint(head.HeadConfig(**model.read_json(Path(draft_dir) / "config.json")),
+                           tok, Path(draft_dir), "--draft")
+    else:
+        draft = None if draft_dir in (None, "self") else read_checkpoint(draft_dir, "--draft")
+        if draft is not None:
+            try:
+                checkpoint.check_pair(target, draft, tok, draft.tok)
+            except ValueError as e:
+                fail(f"--draft {draft_dir} with --model {target_dir}: {e}")
+    try:
+        mode = sdar.mode_of(target, draft or draft_dir, args.verify)
+    except ValueError as e:
+        fail(f"--draft {draft_dir}: {e}")
     return target, draft, draft.tok if draft is not None and ar else tok, mode
 
 
@@ -376,8 +389,14 @@ def main(argv=None):
     note_untrained(args)
     for p in plans:
         target = load_weights(p.target, devices[0], dtype_of(args, devices[0]), args.compile)
-        draft = p.draft and load_weights(p.draft, devices[1], dtype_of(args, devices[1]),
-                                         args.compile)
+        if p.draft is not None and p.draft.config.model_type == head.MODEL_TYPE:
+            try:  # a head: tied to its target
+                draft = head.load(p.draft.path, target, devices[0])
+            except (OSError, ValueError) as e:
+                fail(f"--draft {p.draft.path}: {e}")
+        else:
+            draft = p.draft and load_weights(p.draft, devices[1], dtype_of(args, devices[1]),
+                                             args.compile)
         params = sum(x.numel() for m in (target, draft) if m is not None for x in m.parameters())
         small = params < 100e6 and "cuda" not in devices
         torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))

@@ -19,6 +19,7 @@ block's first step in the same forward (lookahead).
 """
 import torch
 
+from head import Bound
 from sdar import denoise, draw, quota, reveal
 from simsd import judge
 from verifier import (ACCEPTED, DRAFT, DROPPED, KNOWN, SELF, TARGET, Chain, Tree, Verdict,
@@ -33,6 +34,24 @@ def self_chain(run):
     d = denoise(run.target, rows.x, rows.start, rows.done, run.settings, known=rows.known,
                 generator=run.generator, drafting="block",
                 probs=rows.hint.to(run.generator.device if run.generator else dev))
+    return hinted_chain(d, rows)
+
+
+def head_chain(run):
+    """A head's chain for the rest of every row's block (head.py): SDAR's rule on the head's
+    distributions, a head pass per step, from the target's final hidden states at the state its
+    last step was taken from (rows without them propose nothing). No target or draft forward."""
+    rows = run.rows
+    d = denoise(Bound(run.draft, rows.hidden), rows.x, rows.start, rows.done, run.settings,
+                known=rows.known, generator=run.generator, drafting="step")
+    return hinted_chain(d, rows)
+
+
+def hinted_chain(d, rows):
+    """The Chain of one block denoised from what the target's last forward computed (its
+    distributions or hidden states, where has_hint), and past it the next block's all-masked
+    state (tail), which the target decides alone."""
+    dev = rows.x.device
     states = d.states.transpose(0, 1)[:, None].to(dev)  # (R, 1, S, B)
     real = d.masked.transpose(0, 1)[:, None].to(dev).any(-1) & (rows.has_hint & ~rows.dead)[
         :, None, None]
@@ -156,10 +175,24 @@ class Lossless:
                      accepted=(reveals * path).sum(1) - reveals[at, f] * ~same)
         trace = {} if not run.tracing else self.trace(run, tree, tokens, path, f,
                                                       revealed[at, f] & ~same[:, None])
+        hint, has_hint = self.hint(laid, jf, after_f, complete, f)
+        hidden = run.hidden.view(R, -1, B, run.hidden.shape[-1])[at, hint]  # (R, B, d)
         return Verdict(tokens, tokens != s.mask_id, torch.where(complete, 0, tree.done[at, f] + 1),
-                       keep,
-                       n_pending + jf * B, after_f, B * complete.long(), kept, q[at, f],
-                       ~complete, stats, trace)
+                       keep, n_pending + jf * B, after_f, B * complete.long(), kept, q[at, hint],
+                       has_hint, stats, trace, hidden)
+
+    @staticmethod
+    def hint(laid, jf, after_f, complete, f):
+        """The node whose distributions and hidden states the proposers start from (R,), and
+        whether there is one: f, when its block goes on; when the target's step from f completed
+        the block, the next block's all-masked state, where the forward laid one out (after
+        exactly the committed block if any: the target's own state; else after another proposal
+        of it, a guess that only proposes)."""
+        tree = laid.nodes
+        starts = tree.alive & laid.shape.clean & (tree.block == jf[:, None] + 1)  # (R, N)
+        exact = starts & (tree.arrival == after_f[:, None]).all(-1)
+        nxt = torch.where(exact.any(1), exact.long().argmax(1), starts.long().argmax(1))
+        return torch.where(complete, nxt, f), ~complete | starts.any(1)
 
 
     def trace(self, run, tree, tokens, path, f, own):

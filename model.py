@@ -409,15 +409,12 @@ class Transformer(nn.Module):
             return cos[None, None], sin[None, None]
         return cos[:, None], sin[:, None]
 
-    def forward(self, idx, pos, mask=None, cache=None, at=None):
+    def forward(self, idx, pos, mask=None, cache=None):
         """idx (B, T) ids; pos (T,) or (B, T) RoPE positions (may repeat); mask (T, T) or
         (B, T, T) bool, True = may attend, None = all attend; with a cache each row also sees its
         committed slots. Returns logits (B, T, vocab), no shift: the logits at i predict the token
-        at i; given at (B, M), only those positions' (B, M, vocab): the head runs only there."""
-        h = self.hidden(idx, pos, mask, cache)
-        if at is not None:
-            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
-        return self.lm_head(h)
+        at i. (hidden() and lm_head apart: the logits only where they are read.)"""
+        return self.lm_head(self.hidden(idx, pos, mask, cache))
 
     def hidden(self, idx, pos, mask=None, cache=None):
         """The final hidden states (B, T, hidden_size), normed (what the head reads): forward's

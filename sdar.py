@@ -130,11 +130,14 @@ ACTS = {"verify": ("lossless", "self", "paper"), "accept": ("paper",),
 
 
 def mode_of(target, draft, verify):
-    """The mode of a target model (its config's model_type), a draft (a model, "self" or None: no
-    speculation) and verify."""
+    """The mode of a target model (its config's model_type), a draft (a model, a head (head.py),
+    "self" or None: no speculation) and verify."""
     ar = target.config.model_type == "qwen3"
+    head = getattr(getattr(draft, "config", None), "model_type", None) == "simsd-head"
     if draft is None:
         return "ar" if ar else "vanilla"
+    if head and (ar or verify in ("exact", "simsd")):
+        raise ValueError("a head proposes to an SDAR target's lossless verification only")
     if ar:
         if draft == "self":
             raise ValueError("an autoregressive target needs a draft to propose to it")
@@ -289,7 +292,7 @@ def step(probs, x, todo, k, rule, generator=None, picks=None):
 # ----------------------------------------------------------------------------- blocks
 
 def device_of(model):
-    return model.model.embed_tokens.weight.device
+    return next(model.parameters()).device
 
 
 def compiled(model):
@@ -384,8 +387,9 @@ def denoise(model, x, start, done, rule, *, known=None, cache=None, pending=None
     reveals nothing more. pending: what the model has not cached, stored by the first forward.
     drafting "block": one forward, and every later step from its distributions, with fresh picks
     at each state (given probs (R, B, V): no forward), and no host sync; "step": a forward per
-    step, until every row's block is full: one host sync a step, which costs less than the
-    forwards it saves (the states after the last step taken repeat it, revealing nothing)."""
+    step, with a cache (a draft's) until every row's block is full: one host sync a step, which
+    costs less than the forwards it saves (the states after the last step taken repeat it,
+    revealing nothing); without (a head, head.Bound): every step, no sync."""
     mask_id = model.config.mask_token_id
     todo = x == mask_id if known is None else ~known
     S = rule.steps
@@ -400,8 +404,8 @@ def denoise(model, x, start, done, rule, *, known=None, cache=None, pending=None
     steps, states, masked, picks, dists, reads = torch.zeros_like(x), [], [], [], [], 0
     for s in range(S):
         if s and drafting == "step":
-            reads += 1
-            if not todo.any():  # a host sync: it saves the draft's forwards
+            reads += cache is not None
+            if cache is not None and not todo.any():  # a host sync: it saves draft forwards
                 states += [x] * (S - s)  # the steps not taken: nothing changes
                 masked += [todo] * (S - s)
                 picks += picks[-1:] * (S - s)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from batch import Batch, Row, as_batch, finishes
-from lossless import Lossless, self_chain
+from head import Head
+from lossless import Lossless, head_chain, self_chain
 from sdar import (GREEDY, LOOKAHEAD, Pending, Settings, denoise, device_of, diffusion_mask_id,
                   mode_of, phase, prefill, stop_tensor)
 from verifier import DRAFT, SELF, Causal, Chain, Paper, gather_rows, readback
@@ -36,7 +37,8 @@ class Rows:
     it, returned (R,): its positions already returned; end (R,): the position after the last token max_new_tokens allows; reach
     (R,): the blocks one forward reaches (lookahead, within end); out (R,): the tokens returned;
     pending / draft_pending: what the target / the draft has not cached (an AR target: its newest
-    token); hint (R, B, V), where has_hint: the target's distributions at the state its last step
+    token); hint (R, B, V) and hidden (R, B, d), where has_hint: the target's distributions and
+    final hidden states (what a head reads) at the state its last step
     was taken from; dead (R,): the row's output is final."""
     x: torch.Tensor
     known: torch.Tensor
@@ -49,6 +51,7 @@ class Rows:
     pending: Pending
     draft_pending: Pending
     hint: torch.Tensor
+    hidden: torch.Tensor
     has_hint: torch.Tensor
     dead: torch.Tensor
 
@@ -75,6 +78,7 @@ class Run:
     blocks: int = 1  # the blocks the draft drafts: an upper bound, as read back
     marks: torch.Tensor | None = None  # the draft cache's lengths before it stored proposals
     tracing: bool = False  # compute what --show reads
+    hidden: torch.Tensor | None = None  # the last forward's final hidden states where read
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -86,9 +90,10 @@ def speculate(run, trace=False):
     with phase("lay out"):  # every row's proposals in one forward; rows padded to one width
         laid = run.verifier.layout(run, chains)
     with phase("target forward"):  # its distributions at each row's verifying tokens
-        logits = run.target(laid.ids, laid.pos, laid.mask, run.target_cache, at=laid.verifying)
+        h = run.target.hidden(laid.ids, laid.pos, laid.mask, run.target_cache)
+        run.hidden = gather_rows(h, laid.verifying)  # (R, M, d): what a head reads, and the LM head
         suppress = s.mask_id if run.target.config.model_type == "sdar" else None  # AR: no mask
-        q = s.sampling.distribution(logits, suppress)  # (R, M, V)
+        q = s.sampling.distribution(run.target.lm_head(run.hidden), suppress)  # (R, M, V)
     with phase("accept"):  # what each row commits (and beside it, what stats and --show read)
         verdict = run.verifier.accept(run, laid, q)
     with phase("commit"):
@@ -107,7 +112,13 @@ def propose(run):
     chains, proposer = {}, run.settings.proposer
     if proposer != "draft":
         chains[SELF] = self_chain(run)
-    if proposer != "self":
+    if proposer != "self" and isinstance(run.draft, Head):  # it proposes in the draft's place
+        t0 = time.perf_counter()
+        chains[DRAFT] = head_chain(run)
+        for row in run.batch.live:
+            row.stats.draft_forwards += run.settings.steps
+            row.stats.draft_seconds += time.perf_counter() - t0
+    elif proposer != "self":
         chains[DRAFT] = draft_chain(run)
     run.chains, run.trie = chains, run.verifier.tree(run, chains)
 
@@ -187,6 +198,8 @@ def commit(run, verdict):
     rows.returned = torch.where(live, (first_unknown - complete * B).clamp(0, B), rows.returned)
     rows.pending = Pending(verdict.pending, verdict.n_pending * live)
     rows.hint, rows.has_hint = verdict.hint, verdict.has_hint & live
+    if verdict.hidden is not None:
+        rows.hidden = verdict.hidden
     rows.dead = rows.dead | finishes(new, n_new, rows.out, s.max_new_tokens, run.stops)
     rows.out = rows.out + n_new
     rows.reach = reach(rows, s)
@@ -265,13 +278,14 @@ def start(target, draft, prompts, s, mode, generator, on_row):
     prefill(target, [p[:-1] if ar else p[:a] for p, a in zip(prompts, aligned)], target_cache,
             1 if ar else B)
     draft_cache = None
-    if draft is not None:  # the host's bound on its cache may run 3L blocks past its longest
+    if draft is not None and not isinstance(draft, Head):  # the host's bound on its cache may
+        # run 3L blocks past its longest
         # row: its proposals are stored, padding counted, before a readback tells the lengths
         draft_cache = draft.new_cache(room + 3 * s.lookahead * B, len(prompts))
         prefill(draft, [p[:a].to(device_of(draft)) for p, a in zip(prompts, aligned)],
                 draft_cache, B)
     batch.begin()
-    rows = first_rows(prompts, aligned, s, ar, target.config.vocab_size)
+    rows = first_rows(prompts, aligned, s, ar, target.config)
     draft_rule = replace(s, strategy="left") if ar and not s.sampling.greedy else s
     run = Run(target, draft, target_cache, draft_cache, s, VERIFIERS[mode](s), batch, rows,
               generator, draft_rule, stop_tensor(s.stop_ids, dev))
@@ -279,11 +293,11 @@ def start(target, draft, prompts, s, mode, generator, on_row):
     run.blocks = run.verifier.drafted(min(s.lookahead, -(-longest // B)))
     propose(run)
     learn(run, readback(target=run.target_cache.lens, reach=run.rows.reach, **shape_of(run),
-                        **({} if draft is None else dict(draft=run.draft_cache.lens))))
+                        **({} if draft_cache is None else dict(draft=draft_cache.lens))))
     return run
 
 
-def first_rows(prompts, aligned, s, ar, vocab):
+def first_rows(prompts, aligned, s, ar, config):
     """The Rows before the first iteration: each prompt's tail is its first block's known part;
     an AR target's newest token is pending."""
     B, dev, R = s.block, prompts[0].device, len(prompts)
@@ -297,7 +311,8 @@ def first_rows(prompts, aligned, s, ar, vocab):
     rows = Rows(x, known, start, start * 0, torch.tensor([len(t) for t in tails], device=dev), end,
                 start * 0, start * 0, pending,
                 Pending(torch.zeros(R, s.lookahead * B, dtype=torch.long, device=dev), start * 0),
-                torch.zeros(R, B, vocab, device=dev), start < 0, start < 0)
+                torch.zeros(R, B, config.vocab_size, device=dev),
+                torch.zeros(R, B, config.hidden_size, device=dev), start < 0, start < 0)
     rows.reach = reach(rows, s)
     return rows
 
@@ -327,7 +342,8 @@ def generate(target, draft, prompts, max_new_tokens, *, block=4, steps=None, str
     s = Settings(max_new_tokens, block, steps, strategy, threshold, sampling, stop_ids, verify,
                  accept, lookahead, eos_min_prob, proposer, drafting)
     mode = mode_of(target, "self" if draft is None else draft, verify)
-    s = replace(s.resolve(mode), mask_id=diffusion_mask_id(target if draft is None else draft))
+    denoiser = target if draft is None or isinstance(draft, Head) else draft  # its mask id
+    s = replace(s.resolve(mode), mask_id=diffusion_mask_id(denoiser))
     batched, prompts = as_batch(prompts, device_of(target))
     run = start(target, draft, prompts, s, mode, generator, on_row)
     run.tracing = on_iteration is not None
@@ -365,7 +381,7 @@ def compact(run, index, places):
     cache is cut."""
     rows = run.rows
     for name in ("x", "known", "start", "done", "returned", "end", "reach", "out", "hint",
-                 "has_hint", "dead"):
+                 "hidden", "has_hint", "dead"):
         setattr(rows, name, getattr(rows, name)[index])
     for name in ("pending", "draft_pending"):
         p = getattr(rows, name)

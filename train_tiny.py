@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,8 +42,9 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import torch
 import torch.nn.functional as F
 
-import sdar
+import head
 import mask as masks
+import sdar
 from checkpoint import load, load_tokenizer, save, write_byte_tokenizer
 from model import Config, Transformer
 
@@ -179,6 +181,7 @@ class Preset(NamedTuple):
 # the order workers take them up: the 6-layer models first (distilled drafts wait for theirs).
 TARGET = dict(num_hidden_layers=6, hidden_size=48, intermediate_size=144)
 DRAFT = dict(num_hidden_layers=1, hidden_size=40, intermediate_size=120)
+HEAD = dict(head=True, width=64, layers=2, heads=4)  # head.py: on its teacher's hidden states
 PRESETS = {
     "walk-target": Preset(TARGET, 900, 5e-3, ("walk",)),
     "target": Preset(TARGET, 600, 5e-3, ("sort",)),
@@ -187,6 +190,8 @@ PRESETS = {
     "walk-draft": Preset(DRAFT, 2600, 1e-2, ("walk",)),
     "ar": Preset({**TARGET, "model_type": "qwen3"}, 600, 5e-3, TASKS),
     "draft": Preset(DRAFT, 1300, 1e-2, ("sort",)),
+    "walk-head": Preset(HEAD, 1500, 3e-3, ("walk",), teacher="walk-target"),
+    "head": Preset(HEAD, 1500, 3e-3, ("sort",), teacher="target"),
 }
 DRAFTS = ("data", "distilled")  # each task's drafts, by role in folders()
 DEFAULT_DRAFT = "distilled"  # the one `python decode.py` uses (the README's results say why)
@@ -194,12 +199,13 @@ AR_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen3 tokeniz
 
 
 def folders(task):
-    """A task's toy folders by role: its SDAR "target", drafts "data" and "distilled", and "ar"."""
+    """A task's toy folders by role: its SDAR "target", drafts "data" and "distilled", its
+    target's "head", and "ar"."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
     prefix = "" if task == "sort" else f"{task}-"
     names = {"target": f"{prefix}target", "data": f"{prefix}draft",
-             "distilled": f"{prefix}distilled", "ar": "ar"}
+             "distilled": f"{prefix}distilled", "head": f"{prefix}head", "ar": "ar"}
     return {role: OUT / f"tiny-{name}" for role, name in names.items()}
 
 
@@ -210,8 +216,10 @@ def tasks_of(folder):
 
 
 def complete(folder):
-    """Whether a folder holds a finished checkpoint: write() writes config.json last."""
-    files = ("vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
+    """Whether a folder holds a finished checkpoint: write() and head.save write config.json
+    last."""
+    files = ("model.safetensors", "config.json") if head.is_head(folder) else (
+        "vocab.json", "tokenizer_config.json", "model.safetensors", "config.json")
     return all((Path(folder) / f).is_file() for f in files)
 
 
@@ -296,10 +304,12 @@ UNSURE = 0.5  # a trajectory label's weight on the target's pick where the targe
 
 
 @torch.inference_mode()
-def decode_batch(target, ids, stop_ids):
-    """sdar.generate's DISTILL decoding of prompts of one length, ids (N, T), in one batched
-    cache (a row whose block is full takes no more reveals) until every row has a stop token or
-    MAX_NEW_TOKENS are written: the responses' tokens (N, R), step (N, R), picks (N, S, R)."""
+def decode_batch(target, ids, stop_ids, rule=RULE, on_block=None):
+    """sdar.generate's decoding (rule: DISTILL's) of prompts of one length, ids (N, T), in one
+    batched cache (a row whose block is full takes no more reveals) until every row has a stop
+    token or MAX_NEW_TOKENS are written: the responses' tokens (N, R), step (N, R), picks
+    (N, S, R). on_block(d, start, cache) sees each block's Denoised while the cache holds what
+    comes before it."""
     (N, T), B = ids.shape, DISTILL["block"]
     aligned = T - T % B
     cache = target.new_cache(RULE.room(T, 2 * B), batch_size=N)  # a pending block and one
@@ -311,7 +321,9 @@ def decode_batch(target, ids, stop_ids):
         n_known = tail.shape[1]
         x = torch.cat([tail, tail.new_full((N, B - n_known), target.config.mask_token_id)], 1)
         d = sdar.denoise(target, x, torch.full((N,), start), torch.zeros(N, dtype=torch.long),
-                         RULE, cache=cache, pending=pending)
+                         rule, cache=cache, pending=pending)
+        if on_block is not None:
+            on_block(d, start, cache)
         out.append((d.tokens, d.step, d.picks.transpose(0, 1)))  # picks past a block's steps: unused
         done |= torch.isin(d.tokens[:, n_known:], stops).any(1)
         if done.all():
@@ -341,6 +353,115 @@ def target_rows(target, tok, prompts, batch_size=512):
 
 
 # ----------------------------------------------------------------------------- objectives
+
+# ----------------------------------------------------------------------------- heads (head.py)
+
+HEAD_RULES = (RULE, replace(RULE, strategy="static"))  # the target's decodings a head learns
+HEAD_PROMPTS = 1000  # distinct training prompts per rule
+
+
+@torch.inference_mode()
+def head_blocks(target, tok, prompts, rules=HEAD_RULES):
+    """The target's own decoding of prompts by each rule, block by block (tensors over blocks):
+    states (N, S, B), the block before each step, masked (N, S, B), tokens (N, B), the block
+    after its last step, and at each state the target's final hidden states hidden (N, S, B, d)
+    and its distributions probs (N, S, B, V; float16), from a forward on that state."""
+    parts, mask_id = [], target.config.mask_token_id
+
+    def record(d, start, cache):  # the cache holds what comes before the block
+        pos = start + torch.arange(d.states.shape[-1])
+        hidden = torch.stack([target.hidden(x, pos, None, cache) for x in d.states], 1)
+        probs = RULE.sampling.distribution(target.lm_head(hidden), suppress=mask_id)
+        parts.append(dict(states=d.states.transpose(0, 1), masked=d.masked.transpose(0, 1),
+                          tokens=d.tokens, hidden=hidden, probs=probs.half()))
+    by_length = {}
+    for prompt in prompts:
+        ids = tok.chat(prompt)
+        by_length.setdefault(len(ids), []).append(ids)
+    for rule in rules:
+        for group in by_length.values():
+            for i in range(0, len(group), 256):
+                decode_batch(target, torch.tensor(group[i:i + 256]), tok.stop_ids, rule, record)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def train_head(h, blocks, steps, lr, batch_size=256, seed=0):
+    """AdamW on pairs of states (s, t) of one block, s no later than t: from the target's hidden
+    states at s and the block at t, the head learns the target's distribution at t's masked
+    positions (soft targets: cross-entropy against them)."""
+    real = blocks["masked"].any(-1)  # (N, S)
+    S = real.shape[1]
+    later = torch.ones(S, S, dtype=torch.bool).triu()  # s <= t
+    pairs = (real[:, :, None] & real[:, None, :] & later).nonzero()  # (P, 3): block, s, t
+    opt = torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    h.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / (0.05 * steps)) * (
+                0.55 + 0.45 * math.cos(math.pi * step / steps))
+        b, s, t = pairs[torch.randint(len(pairs), (batch_size,), generator=gen)].T
+        logits = h(blocks["hidden"][b, s], blocks["states"][b, t])
+        q, m = blocks["probs"][b, t].float(), blocks["masked"][b, t]
+        loss = -(q * F.log_softmax(logits.float(), -1)).sum(-1)[m].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return h.eval()
+
+
+@torch.inference_mode()
+def matched_steps(blocks, rule, h=None):
+    """From every state s of every block with steps after the next: the share of the target's
+    following steps that a proposer's chain matches in a row, started at the state after the
+    target's step from s with what the target computed at s (as lossless speculation proposes):
+    the head's (a pass per step; h) or the target's own chain (its distributions at s,
+    replayed)."""
+    states, tokens, n = blocks["states"], blocks["tokens"], blocks["masked"].any(-1).sum(1)
+    N, S, B = states.shape
+    path = torch.cat([states, tokens[:, None]], 1)  # (N, S + 1, B): past a block's last step,
+    matched = total = 0  # its final tokens
+    for s in range(S - 1):
+        x, alive = path[:, s + 1], s + 1 < n
+        fixed = blocks["probs"][:, s].float()
+        for k in range(s + 2, S + 1):
+            probs = fixed if h is None else rule.sampling.distribution(
+                h(blocks["hidden"][:, s], x), suppress=rule.mask_id)
+            x, _, _, _ = sdar.step(probs, x, x == rule.mask_id,
+                                   sdar.quota(torch.full((N, 1), k - 1), B, S), rule)
+            alive = alive & (k <= n) & (x == path[:, k]).all(-1)
+            matched += int(alive.sum())
+            total += int(((s + 1 < n) & (k <= n)).sum())
+    return matched / max(total, 1)
+
+
+def run_head(name, args):
+    """Train a head for its preset's target on the target's own decoding of training prompts
+    and write its folder: the line that reports it (held out: its matched steps, and the
+    target's own chain's)."""
+    tok, preset = byte_tokenizer(), PRESETS[name]
+    steps, lr = args.steps or preset.steps, args.lr or preset.lr
+    t0 = time.perf_counter()
+    target = load(args.out / f"tiny-{preset.teacher}")
+    prompts = list(dict.fromkeys(p for p, _ in mixed(preset.tasks, 4 * HEAD_PROMPTS, args.seed)))
+    blocks = head_blocks(target, tok, prompts[:HEAD_PROMPTS])
+    torch.manual_seed(args.seed)
+    h = head.new(target, DISTILL["block"], **{k: v for k, v in preset.shape.items()
+                                             if k != "head"})
+    h = train_head(h, blocks, steps, lr, seed=args.seed)
+    head.save(h, args.out / f"tiny-{name}")
+    report = f"{name}: trained in {time.perf_counter() - t0:.0f}s"
+    if args.eval:
+        for task in preset.tasks:
+            held = [p for p, _ in examples(args.eval, "heldout", task=task)]
+            rule = replace(RULE, mask_id=tok.mask_id)
+            test = head_blocks(target, tok, held, (RULE,))
+            report += (f"; held-out {task}, {DISTILL['strategy']} {DISTILL['threshold']}: the "
+                       f"target's following steps matched in a row from each state: head "
+                       f"{matched_steps(test, rule, h):.1%}, the target's own chain "
+                       f"{matched_steps(test, rule):.1%}")
+    return report
+
 
 def noise(x0, is_resp, mask_id, generator=None):
     """x_t (B, n), masked (B, n) and p (B, 1): each response token masked with probability
@@ -475,6 +596,8 @@ def write(model, folder):
 
 def run_preset(name, args):
     """Train one preset, write its folder and score it: the line that reports it."""
+    if PRESETS[name].shape.get("head"):
+        return run_head(name, args)
     tok, preset = byte_tokenizer(), PRESETS[name]
     steps, lr = args.steps or preset.steps, args.lr or preset.lr
     t0 = time.perf_counter()
@@ -541,6 +664,9 @@ def describe(name, args):
     preset = PRESETS[name]
     tasks = "+".join(preset.tasks)
     source = f"tiny-{preset.teacher}'s decodes of {tasks}" if preset.teacher else tasks
+    if preset.shape.get("head"):
+        return (f"a head of {preset.shape['layers']} layer(s), width {preset.shape['width']}, "
+                f"{args.steps or preset.steps} steps on {source} (its hidden states)")
     return (f"{preset.shape['num_hidden_layers']} layer(s), width {preset.shape['hidden_size']}, "
             f"{args.steps or preset.steps} steps of {args.batch_size} on {source}")
 

@@ -39,15 +39,15 @@ Laid = namedtuple("Laid", "ids pos mask verifying nodes shape clean")
 class Verdict:
     """What each row commits (R rows, on the device). tokens (R, J, B): the blocks from the current
     one after the commit, and which of their positions are known (R, J, B) (elsewhere the mask
-    id); done (R,): target steps taken on the first
-    incomplete one; keep (R, K), n_keep (R,): the offsets in the forward of the tokens the target's
-    cache keeps, and how many; pending (R, P), n_pending (R,): what the target has not cached yet,
-    fed first next time; kept (R,): the leading drafted blocks the draft's cache keeps; hint
-    (R, B, V), where has_hint (R,): the target's distributions at the state its last step was taken
-    from, when that block goes on. stats {name: (R,)}: steps (target steps taken), matched (of them,
-    proposed steps taken as proposed), by_draft (of those, the draft's), proposed and accepted
-    (tokens of the checked proposals, and of them those committed as proposed). trace: what --show
-    reads (speculative.trace)."""
+    id); done (R,): target steps taken on the first incomplete one; keep (R, K), n_keep (R,): the
+    offsets in the forward of the tokens the target's cache keeps, and how many; pending (R, P),
+    n_pending (R,): what the target has not cached yet, fed first next time; kept (R,): the
+    leading drafted blocks the draft's cache keeps; hint (R, B, V) and hidden (R, B, d; lossless
+    only), where has_hint (R,): the target's distributions and final hidden states at the state
+    its last step was taken from, when that block goes on. stats {name: (R,)}: steps (target
+    steps taken), matched (of them, proposed steps taken as proposed), by_draft (of those, the
+    draft's), proposed and accepted (tokens of the checked proposals, and of them those
+    committed as proposed). trace: what --show reads (speculative.trace)."""
     tokens: torch.Tensor
     known: torch.Tensor
     done: torch.Tensor
@@ -60,6 +60,7 @@ class Verdict:
     has_hint: torch.Tensor
     stats: dict
     trace: dict
+    hidden: torch.Tensor | None = None
 
 
 @dataclass

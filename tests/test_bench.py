@@ -10,6 +10,7 @@ import torch
 
 import bench
 import checkpoint
+import head
 from batch import Stats
 
 
@@ -202,10 +203,14 @@ def write_checkpoint(random_model, path, seed, layers, model_type="sdar", block_
 def micro(tmp_path_factory, random_model):
     """Folders of micro models: an SDAR target, two different drafts, an AR target."""
     root = tmp_path_factory.mktemp("micro")
-    return {"target": write_checkpoint(random_model, root / "target", 0, 2),
-            "data": write_checkpoint(random_model, root / "data", 1, 1),
-            "distilled": write_checkpoint(random_model, root / "distilled", 2, 1),
-            "ar": write_checkpoint(random_model, root / "ar", 3, 2, "qwen3")}
+    folders = {"target": write_checkpoint(random_model, root / "target", 0, 2),
+               "data": write_checkpoint(random_model, root / "data", 1, 1),
+               "distilled": write_checkpoint(random_model, root / "distilled", 2, 1),
+               "ar": write_checkpoint(random_model, root / "ar", 3, 2, "qwen3")}
+    torch.manual_seed(0)  # a head for the target (head.py), untrained
+    head.save(head.new(checkpoint.load(folders["target"]), 4, width=16, layers=1),
+              root / "head")
+    return {**folders, "head": str(root / "head")}
 
 
 def test_checkpoints_lossless_rows_equal_their_target(micro, tmp_path, capsys):
@@ -268,6 +273,9 @@ def test_toy_rows_by_default(toys):
     expected |= {(m, "distilled", L) for m in lossless for L in (1, 3)}
     expected |= {(m, None, L) for m in ("target-self", "target-self-dyn0.9") for L in (1, 2)}
     expected |= {("simsd", "data", L) for L in (1, 3)}
+    heads = [m for m in bench.DEFAULT_METHODS if m.startswith("simsd-head")]
+    assert len(heads) == 4
+    expected |= {(m, "head", L) for m in heads for L in (1, 3)}
     assert rows == {(task, m, d, L, None if m == "ar" else 4, t) for task in ("sort", "walk")
                     for t in (0.0, 1.0) for m, d, L in expected if task == "walk" or t == 0.0}
     assert tasks["sort"].folders["distilled draft"] == toys["distilled"]

@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,6 +356,10 @@ def test_a_distilled_draft_agrees_with_its_target_more_than_a_data_draft(tok, ra
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def preset_name(folder):
+    return folder.name.removeprefix("tiny-")
+
+
 def test_presets_and_folders():
     tok_ids = type("Tok", (), {"vocab_size": 260, "mask_id": 259})()
     shapes = {name: tt.init_model(tt.config(name, tok_ids)) for name in ("target", "draft", "ar")}
@@ -367,7 +373,7 @@ def test_presets_and_folders():
     assert tt.DRAFTS == ("data", "distilled")
     for task in tt.TASKS:  # per task a target and two drafts of one shape; one AR model for all
         folders = tt.folders(task)
-        assert set(folders) == {"target", "data", "distilled", "ar"}
+        assert set(folders) == {"target", "data", "distilled", "head", "ar"}
         preset = {role: tt.PRESETS[path.name.removeprefix("tiny-")]
                   for role, path in folders.items()}
         assert preset["target"].shape == tt.TARGET and preset["target"].tasks == (task,)
@@ -376,6 +382,8 @@ def test_presets_and_folders():
         teacher = folders["distilled"].parent / f"tiny-{preset['distilled'].teacher}"
         assert teacher == folders["target"]
         assert preset["data"].teacher is None and preset["ar"].tasks == tt.TASKS
+        assert preset["head"].shape == tt.HEAD and preset["head"].teacher == preset_name(
+            folders["target"]) and preset["head"].tasks == (task,)
         assert all(tt.tasks_of(path) == preset[role].tasks for role, path in folders.items())
     assert tt.tasks_of(tt.ROOT) is None
     covered = {path.name for task in tt.TASKS for path in tt.folders(task).values()}
@@ -625,3 +633,23 @@ def test_bad_options_from_the_command_line(run_scripts):
         assert len(done.stderr.splitlines()) == 1 and done.stdout == "", (argv, done.stderr)
         assert done.stderr.startswith("train_tiny.py: error: --"), done.stderr
     assert not (tt.ROOT / "no-such-folder").exists()
+
+
+def test_a_head_learns_its_targets_next_states(random_model):
+    """head_blocks records a target's own decoding state by state; train_head fits a head to it:
+    its matched steps (matched_steps) rise from a fresh head's, and the target's own chain, which
+    replays the distributions it was given, matches a share in [0, 1]."""
+    import head
+    target = random_model(0, 2, vocab=260)
+    tok = tt.byte_tokenizer()
+    prompts = [f"sort: {i} {i + 3} {i + 1}" for i in range(24)]
+    blocks = tt.head_blocks(target, tok, prompts, (tt.RULE,))
+    n, S, B = blocks["states"].shape
+    assert blocks["hidden"].shape == (n, S, B, target.config.hidden_size) and n >= 24
+    rule = replace(tt.RULE, mask_id=tok.mask_id)
+    torch.manual_seed(0)
+    fresh = head.new(target, B, width=32, layers=1).eval()
+    before = tt.matched_steps(blocks, rule, fresh)
+    trained = tt.train_head(fresh, blocks, 300, 3e-3)
+    assert tt.matched_steps(blocks, rule, trained) > before
+    assert 0 <= tt.matched_steps(blocks, rule) <= 1
