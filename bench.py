@@ -49,6 +49,7 @@ import train_tiny
 
 TARGET_GB, DRAFT_GB = 16.4, 4.06  # bf16 weights of SDAR-8B-Chat and SDAR-1.7B-Chat
 HEAD_GB = 0.021  # a head's at SDAR-8B's width and vocabulary (width 64: 10.5M parameters, bf16)
+PROG = "bench.py"  # the program that says so when it refuses an input
 SPREAD = 0.10  # the most a row's speedup may differ between passes for the headline to print
 DEFAULT_PROMPTS = 16  # per toy task: as many as the default run's time budget allows
 MAX_TOY_PROMPTS = 1000  # a toy run of more would take hours
@@ -106,7 +107,7 @@ Task = namedtuple("Task", "prompts score sampled tok target ar drafts folders")
 
 
 def fail(message):
-    print(f"bench.py: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -365,6 +366,24 @@ BATCH_COLUMNS = {"method": ("method", "s"), "draft": ("draft", "s"), "L": ("look
                  "readbacks / forward": ("readbacks", ".2f")}
 
 
+LEGEND = """`speedup`: the median over prompts of a row's tok/s over its baseline's (the static \
+target; `ar` for `ar` and `specdiff`) on the same prompt in the same pass, then over passes; \
+`projected`: the same forward counts priced at the weight bytes they read; `steps matched`: the \
+share of the target's committed steps that were proposed; `acceptance`: proposed tokens \
+committed as proposed; `drafting`: the share of decode time spent proposing; `width`: a target \
+forward's mean query tokens; `= target`: outputs equal to the target alone's (the quality \
+protocol); `= batch 1`: outputs equal to the row's own at batch 1; `readbacks / forward`: host \
+round trips per target forward."""
+
+
+def shown(path):
+    """A folder as the reader typed it: relative to the working directory where it lies below."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def report(conditions, rows, batched=(), results=None):
     """Conditions, a table per task, the headlines, the batch tables, then the JSON line: the last
     line of stdout. The same markdown (without the JSON) goes to the file `results` too."""
@@ -384,7 +403,7 @@ def report(conditions, rows, batched=(), results=None):
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python", *sys.argv]) if sys.argv[0].endswith("bench.py") else None
-        made = [f"Written by `{command}`.\n"] if command else []
+        made = [f"# Results\n\nWritten by `{command}`. {LEGEND}"] if command else []
         results.write_text("\n\n".join(made + out) + "\n")
     result = {key: conditions[key] for key in ("device", "dtype", "threads")}
     result.update(spread_limit=SPREAD, headlines=lines, rows=rows, batches=list(batched))
@@ -531,7 +550,7 @@ def conditions(args, tasks, device, dtype, new_tokens, source):
                   **{f"{d} draft": m for d, m in task.drafts.items()}}
         sizes = {role: sum(p.numel() for p in m.parameters()) / 1e6
                  for role, m in models.items() if m is not None}
-        return ", ".join(f"{role} {n:.3g}M ({task.folders[role]})" for role, n in sizes.items())
+        return ", ".join(f"{role} {n:.3g}M ({shown(task.folders[role])})" for role, n in sizes.items())
     return {
         "device": device, "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "batch": "1 (the batch tables: as they say)",
@@ -623,7 +642,7 @@ def measure_batches(tasks, rows, sizes, new_tokens, repeats):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line: the reason, and where to learn more
-        fail(f"{message} (python bench.py --help lists the options)")
+        fail(f"{message} (python {self.prog} --help lists the options)")
 
 
 def parse_args(argv=None, prog="bench.py", about="Decoding methods side by side: a table per "
@@ -699,6 +718,8 @@ def check_args(args):
 
 def setup(argv, **about):
     """The checked arguments, the device and the dtype; the toys on a CPU run one thread."""
+    global PROG  # the program whose refusals these are (split.py shares the flags)
+    PROG = about.get("prog", "bench.py")
     args = parse_args(argv, **about)
     check_args(args)
     args.lookahead = list(dict.fromkeys(args.lookahead or LOOKAHEADS))

@@ -474,7 +474,7 @@ def decode_file(models, tok, chats, prompts, s, mode, args):
         t0 = time.perf_counter()
         outs, _ = run_decoder(models, [chats[b] for b in batch], s, mode, args, on_row=on_row)
         print(f"[{count(len(batch), 'prompt')}, {sum(map(len, outs))} tokens in "
-              f"{time.perf_counter() - t0:.1f} s ({mode}, batch of {len(batch)})]", file=sys.stderr,
+              f"{time.perf_counter() - t0:.2f} s ({mode}, batch of {len(batch)})]", file=sys.stderr,
               flush=True)
 
 

@@ -4,6 +4,7 @@ lossless rows must equal their target row); bad input refused with one sentence 
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,14 +289,19 @@ def two_threads():
     torch.set_num_threads(1)
 
 
-def test_toy_run_states_one_thread_and_the_drafts(toys, two_threads, capsys):
-    """The toys on a CPU run one thread unless --threads says otherwise."""
+def test_toy_run_states_one_thread_and_the_drafts(toys, two_threads, capsys, tmp_path,
+                                                  monkeypatch):
+    """The toys on a CPU run one thread unless --threads says otherwise; folders are named as
+    typed from the working directory; --results holds what stdout shows but the JSON line."""
+    monkeypatch.chdir(Path(toys["distilled"]).parent)
     bench.main(["--tasks", "walk", "--num-prompts", "2", "--new-tokens", "8", "--answer-cap", "8",
-                "--methods", "simsd-lossless", "--lookahead", "2"])
+                "--methods", "simsd-lossless", "--lookahead", "2",
+                "--results", str(tmp_path / "results.md")])
     out = capsys.readouterr().out
     result = strict_json(out.strip().splitlines()[-1])
     assert result["threads"] == 1 and torch.get_num_threads() == 1 and "- threads: 1" in out
-    assert "distilled draft " in out and f"({toys['distilled']})" in out
+    assert "distilled draft " in out and "(distilled)" in out
+    assert (tmp_path / "results.md").read_text() == out.strip().rsplit("\n", 1)[0] + "\n"
     rows = {(r["method"], r["draft"], r["lookahead"]): r for r in result["rows"]}
     assert set(rows) == {("target", None, None), ("simsd-lossless", "distilled", 2)}
     assert all(r["outputs_equal_target"] == 1.0 for r in rows.values() if r["draft"])
@@ -363,6 +369,18 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, run_scripts):
         err = proc.stderr
         assert proc.returncode == 2 and sentence in err and "Traceback" not in err, (args, err)
         assert err.strip().splitlines()[-1].startswith("bench.py: error: ")
+
+
+def test_split_refuses_in_its_own_name(capsys):
+    """split.py shares bench.py's flags; its refusals name split.py, and bench's stay bench's."""
+    import split
+    for main, prog in ((split.main, "split.py"), (bench.main, "bench.py")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--batch-sizes", "0"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err == (f"{prog}: error: argument --batch-sizes: must be an integer >= 1; got 0 "
+                       f"(python {prog} --help lists the options)\n")
 
 
 def refusal(argv, capsys):
