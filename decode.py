@@ -80,12 +80,14 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (python decode.py --help lists the options)")
 
 
+ABOUT = ("Decode with an SDAR (block diffusion) or Qwen3 (autoregressive) checkpoint, alone or "
+         "speculatively with an SDAR --draft: SimSD for an SDAR target, SpecDiff for a Qwen3 "
+         "target. Without --model it runs the toy models of train_tiny.py (training them first if "
+         "they are missing).")
+
+
 def parse_args(argv=None):
-    about = ("Decode with an SDAR (block diffusion) or Qwen3 (autoregressive) checkpoint, alone or "
-             "speculatively with an SDAR --draft: SimSD for an SDAR target, SpecDiff for a Qwen3 "
-             "target. Without --model it runs the toy models of train_tiny.py (training them first "
-             "if they are missing).")
-    p = Parser(prog="decode.py", description=about)
+    p = Parser(prog="decode.py", description=ABOUT)
     add = p.add_argument
     add("--model", help="checkpoint folder (config.json, safetensors, tokenizer files); default: "
         "the toy targets")
@@ -232,6 +234,9 @@ Checkpoint = namedtuple("Checkpoint", "config tok path flag")
 def read_checkpoint(path, flag_name):
     """The config and tokenizer of a checkpoint folder; a sentence instead of a traceback."""
     path = Path(path)
+    if not path.is_dir() and flag_name == "--draft":
+        fail(f"--draft {path} is not a folder: with --model it takes a draft checkpoint folder, "
+             "a head folder (head.py) or 'self' ('head' alone names the toys' heads)")
     if not path.is_dir():
         fail(f"{flag_name} {path} is not a folder; {WEIGHTS_HELP}.")
     try:

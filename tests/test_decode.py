@@ -157,6 +157,7 @@ def bad_inputs(c):
                                  "token (<|MASK|>); a diffusion model cannot decode without one."),
         (["--model", c["layers"]], "num_hidden_layers must be a positive integer; got -1."),
         (["--model", "/no/such/folder"], "is not a folder; download weights with the Hugging Face CLI"),
+        (["--model", c["ar"], "--draft", "head"], "--draft head is not a folder: with --model it takes"),
         (["--model", c["weightless"]], "the weights are missing."),
         (["--model", c["notjson"]], "config.json is not valid JSON"),
         (["--system", "be brief"], "--system does not apply to the toy models"),

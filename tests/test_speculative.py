@@ -110,7 +110,7 @@ def test_lossless_greedy_on_the_toy_pairs():
     import train_tiny
     if not all(train_tiny.complete(f) for t in train_tiny.TASKS
                for f in train_tiny.folders(t).values()):
-        pytest.skip("needs the toy models in out/; python train_tiny.py (or python sdar.py) "
+        pytest.skip("needs the toy models in out/; python train_tiny.py (or python decode.py) "
                     "trains them")
     for task in train_tiny.TASKS:
         folders = train_tiny.folders(task)
