@@ -326,7 +326,7 @@ def read_pair(args, target_dir, draft_dir):
             except ValueError as e:
                 fail(f"--draft {draft_dir} with --model {target_dir}: {e}")
     try:
-        mode = sdar.mode_of(target, draft or draft_dir, args.verify)
+        mode = sdar.mode_of(target, draft or draft_dir, args.verify, args.drafting, FLAGS)
     except ValueError as e:
         fail(f"--draft {draft_dir}: {e}")
     return target, draft, draft.tok if draft is not None and ar else tok, mode

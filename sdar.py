@@ -129,15 +129,18 @@ ACTS = {"verify": ("lossless", "self", "paper"), "accept": ("paper",),
         "lookahead": ("lossless", "self", "paper", "specdiff")}
 
 
-def mode_of(target, draft, verify):
+def mode_of(target, draft, verify, drafting=None, words=PYTHON):
     """The mode of a target model (its config's model_type), a draft (a model, a head (head.py),
-    "self" or None: no speculation) and verify."""
+    "self" or None: no speculation), verify and drafting (as given: None, the default)."""
     ar = target.config.model_type == "qwen3"
     head = getattr(getattr(draft, "config", None), "model_type", None) == "simsd-head"
     if draft is None:
         return "ar" if ar else "vanilla"
     if head and (ar or verify in ("exact", "simsd")):
         raise ValueError("a head proposes to an SDAR target's lossless verification only")
+    if head and drafting is not None:
+        raise ValueError(f"a head proposes with one pass per step; {words.name('drafting')} "
+                         "chooses a draft model's forwards")
     if ar:
         if draft == "self":
             raise ValueError("an autoregressive target needs a draft to propose to it")

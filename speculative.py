@@ -114,7 +114,8 @@ def propose(run):
         chains[SELF] = self_chain(run)
     if proposer != "self" and isinstance(run.draft, Head):  # it proposes in the draft's place
         t0 = time.perf_counter()
-        chains[DRAFT] = head_chain(run)
+        with phase("draft"):  # the head's passes, in the draft's place
+            chains[DRAFT] = head_chain(run)
         for row in run.batch.live:
             row.stats.draft_forwards += run.settings.steps
             row.stats.draft_seconds += time.perf_counter() - t0
@@ -341,7 +342,7 @@ def generate(target, draft, prompts, max_new_tokens, *, block=4, steps=None, str
     one per iteration for all rows (and one before the first)."""
     s = Settings(max_new_tokens, block, steps, strategy, threshold, sampling, stop_ids, verify,
                  accept, lookahead, eos_min_prob, proposer, drafting)
-    mode = mode_of(target, "self" if draft is None else draft, verify)
+    mode = mode_of(target, "self" if draft is None else draft, verify, drafting)
     denoiser = target if draft is None or isinstance(draft, Head) else draft  # its mask id
     s = replace(s.resolve(mode), mask_id=diffusion_mask_id(denoiser))
     batched, prompts = as_batch(prompts, device_of(target))

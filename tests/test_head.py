@@ -119,3 +119,6 @@ def test_a_head_is_refused_beside_another_target(random_model, tmp_path):
         head.load(tmp_path / "head", other)
     with pytest.raises(ValueError, match="lossless verification only"):
         speculative.generate(target, h, [1, 2, 3], 4, verify="exact")
+    for drafting in ("step", "block"):  # a head's passes are its own: not a draft's forwards
+        with pytest.raises(ValueError, match="a head proposes with one pass per step; drafting"):
+            speculative.generate(target, h, [1, 2, 3], 4, drafting=drafting)
