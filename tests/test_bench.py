@@ -28,6 +28,12 @@ def last_json(capsys):
 
 # ----------------------------------------------------------------------------- maths
 
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path, monkeypatch):
+    """bench.main writes its markdown to out/results.md by default: in a test, not the checkout's."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_projected_cost_against_a_hand_computation():
     """96 tokens: the target alone in 100 forwards of 16.4 GB, speculation in 40 target forwards
     and 120 draft forwards of 4.06 GB: 1640 / (656 + 487.2) = 1.434569... times faster."""
