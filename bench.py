@@ -42,6 +42,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import torch
 
 import checkpoint
+import decode
 import head
 import sdar
 import speculative
@@ -737,12 +738,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is quit_at_once:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    decode.run(main)

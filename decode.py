@@ -632,10 +632,12 @@ class Printer:
 
 
 def run(main):
-    """main() as the program: one line and a status for what ends it from outside. A reader gone
-    away (`| head`): quiet, 1. Output that cannot be written: 1. Ctrl-C: 130."""
+    """main() as a program (this one, bench.py, split.py, gpu.py): one line and a status for what
+    ends it from outside. A reader gone away (`| head`): quiet, 1. Output that cannot be written:
+    1. Ctrl-C: 130 (each program's own quit_at_once covers its imports; from here, a
+    KeyboardInterrupt, unless the program was started with Ctrl-C ignored)."""
     try:
-        if signal.getsignal(signal.SIGINT) is quit_at_once:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
         main()
     except BrokenPipeError:

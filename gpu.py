@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import checkpoint
+import decode
 import mask as masks
 import model
 import sdar
@@ -979,12 +980,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is quit_at_once:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    decode.run(main)

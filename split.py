@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench
+import decode
 
 METHODS = ("target-dyn0.9", "target-self-dyn0.9", "simsd-lossless-dyn0.9",
            "simsd-lossless-block-dyn0.9", "simsd-hybrid-block")
@@ -75,12 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is quit_at_once:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:  # done: a Ctrl-C while Python exits (it then resets the handler) changes nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    decode.run(main)
